@@ -1,0 +1,68 @@
+"""Statistics as pure accumulators: ``init`` / ``update`` over batches / ``finalize``.
+
+Like an optax transform, an accumulator is a NamedTuple of pure functions over a state pytree,
+so it runs inside ``jax.jit`` and composes with any loop over batches.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Accumulator(NamedTuple):
+    """A pure streaming statistic.
+
+    Attributes:
+      init: ``init(example_tree) -> state``; ``example_tree`` fixes shapes and dtypes.
+      update: ``update(state, tree) -> state`` for one batch (leading axis = examples).
+      finalize: ``finalize(state) -> statistic``.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[[Any, Any], Any]
+    finalize: Callable[[Any], Any]
+
+
+class CovarianceState(NamedTuple):
+    sum_outer: Any  # {layer: [D, D]}: sum over examples of g g^T
+    count: jax.Array  # []: number of examples seen
+
+
+def _flat_rows(x: jax.Array) -> jax.Array:
+    """[batch, ...] -> [batch, D]."""
+    return x.reshape(x.shape[0], -1)
+
+
+def projected_covariance() -> Accumulator:
+    """Uncentered covariance (empirical Fisher) of projected per-example gradients, per layer.
+
+    Input trees map a layer path to ``[batch, k_out, k_in]`` (or any ``[batch, ...]``) arrays;
+    the result maps each layer to ``F = mean_i g_i g_i^T`` of shape ``[D, D]``,
+    ``D = k_out * k_in``, accumulated in at least float32.
+    """
+
+    def init(tree):
+        def zeros(x):
+            d = 1
+            for s in x.shape[1:]:
+                d *= s
+            dtype = jnp.promote_types(x.dtype, jnp.float32)
+            return jnp.zeros((d, d), dtype)
+
+        return CovarianceState(jax.tree.map(zeros, tree), jnp.zeros((), jnp.int32))
+
+    def update(state, tree):
+        def add(acc, x):
+            g = _flat_rows(x).astype(acc.dtype)
+            return acc + g.T @ g
+
+        n = jax.tree.leaves(tree)[0].shape[0]
+        return CovarianceState(jax.tree.map(add, state.sum_outer, tree), state.count + n)
+
+    def finalize(state):
+        count = jnp.maximum(state.count, 1)
+        return jax.tree.map(lambda s: s / count.astype(s.dtype), state.sum_outer)
+
+    return Accumulator(init, update, finalize)
