@@ -1,5 +1,57 @@
 """jaxinf: training-data attribution (influence functions) at scale in JAX."""
 
+from jaxinf._src.capture import (
+    Capture,
+    LayerSpec,
+    Select,
+    find_layers,
+    kfac_batch_sums,
+    linen_capture,
+    nnx_capture,
+    projected_gradients,
+)
+from jaxinf._src.projection import (
+    Projection,
+    gradient_matrix,
+    pca_projections,
+    project_gradient,
+    projection_metadata,
+    random_projections,
+    top_eigenvectors,
+)
+from jaxinf._src.statistics import (
+    Accumulator,
+    KFACFactors,
+    KFACState,
+    kfac_factors,
+    projected_covariance,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    # capture (Contract B)
+    "Capture",
+    "LayerSpec",
+    "Select",
+    "find_layers",
+    "kfac_batch_sums",
+    "linen_capture",
+    "nnx_capture",
+    "projected_gradients",
+    # projection
+    "Projection",
+    "gradient_matrix",
+    "pca_projections",
+    "project_gradient",
+    "projection_metadata",
+    "random_projections",
+    "top_eigenvectors",
+    # statistics
+    "Accumulator",
+    "KFACFactors",
+    "KFACState",
+    "kfac_factors",
+    "projected_covariance",
+]
