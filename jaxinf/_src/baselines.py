@@ -35,8 +35,8 @@ __all__ = [
     "representation_similarity",
     "dense_activations",
     "layer_grads_from_activations",
-    "KFACFactors",
-    "kfac_factors",
+    "KFACEigenbasis",
+    "kfac_eigenbasis",
     "kfac_influence",
 ]
 
@@ -306,7 +306,7 @@ def layer_grads_from_activations(acts: dict) -> dict:
     return {k: jnp.einsum("nti,nto->nio", a, d) for k, (a, d) in acts.items()}
 
 
-class KFACFactors(NamedTuple):
+class KFACEigenbasis(NamedTuple):
     """Kronecker factors and eigenbases of each dense layer's Fisher block ``A (x) S``.
 
     Attributes:
@@ -321,7 +321,7 @@ class KFACFactors(NamedTuple):
     eigenvalues: dict
 
 
-def kfac_factors(acts: dict, *, ekfac: bool = False) -> KFACFactors:
+def kfac_eigenbasis(acts: dict, *, ekfac: bool = False) -> KFACEigenbasis:
     """KFAC (or EKFAC) factors from training-set activations (:func:`dense_activations`).
 
     With ``T`` positions per example, ``A = E_n[sum_t a_t a_t^T] / T`` and
@@ -342,10 +342,10 @@ def kfac_factors(acts: dict, *, ekfac: bool = False) -> KFACFactors:
             eig[layer] = jnp.mean(rot * rot, axis=0)
         else:
             eig[layer] = jnp.clip(la, 0)[:, None] * jnp.clip(ls, 0)[None, :]
-    return KFACFactors(q_in, q_out, eig)
+    return KFACEigenbasis(q_in, q_out, eig)
 
 
-def kfac_influence(test_acts: dict, train_acts: dict, *, factors: KFACFactors | None = None, ekfac: bool = False, damping_ratio: float = 0.1) -> jax.Array:
+def kfac_influence(test_acts: dict, train_acts: dict, *, factors: KFACEigenbasis | None = None, ekfac: bool = False, damping_ratio: float = 0.1) -> jax.Array:
     """KFAC / EKFAC influence ``sum_layers <(F_l + lambda_l I)^{-1} G_te, G_tr>``.
 
     In the Kronecker eigenbasis ``R = Q_A^T G Q_S`` the damped inverse is elementwise
@@ -353,7 +353,7 @@ def kfac_influence(test_acts: dict, train_acts: dict, *, factors: KFACFactors | 
 
     Args:
       test_acts, train_acts: :func:`dense_activations` outputs (same layers).
-      factors: precomputed :func:`kfac_factors`; by default from ``train_acts``.
+      factors: precomputed :func:`kfac_eigenbasis`; by default from ``train_acts``.
       ekfac: use corrected eigenvalues.
       damping_ratio: per-layer relative damping.
     Returns:
@@ -362,7 +362,7 @@ def kfac_influence(test_acts: dict, train_acts: dict, *, factors: KFACFactors | 
     if set(test_acts) != set(train_acts):
         raise ValueError(f"test and train layers differ: {sorted(set(test_acts) ^ set(train_acts))}")
     if factors is None:
-        factors = kfac_factors(train_acts, ekfac=ekfac)
+        factors = kfac_eigenbasis(train_acts, ekfac=ekfac)
     total = None
     for layer in sorted(test_acts):
         qa, qs, lam = factors.q_in[layer], factors.q_out[layer], factors.eigenvalues[layer]
