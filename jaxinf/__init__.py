@@ -94,3 +94,33 @@ __all__ += [
     "representation_similarity", "retrain", "spearman", "subset_predictions", "trak",
 ]
 # --- end evaluate stream ----------------------------------------------------------------------
+
+# --- store / query (stream `store`) ---
+from jaxinf._src.query import (
+    Preconditioner,
+    QueryResult,
+    SelfInfluence,
+    influence_scores,
+    preconditioner,
+    query,
+    self_influence,
+)
+from jaxinf._src.store import LayerStatistics, Log, LogWriter, WriteHandle, open_log
+
+_STORE_ALL = [
+    "LayerStatistics",
+    "Log",
+    "LogWriter",
+    "Preconditioner",
+    "QueryResult",
+    "SelfInfluence",
+    "WriteHandle",
+    "influence_scores",
+    "open_log",
+    "preconditioner",
+    "query",
+    "self_influence",
+]
+# --- end store / query ---
+
+__all__ += _STORE_ALL
