@@ -310,7 +310,9 @@ def itd(checkpoint: bool = False) -> HypergradMethod:
     """
 
     def best_response_vjp(loss_fn, optimizer, unrolled, deps, batch, v):
-        _check_vjp_inputs(loss_fn, optimizer, unrolled, deps, batch, v)
+        del batch  # ITD replays unrolled.batches
+        first = jax.tree.map(lambda x: x[0], unrolled.batches)
+        _check_vjp_inputs(loss_fn, optimizer, unrolled, deps, first, v)
 
         def run(d):
             return _scan_steps(
