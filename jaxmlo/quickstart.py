@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxmlo as hg
+import jaxmlo
 
 METHODS = {
-    "sama": lambda: hg.sama(),
-    "finite_difference": lambda: hg.finite_difference(),
-    "cg": lambda: hg.cg(maxiter=10),
-    "neumann": lambda: hg.neumann(steps=10, lr=0.1),
-    "itd": lambda: hg.itd(),
+    "sama": lambda: jaxmlo.sama(),
+    "finite_difference": lambda: jaxmlo.finite_difference(),
+    "cg": lambda: jaxmlo.cg(maxiter=10),
+    "neumann": lambda: jaxmlo.neumann(steps=10, lr=0.1),
+    "itd": lambda: jaxmlo.itd(),
 }
 
 
@@ -109,16 +109,16 @@ def main(argv=None):
 
     @jax.jit
     def meta_step(state, b):
-        return hg.meta_step(method, base_loss, meta_loss, opt, meta_opt, state, b, meta_batch)
+        return jaxmlo.meta_step(method, base_loss, meta_loss, opt, meta_opt, state, b, meta_batch)
 
     @jax.jit
     def plain_steps(params, opt_state, b):  # the same base training with uniform weights
-        un = hg.unroll(base_loss, opt, params, opt_state, jnp.zeros(n), b)
+        un = jaxmlo.unroll(base_loss, opt, params, opt_state, jnp.zeros(n), b)
         return un.params, un.opt_state
 
     params0 = init_params(jax.random.key(args.seed))
     lam0 = jnp.zeros(n)
-    state = hg.BilevelState(params0, opt.init(params0), lam0, meta_opt.init(lam0))
+    state = jaxmlo.BilevelState(params0, opt.init(params0), lam0, meta_opt.init(lam0))
     plain, plain_state = params0, opt.init(params0)
 
     t0 = time.perf_counter()
