@@ -415,3 +415,36 @@ def test_errors_name_the_layer_or_rule(mlp):
     wrong = {"head": projs["Dense_0"]}
     with pytest.raises(ValueError, match="'head'"):
         jaxinf.projected_gradients(cap, wrong)(params, batch)
+
+
+class NNXCNN(nnx.Module):
+    def __init__(self, rngs):
+        f = dict(param_dtype=jnp.float64, rngs=rngs)
+        self.conv1 = nnx.Conv(2, 4, (3, 3), padding="SAME", **f)
+        self.conv2 = nnx.Conv(4, 3, (2, 2), strides=2, kernel_dilation=(1, 2), padding="VALID",
+                              use_bias=False, **f)
+        self.head = nnx.Linear(3, 3, **f)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv1(x))
+        x = jnp.tanh(self.conv2(x))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def test_nnx_cnn_matches_linen_cnn():
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2), jnp.float64)
+    batch = {"x": x, "y": jnp.array([0, 2])}
+    params = init_params(CNN(), x, seed=3)
+    model = NNXCNN(nnx.Rngs(0))
+    copy_linen_to_nnx(params, model)
+    cap_l = jaxinf.linen_capture(lambda p, b: xent(CNN().apply({"params": p}, b["x"]), b["y"]))
+    cap_n = jaxinf.nnx_capture(lambda m, b: xent(m(b["x"]), b["y"]), model)
+    layers = jaxinf.find_layers(cap_n, nnx.state(model), batch)
+    assert [(p, s.kind, s.n_in) for p, s in layers.items()] == [
+        ("conv1", "conv", 19), ("conv2", "conv", 16), ("head", "dense", 4)]
+    projs = jaxinf.random_projections(layers, key=jax.random.key(1), k_in=3, k_out=2, dtype=jnp.float64)
+    got_l = jaxinf.projected_gradients(cap_l, projs)(params, batch)
+    got_n = jaxinf.projected_gradients(cap_n, projs)(nnx.state(model), batch)
+    for p in layers:
+        # Same float64 operations in both frameworks up to op order.
+        np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
