@@ -81,14 +81,16 @@ class LM(nn.Module):
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
-def timeit(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
+def time_pair(f, g, repeats):
+    """Median seconds of f() and of g(), calls interleaved so that load changes hit both alike."""
+    f(), g()  # compile / warm up
+    tf, tg = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for fn, ts in ((f, tf), (g, tg)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return float(np.median(tf)), float(np.median(tg))
 
 
 def memory(jitted, *args):
@@ -113,8 +115,8 @@ def compare(name, loss_fn, params, batch, n_examples, n_tokens, select, rank, re
     layers = {p: s._replace(k_in=min(rank, s.n_in), k_out=min(rank, s.n_out)) for p, s in layers.items()}
     projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=rank, k_out=rank)
     extract = jaxinf.projected_gradients(cap, projs, mask_fn=mask_fn)
-    t_plain = timeit(plain, params, batch, repeats=repeats)
-    t_log = timeit(extract, params, batch, repeats=repeats)
+    t_plain, t_log = time_pair(lambda: jax.block_until_ready(plain(params, batch)),
+                               lambda: jax.block_until_ready(extract(params, batch)), repeats)
     mem_plain = memory(plain, params, batch)
     mem_log = memory(extract.jitted, params, batch, projs)
     row = {
@@ -141,10 +143,126 @@ def compare(name, loss_fn, params, batch, n_examples, n_tokens, select, rank, re
     return row
 
 
+def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
+    """LogIX 0.1.1 LoGra logging (random init, in-memory log, no save) vs a plain torch step.
+
+    Torch twins of the two models (same shapes; attention written with nn.Linear q/k/v/o so that
+    LogIX sees the same 13 linear layers in the LM); times are medians like the JAX side.
+    """
+    import tempfile
+
+    import logix
+    import torch
+    from logix.config import LoRAConfig
+
+    torch.manual_seed(0)
+    # One intra-op thread: on a small shared CPU, torch's thread pool otherwise fights XLA's.
+    torch.set_num_threads(1)
+
+    class TMLP(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.l0, self.l1, self.l2 = (torch.nn.Linear(64, width), torch.nn.Linear(width, width),
+                                         torch.nn.Linear(width, 10))
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(torch.relu(self.l0(x)))))
+
+    class TBlock(torch.nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.heads = heads
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+            self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+        def forward(self, x, mask):
+            b, t, d = x.shape
+            h = self.ln1(x)
+            q, k, v = (f(h).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & mask[:, None, None, :].bool()
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+    class TLM(torch.nn.Module):
+        def __init__(self, vocab, d, heads, layers, seq):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(vocab, d), torch.nn.Embedding(seq, d)
+            self.blocks = torch.nn.ModuleList([TBlock(d, heads) for _ in range(layers)])
+            self.ln, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab)
+
+        def forward(self, ids, mask):
+            x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))[None]
+            for blk in self.blocks:
+                x = blk(x, mask)
+            return self.head(self.ln(x))
+
+    def one(name, make_model, inputs, loss_of, n_examples, n_tokens, mask):
+        plain_model, model = make_model(), make_model()
+
+        def plain():
+            plain_model.zero_grad(set_to_none=True)
+            loss_of(plain_model(*inputs)).backward()
+
+        with tempfile.TemporaryDirectory() as tmp:
+            conf = os.path.join(tmp, "config.yaml")
+            with open(conf, "w") as f:
+                f.write(f"root_dir: {tmp}\n")
+            run = logix.LogIX(name, config=conf)
+            run.watch(model)
+            run.add_lora(lora_config=LoRAConfig(init="random", rank=rank))
+            run.setup({"grad": ["log"]})
+            run.eval()
+            ids = list(range(n_examples))
+
+            def logged():
+                with run(data_id=ids, mask=mask):
+                    model.zero_grad(set_to_none=True)
+                    loss_of(model(*inputs)).backward()
+                return run.get_log()[1]
+
+            t_plain, t_log = time_pair(plain, logged, repeats)
+            n_layers = len(logged())
+        return {
+            "model": name, "layers_logged": n_layers, "rank": rank, "batch": n_examples,
+            "tokens_per_batch": n_tokens, "plain_step_s": t_plain, "logging_step_s": t_log,
+            "plain_examples_per_s": n_examples / t_plain, "logging_examples_per_s": n_examples / t_log,
+            "plain_tokens_per_s": n_tokens / t_plain, "logging_tokens_per_s": n_tokens / t_log,
+            "time_ratio_logging_over_plain": t_log / t_plain,
+        }
+
+    x = torch.tensor(np.asarray(mlp_batch["x"]))
+    y = torch.tensor(np.asarray(mlp_batch["y"])).long()
+    n = x.shape[0]
+    rows = [one("digits_mlp", lambda: TMLP(cfg["mlp_width"]), (x,),
+                lambda out: torch.nn.functional.cross_entropy(out, y, reduction="sum"), n, n, None)]
+    ids = torch.tensor(np.asarray(lm_batch["ids"])).long()
+    mask = torch.tensor(np.asarray(lm_batch["mask"]))
+    w = (mask[:, 1:] * mask[:, :-1]).float()
+
+    def lm_loss(logits):
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        return -(lp * w).sum()
+
+    rows.append(one(
+        f"transformer_lm_{cfg['layers']}x{cfg['width']}_seq{cfg['seq']}",
+        lambda: TLM(cfg["vocab"], cfg["width"], cfg["heads"], cfg["layers"], cfg["seq"]),
+        (ids, mask), lm_loss, ids.shape[0], int(mask.sum()), mask,
+    ))
+    for r in rows:
+        print("logix", json.dumps(r))
+    return {"version": logix.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "notes": "LogIX LoGra (add_lora, random init) with setup({'grad': ['log']}), log kept "
+                     "in memory (no save); per-example loss summed; plain = torch fwd+bwd",
+            "results": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--rank", type=int, default=None, help="k_in = k_out per layer")
     ap.add_argument("--out", default=os.path.join(_here, "results", "logging_cpu.json"))
     args = ap.parse_args()
@@ -190,9 +308,9 @@ def main():
     try:
         import logix  # noqa: F401
 
-        logix_note = "logix importable, but the side-by-side torch run is not implemented yet"
-    except ImportError:
-        logix_note = "skipped: logix (logix-ai) is not importable in this environment"
+        logix_result = run_logix(cfg, rank, args.repeats, batch, lm_batch)
+    except ImportError as e:
+        logix_result = f"skipped: logix (logix-ai) / torch not importable ({e})"
 
     result = {
         "benchmark": "logging",
@@ -204,11 +322,11 @@ def main():
         "jax": jax.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "notes": "median of --repeats after one warm-up call; tokens = real (unpadded) tokens "
+        "notes": "median of --repeats calls after one warm-up call, plain and logging calls interleaved; tokens = real (unpadded) tokens "
                  "for the LM; LoGra layers: all Dense (MLP) / all Dense+DenseGeneral (LM, no "
                  "embeddings); peak_bytes = temp + arguments + outputs - aliased from XLA's "
                  "compiled memory analysis",
-        "logix": logix_note,
+        "logix": logix_result,
         "results": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
