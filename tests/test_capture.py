@@ -81,6 +81,10 @@ def test_mlp_projected_gradients_match_full_per_example_gradients(mlp):
     got = jaxinf.projected_gradients(cap, projs)(params, batch)
     full = per_example_grads(loss_fn, params, batch)
     assert_matches_full(got, projs, {p: (full[p]["kernel"], full[p]["bias"]) for p in layers})
+    # The one-call entry point builds the same thing from an integer seed.
+    lg = jaxinf.logra(loss_fn, params, batch, seed=0, k_in=3, k_out=2, dtype=jnp.float64)
+    assert lg.metadata == jaxinf.projection_metadata(projs, init="random", seed=0)
+    np.testing.assert_array_equal(lg.fn(params, batch)["head"], got["head"])
 
 
 def test_mlp_kfac_factors_match_manual_covariances(mlp):
