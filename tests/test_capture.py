@@ -453,3 +453,27 @@ def test_nnx_cnn_matches_linen_cnn():
     for p in layers:
         # Same float64 operations in both frameworks up to op order.
         np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
+
+
+class RematMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.remat(MLP)(name="inner")(x)  # a lifted transform around tapped layers
+        return nn.Dense(2, name="top")(x)
+
+
+def test_layers_inside_nn_remat_are_captured():
+    model = RematMLP()
+    x = jax.random.normal(jax.random.key(11), (3, 6), jnp.float64)
+    batch = {"x": x, "y": jnp.array([0, 1, 1])}
+    params = init_params(model, x, seed=11)
+
+    def loss_fn(p, b):
+        return xent(model.apply({"params": p}, b["x"]), b["y"])
+
+    lg = jaxinf.logra(loss_fn, params, batch, seed=1, k_in=2, k_out=2, dtype=jnp.float64)
+    assert list(lg.layers) == ["inner/Dense_0", "inner/head", "top"]
+    full = per_example_grads(loss_fn, params, batch)
+    leaves = {"inner/Dense_0": full["inner"]["Dense_0"], "inner/head": full["inner"]["head"], "top": full["top"]}
+    assert_matches_full(lg.fn(params, batch), lg.projections,
+                        {p: (g["kernel"], g["bias"]) for p, g in leaves.items()})
