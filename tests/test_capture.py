@@ -144,7 +144,9 @@ class CNN(nn.Module):
         return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
 
 
-def test_cnn_projected_gradients_match_full_per_example_gradients():
+@pytest.fixture(scope="module")
+def cnn():
+    """The Linen CNN, its data and one compiled extraction (shared with the NNX parity test)."""
     model = CNN()
     x = jax.random.normal(jax.random.key(2), (3, 6, 6, 2), jnp.float64)
     batch = {"x": x, "y": jnp.array([0, 2, 1])}
@@ -154,16 +156,22 @@ def test_cnn_projected_gradients_match_full_per_example_gradients():
         return xent(model.apply({"params": p}, b["x"]), b["y"])
 
     cap = jaxinf.linen_capture(loss_fn)
-    layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))
-    assert list(layers) == ["conv1", "conv2"]
-    assert (layers["conv1"].n_in, layers["conv1"].tokens) == (3 * 3 * 2 + 1, 36)
-    assert (layers["conv2"].n_in, layers["conv2"].bias) == (2 * 2 * 4, False)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(3), k_in=5, k_out=2, dtype=jnp.float64)
-    got = jaxinf.projected_gradients(cap, projs)(params, batch)
+    layers = jaxinf.find_layers(cap, params, batch)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(3), k_in=3, k_out=2, dtype=jnp.float64)
+    return params, batch, loss_fn, cap, layers, projs, jaxinf.projected_gradients(cap, projs)(params, batch)
+
+
+def test_cnn_projected_gradients_match_full_per_example_gradients(cnn):
+    params, batch, loss_fn, cap, layers, projs, got = cnn
+    convs = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))
+    assert list(convs) == ["conv1", "conv2"]
+    assert (convs["conv1"].n_in, convs["conv1"].tokens) == (3 * 3 * 2 + 1, 36)
+    assert (convs["conv2"].n_in, convs["conv2"].bias) == (2 * 2 * 4, False)
     full = per_example_grads(loss_fn, params, batch)
     assert_matches_full(got, projs, {
         "conv1": (full["conv1"]["kernel"], full["conv1"]["bias"]),
         "conv2": (full["conv2"]["kernel"], None),
+        "head": (full["head"]["kernel"], full["head"]["bias"]),
     })
 
 
@@ -436,19 +444,14 @@ class NNXCNN(nnx.Module):
         return self.head(x.mean(axis=(1, 2)))
 
 
-def test_nnx_cnn_matches_linen_cnn():
-    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2), jnp.float64)
-    batch = {"x": x, "y": jnp.array([0, 2])}
-    params = init_params(CNN(), x, seed=3)
+def test_nnx_cnn_matches_linen_cnn(cnn):
+    params, batch, _, _, layers_l, projs, got_l = cnn
     model = NNXCNN(nnx.Rngs(0))
     copy_linen_to_nnx(params, model)
-    cap_l = jaxinf.linen_capture(lambda p, b: xent(CNN().apply({"params": p}, b["x"]), b["y"]))
     cap_n = jaxinf.nnx_capture(lambda m, b: xent(m(b["x"]), b["y"]), model)
     layers = jaxinf.find_layers(cap_n, nnx.state(model), batch)
     assert [(p, s.kind, s.n_in) for p, s in layers.items()] == [
         ("conv1", "conv", 19), ("conv2", "conv", 16), ("head", "dense", 4)]
-    projs = jaxinf.random_projections(layers, key=jax.random.key(1), k_in=3, k_out=2, dtype=jnp.float64)
-    got_l = jaxinf.projected_gradients(cap_l, projs)(params, batch)
     got_n = jaxinf.projected_gradients(cap_n, projs)(nnx.state(model), batch)
     for p in layers:
         # Same float64 operations in both frameworks up to op order.
