@@ -462,10 +462,11 @@ class RematMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.remat(MLP)(name="inner")(x)  # a lifted transform around tapped layers
-        return nn.Dense(2, name="top")(x)
+        shared = nn.Dense(3, name="shared")  # called twice: its gradient is the sum of both calls
+        return nn.Dense(2, name="top")(shared(jnp.tanh(shared(x))))
 
 
-def test_layers_inside_nn_remat_are_captured():
+def test_layers_inside_nn_remat_and_shared_layers_are_captured():
     model = RematMLP()
     x = jax.random.normal(jax.random.key(11), (3, 6), jnp.float64)
     batch = {"x": x, "y": jnp.array([0, 1, 1])}
@@ -475,8 +476,9 @@ def test_layers_inside_nn_remat_are_captured():
         return xent(model.apply({"params": p}, b["x"]), b["y"])
 
     lg = jaxinf.logra(loss_fn, params, batch, seed=1, k_in=2, k_out=2, dtype=jnp.float64)
-    assert list(lg.layers) == ["inner/Dense_0", "inner/head", "top"]
+    assert list(lg.layers) == ["inner/Dense_0", "inner/head", "shared", "top"]
     full = per_example_grads(loss_fn, params, batch)
-    leaves = {"inner/Dense_0": full["inner"]["Dense_0"], "inner/head": full["inner"]["head"], "top": full["top"]}
+    leaves = {"inner/Dense_0": full["inner"]["Dense_0"], "inner/head": full["inner"]["head"],
+              "shared": full["shared"], "top": full["top"]}
     assert_matches_full(lg.fn(params, batch), lg.projections,
                         {p: (g["kernel"], g["bias"]) for p, g in leaves.items()})
