@@ -36,6 +36,7 @@ shard (``writer_id``); a reader sees the committed rows of every shard.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
@@ -359,19 +360,23 @@ def _check_chunks_present(array_dir: str, rows: int, chunk_rows: int, ndim: int,
 _ACC = projected_covariance()
 
 
-@jax.jit
-def _acc_update(state, rows_by_layer):
-    return _ACC.update(state, rows_by_layer)
+@functools.partial(jax.jit, static_argnames=("layers",))
+def _acc_rows(state, rows, keep, layers):
+    """Add ``sum g g^T`` of packed rows [b, D] (rows with keep=0 add nothing) per layer."""
+    dt = jax.tree.leaves(state.sum_outer)[0].dtype
+    x = rows.astype(dt) * keep.astype(dt)[:, None]
+    return _ACC.update(state, {f"layer_{i}": x[:, l.offset:l.offset + l.dim]
+                               for i, l in enumerate(layers)})
+
+
+@functools.partial(jax.jit, static_argnames=("layers", "dtype"))
+def _pack(grads, layers, dtype):
+    return pack_rows(grads, layers, jnp.dtype(dtype))
 
 
 def _acc_dtype(log_dtype: str):
     # accumulate float64 logs in float64 (when enabled), everything else in float32
     return jnp.float64 if (log_dtype == "float64" and jax.config.jax_enable_x64) else jnp.float32
-
-
-def _split_layers(rows, layers, dtype) -> dict:
-    rows = jnp.asarray(rows).astype(dtype)
-    return {f"layer_{i}": rows[:, l.offset:l.offset + l.dim] for i, l in enumerate(layers)}
 
 
 def _fisher_sums_from_disk(grads_arr, rows: int, layers, log_dtype: str, chunk_rows: int):
@@ -381,7 +386,7 @@ def _fisher_sums_from_disk(grads_arr, rows: int, layers, log_dtype: str, chunk_r
     for a in range(0, rows, chunk_rows):
         b = min(rows, a + chunk_rows)
         block = _values(grads_arr[a:b].read().result(), log_dtype)
-        state = _acc_update(state, _split_layers(block, layers, dt))
+        state = _acc_rows(state, jnp.asarray(block), jnp.ones((b - a,), dt), tuple(layers))
     return state
 
 
@@ -610,18 +615,15 @@ class LogWriter:
             raise ValueError(f"data ids already in the log {self.path}: {dup} "
                              "(use on_duplicate='skip' to resume an interrupted run)")
         try:
-            rows = pack_rows(grads, self.layers, _DTYPES[self.dtype][1] if self.dtype != "bfloat16"
-                             else jnp.bfloat16)
-            if not keep.all():
-                rows = rows[np.flatnonzero(keep)]
-                id_arr = id_arr[keep]
-                keys = [k for k, m in zip(keys, keep) if m]
-            if len(keys) == 0:
+            if not keep.any():
                 return WriteHandle(self, self.committed_rows)
+            rows = _pack(dict(grads), tuple(self.layers), self.dtype)
             if self._acc_state is not None:
-                self._acc_state = _acc_update(self._acc_state, _split_layers(
-                    rows, self.layers, _acc_dtype(self.dtype)))
+                self._acc_state = _acc_rows(self._acc_state, rows, keep, tuple(self.layers))
             host = np.asarray(rows)  # waits for this batch's compute only
+            if not keep.all():
+                host, id_arr = host[keep], id_arr[keep]
+                keys = [k for k, m in zip(keys, keep) if m]
             self._ids_seen.update(keys)
             self._buf_rows.append(host)
             self._buf_ids.append(id_arr)
@@ -757,6 +759,7 @@ class Log:
         self.dim, self.dtype = meta["dim"], meta["dtype"]
         self.chunk_rows = meta["chunk_rows"]
         self.num_rows = sum(s.rows for s in shards)
+        self._stats = None  # statistics() memo: a Log is a snapshot of the committed rows
 
     @property
     def metadata(self) -> dict:
@@ -817,6 +820,12 @@ class Log:
         rows), divides by the row count and diagonalizes in float64. The result is saved under
         ``statistics/`` and reused while the shards' committed rows are unchanged.
         """
+        if self._stats is not None and not refresh:
+            return self._stats
+        self._stats = self._statistics(refresh)
+        return self._stats
+
+    def _statistics(self, refresh: bool) -> dict[str, LayerStatistics]:
         stamp = {s.name: s.rows for s in self.shards}
         sdir = os.path.join(self.path, "statistics")
         spath = os.path.join(sdir, "statistics.json")
