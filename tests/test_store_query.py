@@ -183,3 +183,14 @@ def test_query_refuses_mismatched_projection(logs, data):
         jaxinf.query(log, {"mlp/up": test["mlp/up"]}, PROJ, progress=False)
     with pytest.raises(ValueError, match="mode"):
         jaxinf.query(log, test, PROJ, mode="self", progress=False)
+
+
+def test_one_compilation_per_query_shape(logs, data):
+    from jaxinf._src import query as q_mod
+
+    _, test = data
+    log = open_log(logs["float64"])
+    # a fresh (mode, k) so the cache entry is this test's; chunks of 7 leave ragged tails
+    jaxinf.query(log, test, PROJ, mode="cosine", top_k=3, chunk_rows=7, progress=False)
+    step = q_mod._step_fn(tuple(log.layers), "cosine", 3, False)
+    assert step._cache_size() == 1  # the ragged last chunks are padded, not retraced

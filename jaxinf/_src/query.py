@@ -193,33 +193,69 @@ def _default_chunk_rows(log) -> int:
     return per * log.chunk_rows
 
 
-def _stream(log, chunk_rows, prefetch, progress, desc):
-    """Yield (padded device chunk, n_valid, global_start) with reads kept in flight."""
-    plan = _plan(log, chunk_rows)
-    pending = collections.deque()
-    it = iter(plan)
-    storage = np.dtype(log.meta["storage_dtype"])
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """A zeroed host array on a 64-byte boundary: XLA's CPU client then aliases it, no copy."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n].view(dtype).reshape(shape)
 
-    def issue():
-        p = next(it, None)
-        if p is not None:
+
+class _Reader:
+    """Streams the log's rows in fixed-size chunks through a ring of reused host buffers.
+
+    Up to ``prefetch`` tensorstore reads are in flight, each straight into its ring buffer (no
+    fresh allocation per chunk; on CPU the device array aliases the buffer, so no copy either).
+    The consumer calls ``release(slot, value)`` with a device value computed from the chunk;
+    the buffer is reused only after that value is ready.
+    """
+
+    def __init__(self, log, chunk_rows: int, prefetch: int, progress: bool, desc: str):
+        self.log, self.chunk_rows = log, chunk_rows
+        self.prefetch = max(1, prefetch)
+        storage = np.dtype(log.meta["storage_dtype"])
+        self.buffers = [_aligned_empty((chunk_rows, log.dim), storage)
+                        for _ in range(self.prefetch + 2)]
+        self.busy = [None] * len(self.buffers)
+        self.bar = tqdm(total=log.num_rows, desc=desc, unit="row", disable=not progress)
+
+    def release(self, slot: int, value) -> None:
+        self.busy[slot] = value
+
+    def __iter__(self):
+        plan = iter(_plan(self.log, self.chunk_rows))
+        pending = collections.deque()
+        count = 0
+
+        def issue():
+            nonlocal count
+            p = next(plan, None)
+            if p is None:
+                return
             s, a, b, g = p
-            pending.append((s.grads[a:b].read(), b - a, g))
+            slot = count % len(self.buffers)
+            count += 1
+            if self.busy[slot] is not None:
+                jax.block_until_ready(self.busy[slot])  # still read by an earlier step
+                self.busy[slot] = None
+            buf = self.buffers[slot]
+            fut = ts.array(buf[: b - a]).write(s.grads[a:b])
+            pending.append((fut, slot, b - a, g))
 
-    for _ in range(max(1, prefetch)):
-        issue()
-    with tqdm(total=log.num_rows, desc=desc, unit="row", disable=not progress) as bar:
-        while pending:
-            fut, n, g = pending.popleft()
-            issue()
-            raw = fut.result()
-            if n < chunk_rows:  # pad to one static shape: one compilation per query
-                full = np.zeros((chunk_rows, log.dim), storage)
-                full[:n] = raw
-                raw = full
-            # device_put, not jnp.asarray: measured ~4x cheaper for a host chunk on CPU
-            yield jax.device_put(_store._values(raw, log.dtype)), n, g
-            bar.update(n)
+        try:
+            for _ in range(self.prefetch):
+                issue()
+            while pending:
+                fut, slot, n, g = pending.popleft()
+                issue()
+                fut.result()
+                # rows past n hold an earlier chunk's data: callers mask or slice them off
+                x = jax.device_put(_store._values(self.buffers[slot], self.log.dtype))
+                yield slot, x, n, g
+                self.bar.update(n)
+        finally:
+            self.bar.close()
 
 
 def query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mode: str = "dot",
@@ -272,8 +308,10 @@ def query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mode: str 
     if out is not None:
         scores_arr = _store._create_array(out, (n_test, log.num_rows), (n_test, chunk_rows),
                                           np.dtype(dt).str)
-    for chunk, n, g in _stream(log, chunk_rows, prefetch, progress, f"query ({mode})"):
+    reader = _Reader(log, chunk_rows, prefetch, progress, f"query ({mode})")
+    for slot, chunk, n, g in reader:
         state, s = step(state, chunk, g, n, q_d, whiten_d, self_te_d)
+        reader.release(slot, state)
         if scores_arr is not None:
             writes.append(scores_arr[:, g:g + n].write(np.asarray(s)[:, :n]))
             while len(writes) > prefetch:
@@ -307,8 +345,11 @@ def self_influence(log, *, damping_ratio: float = 0.1,
     probe = jnp.zeros((), dt)
     fn = _self_fn(tuple(log.layers))
     parts = []
-    for chunk, n, g in _stream(log, chunk_rows, prefetch, progress, "self-influence"):
-        parts.append((fn(chunk, whiten_d, probe), n))
+    reader = _Reader(log, chunk_rows, prefetch, progress, "self-influence")
+    for slot, chunk, n, g in reader:
+        out = fn(chunk, whiten_d, probe)
+        reader.release(slot, out)
+        parts.append((out, n))
     scores = np.concatenate([np.asarray(p)[:n] for p, n in parts])
     return SelfInfluence(scores, log.ids())
 
