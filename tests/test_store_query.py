@@ -161,9 +161,9 @@ def test_bfloat16_log_scores_close_to_float32(logs, data):
         b = jaxinf.query(logs["bfloat16"], t32, PROJ, mode=mode, top_k=N, progress=False)
         sa = np.take_along_axis(a.top_scores, np.argsort(a.top_rows, 1), 1)
         sb = np.take_along_axis(b.top_scores, np.argsort(b.top_rows, 1), 1)
-        # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per entry); the error
-        # of a score, relative to the largest score, stays within a few times that.
-        assert np.max(np.abs(sa - sb)) / np.max(np.abs(sa)) < 2e-2
+        # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per entry): measured
+        # 0.16-0.19% of the largest score here; the stated tolerance is 1%.
+        assert np.max(np.abs(sa - sb)) / np.max(np.abs(sa)) < 1e-2
         # and the ranking of the most influential rows is essentially kept
         assert a.top_rows[:, 0].tolist() == b.top_rows[:, 0].tolist()
 

@@ -193,15 +193,6 @@ def _default_chunk_rows(log) -> int:
     return per * log.chunk_rows
 
 
-def _aligned_empty(shape, dtype) -> np.ndarray:
-    """A zeroed host array on a 64-byte boundary: XLA's CPU client then aliases it, no copy."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(n + 64, np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + n].view(dtype).reshape(shape)
-
-
 class _Reader:
     """Streams the log's rows in fixed-size chunks through a ring of reused host buffers.
 
@@ -215,7 +206,7 @@ class _Reader:
         self.log, self.chunk_rows = log, chunk_rows
         self.prefetch = max(1, prefetch)
         storage = np.dtype(log.meta["storage_dtype"])
-        self.buffers = [_aligned_empty((chunk_rows, log.dim), storage)
+        self.buffers = [_store._aligned_empty((chunk_rows, log.dim), storage)
                         for _ in range(self.prefetch + 2)]
         self.busy = [None] * len(self.buffers)
         self.bar = tqdm(total=log.num_rows, desc=desc, unit="row", disable=not progress)

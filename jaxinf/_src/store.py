@@ -103,6 +103,15 @@ def _create_json_exclusive(path: str, obj: Any) -> bool:
         os.unlink(tmp)
 
 
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """A zeroed host array on a 64-byte boundary (XLA's CPU client can alias such arrays)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
 def _read_json(path: str, what: str) -> Any:
     try:
         with open(path) as f:
@@ -540,10 +549,19 @@ class LogWriter:
                                           (self.chunk_rows, self._max_id_bytes), "|u1")
             self.committed_rows = 0
             _atomic_write_json(os.path.join(self._shard_dir, "committed.json"), {"rows": 0})
-        self._next_row = self.committed_rows  # first row of the host buffer
-        self._buf_rows: list[np.ndarray] = []
-        self._buf_ids: list[np.ndarray] = []
-        self._buf_n = 0
+        self._next_row = self.committed_rows  # first row of the chunk being filled
+        # A ring of reused chunk buffers: batches are copied into the current one, a full one is
+        # handed to tensorstore, and a buffer is refilled only once tensorstore has copied it
+        # out. Fresh multi-MB arrays per chunk cost more in page faults than the copy itself.
+        n_slots = self.max_in_flight + 1
+        storage = np.dtype(meta["storage_dtype"])
+        self._ring_rows = [_aligned_empty((self.chunk_rows, self.dim), storage) for _ in range(n_slots)]
+        id_shape = (self.chunk_rows,) if self._id_kind == "int" else (self.chunk_rows, self._max_id_bytes)
+        id_dtype = np.int64 if self._id_kind == "int" else np.uint8
+        self._ring_ids = [np.zeros(id_shape, id_dtype) for _ in range(n_slots)]
+        self._ring_busy: list = [None] * n_slots  # futures: tensorstore has copied the buffer
+        self._slot = 0
+        self._fill = 0  # rows in the current buffer
         self._acc_state = None
         if self._statistics:
             dt = _acc_dtype(self.dtype)
@@ -575,7 +593,7 @@ class LogWriter:
     @property
     def num_rows(self) -> int:
         """Rows accepted by this writer's shard (committed + in flight + buffered)."""
-        return self._next_row + self._buf_n if self.meta else 0
+        return self._next_row + self._fill if self.meta else 0
 
     def __contains__(self, data_id) -> bool:
         return data_id in self._ids_seen
@@ -625,20 +643,32 @@ class LogWriter:
                 host, id_arr = host[keep], id_arr[keep]
                 keys = [k for k, m in zip(keys, keep) if m]
             self._ids_seen.update(keys)
-            self._buf_rows.append(host)
-            self._buf_ids.append(id_arr)
-            self._buf_n += len(keys)
-            self._issue_full_chunks()
+            self._append(_storage(host, self.dtype),
+                         _ids_to_storage(id_arr, self._id_kind, self._max_id_bytes))
             self._reap(block=False)
         except BaseException as e:
             self._error = e
             raise
         return WriteHandle(self, self.num_rows)
 
-    def _issue(self, count: int) -> None:
-        """Hand the first ``count`` buffered rows to tensorstore."""
-        rows = np.concatenate(self._buf_rows) if len(self._buf_rows) > 1 else self._buf_rows[0]
-        ids = np.concatenate(self._buf_ids) if len(self._buf_ids) > 1 else self._buf_ids[0]
+    def _append(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        """Copy rows into the ring; hand each chunk to tensorstore as soon as it is full."""
+        i = 0
+        while i < len(rows):
+            # the current chunk ends at the next chunk boundary (the first one may be partial
+            # after a resume or a flush)
+            target = self.chunk_rows - self._next_row % self.chunk_rows
+            take = min(target - self._fill, len(rows) - i)
+            self._ring_rows[self._slot][self._fill:self._fill + take] = rows[i:i + take]
+            self._ring_ids[self._slot][self._fill:self._fill + take] = ids[i:i + take]
+            self._fill += take
+            i += take
+            if self._fill == target:
+                self._issue()
+
+    def _issue(self) -> None:
+        """Hand the current buffer's rows to tensorstore and move to the next ring slot."""
+        count = self._fill
         start, stop = self._next_row, self._next_row + count
         if stop > self._grads.shape[0]:
             cap = max(stop, 2 * self._grads.shape[0])
@@ -646,24 +676,19 @@ class LogWriter:
             self._grads = self._grads.resize(exclusive_max=[cap, None], expand_only=True).result()
             self._ids = self._ids.resize(exclusive_max=[cap] + [None] * (self._ids.rank - 1),
                                          expand_only=True).result()
-        f1 = self._grads[start:stop].write(_storage(rows[:count], self.dtype))
-        f2 = self._ids[start:stop].write(_ids_to_storage(ids[:count], self._id_kind, self._max_id_bytes))
+        f1 = self._grads[start:stop].write(self._ring_rows[self._slot][:count])
+        f2 = self._ids[start:stop].write(self._ring_ids[self._slot][:count])
         self._pending.append(_Pending(stop, [f1.commit, f2.commit]))
-        self._next_row = stop
-        rest_rows, rest_ids = rows[count:], ids[count:]
-        self._buf_rows = [rest_rows] if len(rest_rows) else []
-        self._buf_ids = [rest_ids] if len(rest_ids) else []
-        self._buf_n -= count
+        self._ring_busy[self._slot] = (f1.copy, f2.copy)
+        self._next_row, self._fill = stop, 0
+        self._slot = (self._slot + 1) % len(self._ring_rows)
         # bounded in flight: wait for the oldest writes
         while len(self._pending) > self.max_in_flight:
             self._reap(block=True, one=True)
-
-    def _issue_full_chunks(self) -> None:
-        while True:
-            to_boundary = self.chunk_rows - self._next_row % self.chunk_rows
-            if self._buf_n < to_boundary:
-                return
-            self._issue(to_boundary)
+        if self._ring_busy[self._slot] is not None:  # tensorstore may still be reading it
+            for f in self._ring_busy[self._slot]:
+                f.result()
+            self._ring_busy[self._slot] = None
 
     def _reap(self, block: bool, one: bool = False) -> None:
         """Retire completed writes in order and advance the committed row count."""
@@ -694,8 +719,8 @@ class LogWriter:
         if self.meta is None:
             return
         try:
-            if self._buf_n and (upto is None or upto > self._next_row):
-                self._issue(self._buf_n)
+            if self._fill and (upto is None or upto > self._next_row):
+                self._issue()
         except BaseException as e:
             self._error = e
             raise
