@@ -149,7 +149,12 @@ def main():
                 q_cfg[f"{mode}_{nq}q"] = (nq, mode, test)
                 jaxinf.query(log, test, proj, mode=mode, top_k=10, progress=False)  # compile
         best = {k: float("inf") for k in list(raw_cfg) + list(q_cfg)}
+        in_memory = {}
         for _ in range(args.reps):
+            for name, (nq, mode, _) in q_cfg.items():
+                r = _score_in_memory(log, nq, mode)
+                if name not in in_memory or r["seconds_per_chunk"] < in_memory[name]["seconds_per_chunk"]:
+                    in_memory[name] = r
             for name, inflight in raw_cfg.items():
                 best[name] = min(best[name], _raw_read(grads_path, args.rows, log.chunk_rows, inflight))
             for name, (nq, mode, test) in q_cfg.items():
@@ -165,7 +170,7 @@ def main():
             result["query"][name] = {"queries": nq, "mode": mode, "seconds": s,
                                      "pairs_per_s": args.rows * nq / s, "GB_per_s": gbps,
                                      "fraction_of_raw_read": gbps / best_raw}
-            result["score_in_memory"][name] = _score_in_memory(log, nq, mode)
+            result["score_in_memory"][name] = in_memory[name]
             ceiling = min(best_raw, result["score_in_memory"][name]["GB_per_s"])
             # 1.0 = the query is as fast as the slower of reading and scoring alone
             result["query"][name]["fraction_of_bound"] = gbps / ceiling

@@ -195,6 +195,10 @@ def test_mismatched_projection_and_dtype_are_errors(tmp_path):
         LogWriter(path, PROJ, dtype="bfloat16")
     with pytest.raises(ValueError, match="dtype must be one of"):
         LogWriter(str(tmp_path / "other"), PROJ, dtype="int8")
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(TypeError, match="must be floating point"):
+        LogWriter(fresh, PROJ).write({"a": np.zeros((2, 2, 3), np.int32)}, [0, 1])
+    assert not os.path.exists(os.path.join(fresh, "metadata.json"))  # nothing half-created
     with LogWriter(path, PROJ, writer_id="2") as w:
         with pytest.raises(TypeError, match="must be floating point"):
             w.write({"a": np.zeros((2, 2, 3), np.int32)}, [100, 101])

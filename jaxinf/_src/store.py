@@ -619,8 +619,9 @@ class LogWriter:
         """
         self._raise_if_failed()
         if self.meta is None:
-            b = len(ids) if hasattr(ids, "__len__") else None
-            kind = _normalize_ids(ids, b if b is not None else 0, None, self._max_id_bytes)[2]
+            # validate the first batch fully before its shapes become the log's metadata
+            n = check_grads(grads, layers_from_grads(grads), "grads")
+            kind = _normalize_ids(ids, n, None, self._max_id_bytes)[2]
             self._create(grads, kind)
         n = check_grads(grads, self.layers, "grads")
         id_arr, keys, _ = _normalize_ids(ids, n, self._id_kind, self._max_id_bytes)
