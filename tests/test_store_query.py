@@ -194,3 +194,20 @@ def test_one_compilation_per_query_shape(logs, data):
     jaxinf.query(log, test, PROJ, mode="cosine", top_k=3, chunk_rows=7, progress=False)
     step = q_mod._step_fn(tuple(log.layers), "cosine", 3, False)
     assert step._cache_size() == 1  # the ragged last chunks are padded, not retraced
+
+
+def test_per_shard_queries_merge_to_the_whole_log_query(logs, data):
+    _, test = data
+    log = open_log(logs["float64"])
+    whole = jaxinf.query(log, test, PROJ, mode="relatif", top_k=6, chunk_rows=5, progress=False)
+    # as two processes would: each scores its own shard, then the top-k lists are merged
+    parts = [jaxinf.query(log, test, PROJ, mode="relatif", top_k=6, chunk_rows=5, shards=[s],
+                          progress=False) for s in SHARD_ROWS]
+    assert parts[1].top_rows.min() >= SHARD_ROWS["p0"]  # row indices stay global
+    merged = jaxinf.merge_results(parts)
+    for name in ("top_rows", "top_ids", "bottom_rows", "bottom_ids"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    for name in ("top_scores", "bottom_scores"):  # same rows, possibly other chunk boundaries
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown shards"):
+        jaxinf.query(log, test, PROJ, shards=["p7"], progress=False)

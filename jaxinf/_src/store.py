@@ -446,8 +446,9 @@ class LogWriter:
       projection: the capture's JSON-able projection metadata (layers, init, seed, fingerprint);
         stored verbatim and required to match exactly when the log already exists.
       dtype: storage dtype: "float32" (default), "bfloat16", "float16" or "float64".
-      writer_id: this writer's shard name (one per process: e.g. ``str(jax.process_index())``).
-        Reopening an existing shard resumes after its committed rows.
+      writer_id: this writer's shard name, one per process (default: ``jax.process_index()``,
+        so each host of a ``jax.distributed`` job writes its own shard). Reopening an existing
+        shard resumes after its committed rows. A writer is not thread-safe.
       chunk_rows: rows per zarr chunk (default: about 8 MiB per chunk). Rows are written in whole
         chunks, so a chunk is the unit of durability.
       max_in_flight: chunk writes in flight before ``write_async`` waits for the oldest.
@@ -465,8 +466,10 @@ class LogWriter:
     """
 
     def __init__(self, path: str, projection: Mapping, *, dtype: str = "float32",
-                 writer_id: str = "0", chunk_rows: int | None = None, max_in_flight: int = 4,
+                 writer_id: str | None = None, chunk_rows: int | None = None, max_in_flight: int = 4,
                  on_duplicate: str = "error", max_id_bytes: int = 64, statistics: bool = True):
+        if writer_id is None:
+            writer_id = str(jax.process_index())
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if not isinstance(writer_id, str) or not _WRITER_ID.match(writer_id):
