@@ -243,6 +243,22 @@ def check_grads(grads: Mapping[str, Any], layers: Sequence[LayerInfo], what: str
     return int(n)
 
 
+def check_projection_layers(projection: Mapping, layers: Sequence[LayerInfo], what: str) -> None:
+    """Where the projection metadata lists layers with ``k_out`` / ``k_in``, the grads must match."""
+    listed = projection.get("layers") if isinstance(projection, Mapping) else None
+    if not isinstance(listed, Mapping) or not listed:
+        return
+    for l in layers:
+        if l.path not in listed:
+            raise ValueError(f"{what}: layer {l.path!r} is not in the projection metadata's layers "
+                             f"{sorted(listed)}")
+        info = listed[l.path]
+        for key, got in (("k_out", l.k_out), ("k_in", l.k_in)):
+            if isinstance(info, Mapping) and key in info and info[key] != got:
+                raise ValueError(f"{what}[{l.path!r}]: {key} is {got} but the projection metadata "
+                                 f"says {info[key]}")
+
+
 def pack_rows(grads: Mapping[str, Any], layers: Sequence[LayerInfo], dtype=None) -> jax.Array:
     """``{layer: [b, k_out, k_in]}`` -> ``[b, D]`` rows in the log's column order."""
     b = np.shape(grads[layers[0].path])[0]
@@ -581,6 +597,7 @@ class LogWriter:
 
     def _create(self, grads: Mapping, ids_kind: str) -> None:
         layers = layers_from_grads(grads)
+        check_projection_layers(self.projection, layers, "grads")
         dim = sum(l.dim for l in layers)
         chunk_rows = self._chunk_rows_arg or max(
             1, _TARGET_CHUNK_BYTES // (dim * _DTYPES[self.dtype][1].itemsize))
