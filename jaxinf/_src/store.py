@@ -79,6 +79,10 @@ def _write_temp_json(d: str, obj: Any) -> str:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        # tensorstore's file driver syncs the chunks it writes; sync the record that vouches
+        # for them too, so a commit survives a machine crash and not only a process kill
+        os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; logs are meant to be read by others
     return tmp
 
