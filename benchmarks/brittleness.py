@@ -15,8 +15,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# benchmarks/ holds scripts named like stdlib modules (logging.py): never import from it first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.append(_HERE)  # for `from lds import ...`, after the stdlib
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
