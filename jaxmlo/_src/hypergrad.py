@@ -410,11 +410,18 @@ def sama_adaptation(loss_fn, optimizer, unrolled, deps, batch, v):
     (added to θ), so ``P = lr·I`` for ``optax.sgd(lr)``; one ``jax.jvp`` of ``u`` at the base
     gradient ``g = ∂L/∂θ(θ*, deps, batch)`` gives ``P v`` for any optax optimizer.  For
     element-wise optimizers (sgd, momentum, adam, adamw, rmsprop, ...) P is diagonal, hence
-    symmetric, and ``P v`` is also the transposed product the chain rule asks for.
+    symmetric, and ``P v`` is also the transposed product the chain rule asks for.  Entries
+    whose gradient is exactly zero and whose derivative is not finite (Adam with an all-zero
+    history: ``0·∞``) are adapted by 0.
     """
     theta = unrolled.params
     g = jax.grad(loss_fn)(theta, deps, batch)
     _, du = jax.jvp(lambda gg: optimizer.update(gg, unrolled.opt_state, theta)[0], (g,), (v,))
+    # Adam-like updates m/(sqrt(s)+eps) differentiate to 0 * inf = NaN where the gradient and its
+    # whole second-moment history are exactly zero (dead ReLU units, embedding rows not in the
+    # batch).  Such entries carry no gradient signal: adapt them by 0 (Betty's formula gives 0
+    # there too).  Non-finite values anywhere else are kept and reported.
+    du = jax.tree.map(lambda d, gg: jnp.where(jnp.isfinite(d) | (gg != 0), d, jnp.zeros_like(d)), du, g)
     return jax.tree.map(lambda d, p: (-d).astype(jnp.result_type(p)), du, theta)
 
 
