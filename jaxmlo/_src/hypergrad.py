@@ -305,6 +305,9 @@ def itd(checkpoint: bool = False) -> HypergradMethod:
     ``deps`` and pulls ``v`` back through it (``batch`` is unused).  Exact for the unrolled loop,
     optimizer state included; memory grows with T unless ``checkpoint=True``.
 
+    Cost: T forward steps are replayed (``Unrolled`` keeps no residuals) and pulled back, so
+    about 3x the unroll; memory O(T) saved steps, O(1) per step with ``checkpoint``.
+
     Args:
       checkpoint: rematerialize each step in the backward pass (``jax.checkpoint``).
     """
@@ -505,6 +508,13 @@ def hypergradient(
       ``(grad, info)``: ``grad`` shaped like ``lam``; :class:`HypergradInfo` with ``finite``,
       ``meta_loss`` and ``params`` (the base params to continue from: ``method.post_update``
       when finite, ``unrolled.params`` otherwise).
+
+    Example::
+
+        un = unroll(base_loss, opt, w, opt_state, lam, batches)
+        g, info = hypergradient(cg(), base_loss, val_loss, opt, un, lam, last_batch, val_batch)
+        updates, meta_state = meta_opt.update(g, meta_state, lam)
+        lam, w, opt_state = optax.apply_updates(lam, updates), info.params, un.opt_state
     """
     if not isinstance(method, HypergradMethod):
         raise TypeError(f"method must be a HypergradMethod (e.g. cg()), got {type(method).__name__}.")
