@@ -16,6 +16,19 @@ from jaxmlo._src.hypergrad import (
     unroll,
 )
 
+# --- engine: multi-level programs (problem DAG) ---
+from jaxmlo._src.problem import Problem
+from jaxmlo._src.program import Program
+from jaxmlo._src.engine import (
+    ProgramState,
+    gradients,
+    init,
+    make_step,
+    step,
+    total_gradient,
+)
+# --- end engine ---
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,4 +47,13 @@ __all__ = [
     "sama",
     "sama_adaptation",
     "unroll",
+    # engine: multi-level programs (problem DAG)
+    "Problem",
+    "Program",
+    "ProgramState",
+    "gradients",
+    "init",
+    "make_step",
+    "step",
+    "total_gradient",
 ]

@@ -32,7 +32,7 @@ import optax
 from jaxmlo._src.hypergrad import Unrolled
 from jaxmlo._src.program import Program
 
-__all__ = ["ProgramState", "init", "step", "make_step", "total_gradient"]
+__all__ = ["ProgramState", "init", "step", "make_step", "gradients", "total_gradient"]
 
 
 class ProgramState(NamedTuple):
@@ -122,16 +122,19 @@ def total_gradient(program: Program, name: str, params, deps: dict, batch, unrol
     unrolled_deps: ``{lower: deps}`` the deps each lower problem was unrolled with.
 
   Returns:
-    ``(loss, grad, hypergrad)``: ``grad`` = direct + hypergrad, both shaped like
-    ``params``; ``hypergrad`` is zeros when ``name`` has no lower problems.
+    ``(loss, grad, hypergrad, v)``: ``grad`` = direct + hypergrad, both shaped like
+    ``params`` (``hypergrad`` is zeros when ``name`` has no lower problems); ``v`` is
+    ``{lower: dC/dtheta_lower*}``, the direct gradients on the lower solutions.
   """
   loss, (g, gdeps) = jax.value_and_grad(
       lambda p, d: _call_loss(program, name, p, d, batch), argnums=(0, 1))(params, deps)
   hyper = jax.tree.map(jnp.zeros_like, params)
   relevant = _relevant(program, name)
   u2l, l2u = set(program.u2l), set(program.l2u)
-  # Right-to-left: start from dC_k/dtheta_l* and push vectors down the l2u edges.
-  acc = {l: gdeps[l] for l in program.lowers(name) if l in relevant}
+  v = {l: gdeps[l] for l in program.lowers(name)}
+  # Right to left: start from dC_k/dtheta_l* and push vectors down the l2u edges; a
+  # problem is visited only after every problem above it on a path has added its share.
+  acc = {l: v[l] for l in program.lowers(name) if l in relevant}
   for m in reversed(program.order):
     if m not in acc:
       continue
@@ -143,11 +146,63 @@ def total_gradient(program: Program, name: str, params, deps: dict, batch, unrol
         hyper = _tree_add(hyper, r[d])
       elif d in relevant and (d, m) in l2u:
         acc[d] = r[d] if d not in acc else _tree_add(acc[d], r[d])
-  return loss, _tree_add(g, hyper), hyper
+  return loss, _tree_add(g, hyper), hyper, v
+
+
+def _program_pass(program: Program, state: ProgramState, batches: dict):
+  missing = [n for n in program.order if n not in batches]
+  if missing:
+    raise ValueError(f"step: no batches for problem(s) {missing}")
+  params, opt_states, updates = dict(state.params), dict(state.opt_states), dict(state.updates)
+  unrolled, unrolled_deps, metrics, grads = {}, {}, {}, {}
+  for name in program.order:
+    prob = program.problems[name]
+    bs = batches[name]
+    lead = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(bs)}
+    if lead != {prob.unroll_steps}:
+      raise ValueError(f"step: batches[{name!r}] must have leading axis unroll_steps="
+                       f"{prob.unroll_steps} on every leaf, got leading sizes "
+                       f"{sorted(lead, key=str)}")
+    deps = {d: params[d] for d in program.deps(name)}
+    lowers = program.lowers(name)
+
+    def body(carry, batch, name=name, prob=prob, deps=deps):
+      p, s, _, _ = carry
+      loss, g, hyper, v = total_gradient(program, name, p, deps, batch, unrolled, unrolled_deps)
+      u, s = prob.optimizer.update(g, s, p)
+      return (optax.apply_updates(p, u), s, g, v), (loss, _norm(hyper))
+
+    p0, s0 = params[name], opt_states[name]
+    v0 = {l: jax.tree.map(jnp.zeros_like, params[l]) for l in lowers}
+    g0 = jax.tree.map(jnp.zeros_like, p0)
+    (p1, s1, g_last, v_last), (losses, hnorms) = jax.lax.scan(body, (p0, s0, g0, v0), bs)
+    unrolled[name] = Unrolled(params0=p0, opt_state0=s0, params=p1, opt_state=s1, batches=bs)
+    unrolled_deps[name] = deps
+    params[name], opt_states[name] = p1, s1
+    updates[name] = updates[name] + prob.unroll_steps
+    grads[name] = g_last
+    metrics[f"{name}/loss"] = jnp.mean(losses)
+    metrics[f"{name}/grad_norm"] = _norm(g_last)
+    if lowers:
+      metrics[f"{name}/hypergrad_norm"] = hnorms[-1]
+    # Base-parameter update after a meta step (SAMA's nudge along the adapted v). Applied
+    # as a delta so that several upper problems can each nudge the same lower problem.
+    for l in lowers:
+      lp, un = program.problems[l], unrolled[l]
+      new = lp.method.post_update(lp.loss, lp.optimizer, un, unrolled_deps[l],
+                                  _last(un.batches), v_last[l])
+      if new is not un.params:  # identity for every method but SAMA: no ops at all
+        params[l] = jax.tree.map(lambda cur, a, b: cur + (a - b), params[l], new, un.params)
+  new_state = ProgramState(params=params, opt_states=opt_states, step=state.step + 1,
+                           updates=updates)
+  return new_state, metrics, grads
 
 
 def step(program: Program, state: ProgramState, batches: dict):
   """One iteration of the whole program; pure, ``jax.jit``-able.
+
+  Problems run lowest first; each takes ``unroll_steps`` optimizer steps (one
+  ``lax.scan``) on its total gradient, with the lower problems' solutions from this pass.
 
   Args:
     program: the program.
@@ -158,41 +213,17 @@ def step(program: Program, state: ProgramState, batches: dict):
   Returns:
     ``(state, metrics)``; metrics is a flat dict ``{"<name>/loss": mean loss over the
     unroll, "<name>/grad_norm": norm of the last total gradient,
-    "<name>/hypergrad_norm": norm of its hypergradient part (problems with lower
-    problems only)}``.
+    "<name>/hypergrad_norm": norm of its hypergradient part (problems with lower problems
+    only)}``.
   """
-  missing = [n for n in program.order if n not in batches]
-  if missing:
-    raise ValueError(f"step: no batches for problem(s) {missing}")
-  params, opt_states, updates = dict(state.params), dict(state.opt_states), dict(state.updates)
-  unrolled, unrolled_deps, metrics = {}, {}, {}
-  for name in program.order:
-    prob = program.problems[name]
-    bs = batches[name]
-    lead = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(bs)}
-    if lead != {prob.unroll_steps}:
-      raise ValueError(f"step: batches[{name!r}] must have leading axis unroll_steps="
-                       f"{prob.unroll_steps} on every leaf, got leading sizes {sorted(lead, key=str)}")
-    deps = {d: params[d] for d in program.deps(name)}
+  new_state, metrics, _ = _program_pass(program, state, batches)
+  return new_state, metrics
 
-    def body(carry, batch, name=name, prob=prob, deps=deps):
-      p, s = carry
-      loss, g, hyper = total_gradient(program, name, p, deps, batch, unrolled, unrolled_deps)
-      u, s = prob.optimizer.update(g, s, p)
-      return (optax.apply_updates(p, u), s), (loss, _norm(g), _norm(hyper))
 
-    p0, s0 = params[name], opt_states[name]
-    (p1, s1), (losses, gnorms, hnorms) = jax.lax.scan(body, (p0, s0), bs)
-    unrolled[name] = Unrolled(params0=p0, opt_state0=s0, params=p1, opt_state=s1, batches=bs)
-    unrolled_deps[name] = deps
-    params[name], opt_states[name] = p1, s1
-    updates[name] = updates[name] + prob.unroll_steps
-    metrics[f"{name}/loss"] = jnp.mean(losses)
-    metrics[f"{name}/grad_norm"] = gnorms[-1]
-    if program.lowers(name):
-      metrics[f"{name}/hypergrad_norm"] = hnorms[-1]
-  new = ProgramState(params=params, opt_states=opt_states, step=state.step + 1, updates=updates)
-  return new, metrics
+def gradients(program: Program, state: ProgramState, batches: dict) -> dict:
+  """``{name: total gradient}`` each problem used at the last step of its unroll in one
+  :func:`step` from ``state`` (direct gradient plus eq. 2.2 hypergradient)."""
+  return _program_pass(program, state, batches)[2]
 
 
 def make_step(program: Program, *, jit: bool = True, donate: bool = False) -> Callable:
