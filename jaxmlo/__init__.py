@@ -27,6 +27,7 @@ from jaxmlo._src.engine import (
     step,
     total_gradient,
 )
+from jaxmlo._src.driver import RunResult, restore_checkpoint, run, save_checkpoint
 # --- end engine ---
 
 __version__ = "0.1.0"
@@ -56,4 +57,8 @@ __all__ = [
     "make_step",
     "step",
     "total_gradient",
+    "RunResult",
+    "run",
+    "save_checkpoint",
+    "restore_checkpoint",
 ]
