@@ -85,29 +85,6 @@ def _call_loss(program, name, params, deps, batch):
         f"it only {list(program.deps(name))}") from None
 
 
-def _relevant(program: Program, upper: str) -> frozenset:
-  """Lower problems on some eq.-2.2 path from ``theta_upper`` into ``upper``'s loss."""
-  succ, pred = {}, {}
-  for l, u in program.l2u:
-    succ.setdefault(l, set()).add(u)
-    pred.setdefault(u, set()).add(l)
-  fwd = {l for u, l in program.u2l if u == upper}
-  stack = list(fwd)
-  while stack:
-    for m in succ.get(stack.pop(), ()):
-      if m != upper and m not in fwd:
-        fwd.add(m)
-        stack.append(m)
-  bwd = set(program.lowers(upper))
-  stack = list(bwd)
-  while stack:
-    for m in pred.get(stack.pop(), ()):
-      if m not in bwd:
-        bwd.add(m)
-        stack.append(m)
-  return frozenset(fwd & bwd)
-
-
 def total_gradient(program: Program, name: str, params, deps: dict, batch, unrolled: dict,
                    unrolled_deps: dict):
   """Loss, total gradient and hypergradient of problem ``name`` (thesis eq. 2.2).
@@ -129,7 +106,7 @@ def total_gradient(program: Program, name: str, params, deps: dict, batch, unrol
   loss, (g, gdeps) = jax.value_and_grad(
       lambda p, d: _call_loss(program, name, p, d, batch), argnums=(0, 1))(params, deps)
   hyper = jax.tree.map(jnp.zeros_like, params)
-  relevant = _relevant(program, name)
+  relevant = program.path_problems(name)
   u2l, l2u = set(program.u2l), set(program.l2u)
   v = {l: gdeps[l] for l in program.lowers(name)}
   # Right to left: start from dC_k/dtheta_l* and push vectors down the l2u edges; a
@@ -187,7 +164,7 @@ def _program_pass(program: Program, state: ProgramState, batches: dict):
       metrics[f"{name}/hypergrad_norm"] = hnorms[-1]
     # Base-parameter update after a meta step (SAMA's nudge along the adapted v). Applied
     # as a delta so that several upper problems can each nudge the same lower problem.
-    for l in lowers:
+    for l in sorted(program.path_problems(name) & set(lowers)):
       lp, un = program.problems[l], unrolled[l]
       new = lp.method.post_update(lp.loss, lp.optimizer, un, unrolled_deps[l],
                                   _last(un.batches), v_last[l])

@@ -124,19 +124,20 @@ class Program:
             for n in names}
     lowers = {n: tuple(sorted(l for l, u in l2u_e if u == n)) for n in names}
     uppers = {n: tuple(sorted(u for u, l in u2l_e if l == n)) for n in names}
-    for n in names:
-      for l in lowers[n]:
-        if by_name[l].method is None:
-          raise ValueError(f"problem {l!r} has no hypergradient method but its solution enters "
-                           f"problem {n!r} (l2u edge {l!r} -> {n!r}); pass method=jaxmlo.cg() "
-                           f"or another method to Problem {l!r}")
-
     self._problems = types.MappingProxyType(by_name)
     self._u2l, self._l2u = u2l_e, l2u_e
     self._order = order
     self._deps = types.MappingProxyType(deps)
     self._lowers = types.MappingProxyType(lowers)
     self._uppers = types.MappingProxyType(uppers)
+
+    # A best-response Jacobian is needed exactly for the problems on some eq.-2.2 path.
+    for n in names:
+      for m in sorted(self.path_problems(n)):
+        if by_name[m].method is None:
+          raise ValueError(f"problem {m!r} has no hypergradient method but lies on a path from "
+                           f"problem {n!r}'s parameters into its loss (thesis eq. 2.2); pass "
+                           f"method=jaxmlo.cg() or another method to Problem {m!r}")
 
     for p in problems:
       if p.example_batch is not None:
@@ -205,6 +206,28 @@ class Program:
       if u == upper:
         dfs(l, ())
     return tuple(sorted(out))
+
+  def path_problems(self, upper: str) -> frozenset:
+    """Lower problems on some eq.-2.2 path from ``theta_upper`` into ``upper``'s loss."""
+    succ, pred = {}, {}
+    for l, u in self._l2u:
+      succ.setdefault(l, set()).add(u)
+      pred.setdefault(u, set()).add(l)
+    fwd = {l for u, l in self._u2l if u == upper}
+    stack = list(fwd)
+    while stack:
+      for m in succ.get(stack.pop(), ()):
+        if m != upper and m not in fwd:
+          fwd.add(m)
+          stack.append(m)
+    bwd = set(self._lowers[upper])
+    stack = list(bwd)
+    while stack:
+      for m in pred.get(stack.pop(), ()):
+        if m not in bwd:
+          bwd.add(m)
+          stack.append(m)
+    return frozenset(fwd & bwd)
 
   def check_loss(self, name: str, batch):
     """Traces ``name``'s loss with ``jax.eval_shape``; raises if it asks for a missing dep."""
