@@ -47,10 +47,11 @@ def test_iterable_sources_resume_by_skipping(tmp_path):
   prog = _program()
   mk = lambda: {"inner": (_source(1)(i) for i in range(100)),
                 "outer": (_source(2)(i) for i in range(100))}
-  full = jaxmlo.run(prog, mk(), 4, progress=False)
+  fn = jaxmlo.make_step(prog)
+  full = jaxmlo.run(prog, mk(), 4, step_fn=fn, progress=False)
   ckpt = str(tmp_path / "c")
-  jaxmlo.run(prog, mk(), 2, checkpoint_dir=ckpt, progress=False)
-  rest = jaxmlo.run(prog, mk(), 4, checkpoint_dir=ckpt, progress=False)
+  jaxmlo.run(prog, mk(), 2, step_fn=fn, checkpoint_dir=ckpt, progress=False)
+  rest = jaxmlo.run(prog, mk(), 4, step_fn=fn, checkpoint_dir=ckpt, progress=False)
   np.testing.assert_array_equal(rest.state.params["outer"], full.state.params["outer"])
 
 
