@@ -134,6 +134,8 @@ def _toy(name, deps=(), method=CG):
     (dict(problems=["a", "b"], u2l={"a": ["b"], "b": ["a"]}, l2u={}),
      r"cycle through \['a', 'b', 'a'\]"),
     (dict(problems=["a", "b", "c"], u2l={"a": ["b"]}, l2u={"b": ["a"]}), r"\['c'\] are unreachable"),
+    (dict(problems=["a", "b", "c"], u2l={"a": ["b", "c"]}, l2u={"b": ["a"]}),
+     r"u2l edge 'a' -> 'c': problem 'a'.s loss is unreachable from 'c'"),
 ])
 def test_invalid_graphs_raise_naming_problems(kwargs, match):
   probs = [_toy(n) for n in kwargs.pop("problems")]
