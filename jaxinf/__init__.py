@@ -1,5 +1,126 @@
 """jaxinf: training-data attribution (influence functions) at scale in JAX."""
 
+from jaxinf._src.capture import (
+    Capture,
+    LayerSpec,
+    Select,
+    find_layers,
+    kfac_batch_sums,
+    linen_capture,
+    nnx_capture,
+    projected_gradients,
+)
+from jaxinf._src.projection import (
+    Projection,
+    gradient_matrix,
+    pca_projections,
+    project_gradient,
+    projection_metadata,
+    random_projections,
+    top_eigenvectors,
+)
+from jaxinf._src.statistics import (
+    Accumulator,
+    KFACFactors,
+    KFACState,
+    kfac_factors,
+    projected_covariance,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    # capture (Contract B)
+    "Capture",
+    "LayerSpec",
+    "Select",
+    "find_layers",
+    "kfac_batch_sums",
+    "linen_capture",
+    "nnx_capture",
+    "projected_gradients",
+    # projection
+    "Projection",
+    "gradient_matrix",
+    "pca_projections",
+    "project_gradient",
+    "projection_metadata",
+    "random_projections",
+    "top_eigenvectors",
+    # statistics
+    "Accumulator",
+    "KFACFactors",
+    "KFACState",
+    "kfac_factors",
+    "projected_covariance",
+]
+
+# --- evaluate stream: counterfactual evaluation and attribution baselines -------------------
+from jaxinf._src.baselines import (  # noqa: E402
+    KFACEigenbasis,
+    block_influence,
+    damped_inverse_apply,
+    dense_activations,
+    exact_influence,
+    flatten_per_example,
+    gaussian_projection,
+    grad_cosine,
+    grad_dot,
+    kfac_eigenbasis,
+    kfac_influence,
+    layer_grads_from_activations,
+    per_example_grads,
+    representation_similarity,
+    trak,
+)
+from jaxinf._src.evaluate import (  # noqa: E402
+    BrittlenessResult,
+    LDSResult,
+    brittleness,
+    lds,
+    random_subsets,
+    rankdata,
+    retrain,
+    spearman,
+    subset_predictions,
+)
+
+__all__ += [
+    "BrittlenessResult", "KFACEigenbasis", "LDSResult", "block_influence", "brittleness",
+    "damped_inverse_apply", "dense_activations", "exact_influence", "flatten_per_example",
+    "gaussian_projection", "grad_cosine", "grad_dot", "kfac_eigenbasis", "kfac_influence",
+    "layer_grads_from_activations", "lds", "per_example_grads", "random_subsets", "rankdata",
+    "representation_similarity", "retrain", "spearman", "subset_predictions", "trak",
+]
+# --- end evaluate stream ----------------------------------------------------------------------
+
+# --- store / query (stream `store`) ---
+from jaxinf._src.query import (
+    Preconditioner,
+    QueryResult,
+    SelfInfluence,
+    influence_scores,
+    preconditioner,
+    query,
+    self_influence,
+)
+from jaxinf._src.store import LayerStatistics, Log, LogWriter, WriteHandle, open_log
+
+_STORE_ALL = [
+    "LayerStatistics",
+    "Log",
+    "LogWriter",
+    "Preconditioner",
+    "QueryResult",
+    "SelfInfluence",
+    "WriteHandle",
+    "influence_scores",
+    "open_log",
+    "preconditioner",
+    "query",
+    "self_influence",
+]
+# --- end store / query ---
+
+__all__ += _STORE_ALL

@@ -1,0 +1,345 @@
+"""Influence queries: score test gradients against every logged row, streamed from the log.
+
+In the projected space, with per-layer empirical Fisher ``F_l = V_l diag(e_l) V_l^T`` and
+damping ``λ_l`` (default ``0.1 × mean(e_l)``, thesis appendix C.2), the whitening
+``W_l = V_l diag((e_l + λ_l)^-1/2)`` satisfies ``W_l W_l^T = (F_l + λ_l I)^-1``. Then
+
+- ``dot``:     ``s(te, tr) = Σ_l g_te,l^T (F_l + λ_l I)^-1 g_tr,l``          (influence, eq. 4.3)
+- ``self``:    ``s(tr) = s(tr, tr) = Σ_l ||W_l^T g_tr,l||²``
+- ``relatif``: ``s(te, tr) / sqrt(s(tr))``                                    (l-RelatIF)
+- ``cosine``:  ``s(te, tr) / (sqrt(s(te)) sqrt(s(tr)))``                      (cosine in that metric)
+
+Training rows are read chunk by chunk with up to ``prefetch`` tensorstore reads in flight
+while the device scores the current chunk; the running top-k (most positive and most
+negative) per query lives on the device and is merged chunk by chunk inside one jitted step,
+so the host never waits on a score except at the end.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from tqdm.auto import tqdm
+
+from jaxinf._src import store as _store
+from jaxinf._src.statistics import projected_covariance
+
+MODES = ("dot", "cosine", "relatif", "self")
+_TARGET_QUERY_CHUNK_BYTES = 16 << 20
+
+
+class Preconditioner(NamedTuple):
+    """Per-layer whitening ``W_l`` with ``W_l W_l^T = (F_l + λ_l I)^-1`` (float64, host)."""
+
+    layers: list  # [LayerInfo]
+    whiten: list  # [np.ndarray [d_l, d_l]]
+    damping: dict  # {layer_path: λ_l}
+
+
+def preconditioner(statistics: Mapping[str, Any], layers: Sequence, *, damping_ratio: float = 0.1,
+                   damping: float | Mapping[str, float] | None = None) -> Preconditioner:
+    """Build the damped inverse-Fisher whitening from per-layer statistics.
+
+    Args:
+      statistics: ``{layer: LayerStatistics}`` (``Log.statistics()``) or ``{layer: F [d, d]}``.
+      layers: the log's layer table.
+      damping_ratio: ``λ_l = damping_ratio × mean eigenvalue of F_l`` (used when ``damping`` is None).
+      damping: absolute ``λ`` for every layer (float) or per layer (dict); overrides the ratio.
+    """
+    whiten, lams = [], {}
+    for l in layers:
+        if l.path not in statistics:
+            raise ValueError(f"statistics have no entry for layer {l.path!r}")
+        st = statistics[l.path]
+        if isinstance(st, _store.LayerStatistics):
+            evals, evecs = st.eigenvalues, st.eigenvectors
+        else:
+            cov = np.asarray(st, np.float64)
+            if cov.shape != (l.dim, l.dim):
+                raise ValueError(f"covariance of layer {l.path!r} has shape {cov.shape}, "
+                                 f"expected {(l.dim, l.dim)}")
+            evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
+        evals = np.maximum(np.asarray(evals, np.float64), 0.0)  # round-off can leave tiny negatives
+        if damping is None:
+            lam = damping_ratio * float(evals.mean())
+        elif isinstance(damping, Mapping):
+            if l.path not in damping:
+                raise ValueError(f"damping has no entry for layer {l.path!r}")
+            lam = float(damping[l.path])
+        else:
+            lam = float(damping)
+        if not lam > 0:
+            raise ValueError(f"damping of layer {l.path!r} is {lam}; it must be > 0 "
+                             "(all-zero gradients with a ratio damping give 0)")
+        lams[l.path] = lam
+        whiten.append(np.asarray(evecs, np.float64) / np.sqrt(evals + lam)[None, :])
+    return Preconditioner(list(layers), whiten, lams)
+
+
+def _compute_dtype(log_dtype: str):
+    return jnp.float64 if (log_dtype == "float64" and jax.config.jax_enable_x64) else jnp.float32
+
+
+def _prepare_test(test_rows: np.ndarray, pre: Preconditioner):
+    """Host float64: q = H^-1 g_te [n, D] and the test self-influence [n]."""
+    q = np.empty_like(test_rows, dtype=np.float64)
+    self_te = np.zeros(test_rows.shape[0], np.float64)
+    for l, w in zip(pre.layers, pre.whiten):
+        u = test_rows[:, l.offset:l.offset + l.dim] @ w
+        q[:, l.offset:l.offset + l.dim] = u @ w.T
+        self_te += np.sum(u * u, axis=1)
+    return q, self_te
+
+
+def _self_train(x, whiten, layers):
+    """Self-influence of rows ``x`` [C, D] (traced)."""
+    out = 0.0
+    for l, w in zip(layers, whiten):
+        z = x[:, l.offset:l.offset + l.dim] @ w
+        out = out + jnp.sum(z * z, axis=1)
+    return out
+
+
+def _scores(x, q, whiten, self_te, layers, mode):
+    """Scores [n_test, C] of rows ``x`` [C, D] (traced)."""
+    s = q @ x.T
+    if mode == "dot":
+        return s
+    st = _self_train(x, whiten, layers)
+    # a zero-norm training row scores 0 rather than nan
+    inv = jnp.where(st > 0, jax.lax.rsqrt(jnp.where(st > 0, st, 1.0)), 0.0)
+    s = s * inv[None, :]
+    if mode == "cosine":
+        inv_te = jnp.where(self_te > 0, jax.lax.rsqrt(jnp.where(self_te > 0, self_te, 1.0)), 0.0)
+        s = s * inv_te[:, None]
+    return s
+
+
+class _TopK(NamedTuple):
+    top_v: jax.Array  # [n_test, k]
+    top_i: jax.Array  # [n_test, k] global row index, -1 = empty
+    bot_v: jax.Array  # [n_test, k] negated scores
+    bot_i: jax.Array
+
+
+@functools.lru_cache(maxsize=32)
+def _step_fn(layers: tuple, mode: str, k: int, want_scores: bool):
+    def merge(v, i, s, cols, k):
+        vals = jnp.concatenate([v, s], axis=1)
+        idx = jnp.concatenate([i, jnp.broadcast_to(cols[None, :], s.shape)], axis=1)
+        nv, pos = jax.lax.top_k(vals, k)
+        return nv, jnp.take_along_axis(idx, pos, axis=1)
+
+    def step(state, chunk, start, n_valid, q, whiten, self_te):
+        x = chunk.astype(q.dtype)
+        s = _scores(x, q, whiten, self_te, layers, mode)
+        c = x.shape[0]
+        valid = jnp.arange(c) < n_valid
+        cols = (start + jnp.arange(c)).astype(state.top_i.dtype)
+        neg_inf = jnp.asarray(-jnp.inf, s.dtype)
+        tv, ti = merge(state.top_v, state.top_i, jnp.where(valid[None, :], s, neg_inf), cols, k)
+        bv, bi = merge(state.bot_v, state.bot_i, jnp.where(valid[None, :], -s, neg_inf), cols, k)
+        return _TopK(tv, ti, bv, bi), (s if want_scores else None)
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=32)
+def _self_fn(layers: tuple):
+    return jax.jit(lambda chunk, whiten, dtype_probe: _self_train(chunk.astype(dtype_probe.dtype),
+                                                                   whiten, layers))
+
+
+class QueryResult(NamedTuple):
+    """Top-k training rows per query (``[n_test, k]`` each, best first)."""
+
+    top_scores: np.ndarray  # most positive scores
+    top_ids: np.ndarray  # their data ids
+    top_rows: np.ndarray  # their global row index (shard order)
+    bottom_scores: np.ndarray  # most negative scores (most negative first)
+    bottom_ids: np.ndarray
+    bottom_rows: np.ndarray
+    scores_path: str | None  # zarr array [n_test, n_rows] of all scores, when ``out`` was given
+
+
+def _check_query(log, test_grads, projection) -> int:
+    diffs = _store.diff_metadata(log.projection, _store._json_roundtrip(projection, "projection"))
+    if diffs:
+        raise ValueError(f"query projection differs from the log at {log.path}: " + "; ".join(diffs))
+    return _store.check_grads(test_grads, log.layers, "test_grads")
+
+
+def _plan(log, chunk_rows: int):
+    """(shard, start, stop, global_start) for every chunk, in the global row order."""
+    plan, base = [], 0
+    for s in log.shards:
+        for a in range(0, s.rows, chunk_rows):
+            plan.append((s, a, min(a + chunk_rows, s.rows), base + a))
+        base += s.rows
+    return plan
+
+
+def _default_chunk_rows(log) -> int:
+    itemsize = np.dtype(log.meta["storage_dtype"]).itemsize
+    # a multiple of the log's chunk so reads never straddle a zarr chunk needlessly
+    per = max(1, _TARGET_QUERY_CHUNK_BYTES // (log.dim * itemsize * log.chunk_rows))
+    return per * log.chunk_rows
+
+
+def _stream(log, chunk_rows, prefetch, progress, desc):
+    """Yield (padded device chunk, n_valid, global_start) with reads kept in flight."""
+    plan = _plan(log, chunk_rows)
+    pending = collections.deque()
+    it = iter(plan)
+    storage = np.dtype(log.meta["storage_dtype"])
+
+    def issue():
+        p = next(it, None)
+        if p is not None:
+            s, a, b, g = p
+            pending.append((s.grads[a:b].read(), b - a, g))
+
+    for _ in range(max(1, prefetch)):
+        issue()
+    with tqdm(total=log.num_rows, desc=desc, unit="row", disable=not progress) as bar:
+        while pending:
+            fut, n, g = pending.popleft()
+            issue()
+            raw = fut.result()
+            if n < chunk_rows:  # pad to one static shape: one compilation per query
+                full = np.zeros((chunk_rows, log.dim), storage)
+                full[:n] = raw
+                raw = full
+            yield jnp.asarray(_store._values(raw, log.dtype)), n, g
+            bar.update(n)
+
+
+def query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mode: str = "dot",
+          top_k: int = 10, damping_ratio: float = 0.1,
+          damping: float | Mapping[str, float] | None = None, chunk_rows: int | None = None,
+          prefetch: int = 4, out: str | None = None, progress: bool = True) -> QueryResult:
+    """Score test gradients against every committed row of a log.
+
+    Args:
+      log: a ``Log`` (``open_log(path)``) or a path.
+      test_grads: ``{layer: [n_test, k_out, k_in]}`` captured with the log's projection.
+      projection: the projection metadata of the test capture; must equal the log's exactly.
+      mode: "dot", "cosine" or "relatif" (see the module docstring; "self" is ``self_influence``).
+      top_k: rows kept per query and direction (clipped to the number of rows).
+      damping_ratio / damping: see ``preconditioner``.
+      chunk_rows: rows scored per step (default: a multiple of the log's chunk, ~16 MiB).
+      prefetch: tensorstore reads kept in flight ahead of the chunk being scored.
+      out: if given, a directory where the full score matrix ``[n_test, n_rows]`` is written as
+        a zarr array (columns in the global row order of ``Log.ids()``).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      ``QueryResult`` with the top-k most positive and most negative rows per query.
+    """
+    if isinstance(log, str):
+        log = _store.open_log(log)
+    if mode not in ("dot", "cosine", "relatif"):
+        raise ValueError(f"mode must be 'dot', 'cosine' or 'relatif' (use self_influence() for "
+                         f"'self'), got {mode!r}")
+    n_test = _check_query(log, test_grads, projection)
+    if log.num_rows == 0:
+        raise ValueError(f"log {log.path} has no committed rows")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    chunk_rows = chunk_rows or _default_chunk_rows(log)
+    k = min(top_k, log.num_rows)
+    pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
+    test_rows = np.asarray(_store.pack_rows(test_grads, log.layers), np.float64)
+    q, self_te = _prepare_test(test_rows, pre)
+    dt = _compute_dtype(log.dtype)
+    q_d = jnp.asarray(q, dt)
+    whiten_d = [jnp.asarray(w, dt) for w in pre.whiten]
+    self_te_d = jnp.asarray(self_te, dt)
+    idx_dt = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    state = _TopK(jnp.full((n_test, k), -jnp.inf, dt), jnp.full((n_test, k), -1, idx_dt),
+                  jnp.full((n_test, k), -jnp.inf, dt), jnp.full((n_test, k), -1, idx_dt))
+    step = _step_fn(tuple(log.layers), mode, k, out is not None)
+    writes = collections.deque()
+    scores_arr = None
+    if out is not None:
+        scores_arr = _store._create_array(out, (n_test, log.num_rows), (n_test, chunk_rows),
+                                          np.dtype(dt).str)
+    for chunk, n, g in _stream(log, chunk_rows, prefetch, progress, f"query ({mode})"):
+        state, s = step(state, chunk, g, n, q_d, whiten_d, self_te_d)
+        if scores_arr is not None:
+            writes.append(scores_arr[:, g:g + n].write(np.asarray(s)[:, :n]))
+            while len(writes) > prefetch:
+                writes.popleft().result()
+    for w in writes:
+        w.result()
+    ids = log.ids()
+    top_i, bot_i = np.asarray(state.top_i), np.asarray(state.bot_i)
+    return QueryResult(np.asarray(state.top_v), ids[top_i], top_i, -np.asarray(state.bot_v),
+                       ids[bot_i], bot_i, out)
+
+
+class SelfInfluence(NamedTuple):
+    scores: np.ndarray  # [n_rows]: g^T (F + λI)^-1 g per logged row, global row order
+    ids: np.ndarray  # [n_rows]
+
+
+def self_influence(log, *, damping_ratio: float = 0.1,
+                   damping: float | Mapping[str, float] | None = None,
+                   chunk_rows: int | None = None, prefetch: int = 4,
+                   progress: bool = True) -> SelfInfluence:
+    """Self-influence ``g^T (F + λI)^-1 g`` of every logged row, streamed."""
+    if isinstance(log, str):
+        log = _store.open_log(log)
+    if log.num_rows == 0:
+        raise ValueError(f"log {log.path} has no committed rows")
+    chunk_rows = chunk_rows or _default_chunk_rows(log)
+    pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
+    dt = _compute_dtype(log.dtype)
+    whiten_d = [jnp.asarray(w, dt) for w in pre.whiten]
+    probe = jnp.zeros((), dt)
+    fn = _self_fn(tuple(log.layers))
+    parts = []
+    for chunk, n, g in _stream(log, chunk_rows, prefetch, progress, "self-influence"):
+        parts.append((fn(chunk, whiten_d, probe), n))
+    scores = np.concatenate([np.asarray(p)[:n] for p, n in parts])
+    return SelfInfluence(scores, log.ids())
+
+
+def influence_scores(train_grads: Mapping[str, Any], test_grads: Mapping[str, Any] | None = None,
+                     *, mode: str = "dot", covariance: Mapping[str, Any] | None = None,
+                     damping_ratio: float = 0.1,
+                     damping: float | Mapping[str, float] | None = None) -> jax.Array:
+    """In-memory influence scores (no log): the dense counterpart of ``query``.
+
+    Args:
+      train_grads: ``{layer: [n_train, k_out, k_in]}``.
+      test_grads: ``{layer: [n_test, k_out, k_in]}`` (ignored for mode "self").
+      mode: "dot", "cosine", "relatif" or "self".
+      covariance: ``{layer: F [d, d]}``; default: the empirical Fisher of ``train_grads``.
+
+    Returns:
+      ``[n_test, n_train]`` scores, or ``[n_train]`` self-influences for mode "self".
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    layers = _store.layers_from_grads(train_grads)
+    _store.check_grads(train_grads, layers, "train_grads")
+    if covariance is None:
+        acc = projected_covariance()
+        covariance = acc.finalize(acc.update(acc.init(train_grads), train_grads))
+    pre = preconditioner(covariance, layers, damping_ratio=damping_ratio, damping=damping)
+    dt = jnp.result_type(*[jnp.asarray(g).dtype for g in train_grads.values()], jnp.float32)
+    x = _store.pack_rows(train_grads, layers, dt)
+    whiten = [jnp.asarray(w, dt) for w in pre.whiten]
+    if mode == "self":
+        return _self_train(x, whiten, layers)
+    if test_grads is None:
+        raise ValueError(f"mode {mode!r} needs test_grads")
+    _store.check_grads(test_grads, layers, "test_grads")
+    q, self_te = _prepare_test(np.asarray(_store.pack_rows(test_grads, layers), np.float64), pre)
+    return _scores(x, jnp.asarray(q, dt), whiten, jnp.asarray(self_te, dt), layers, mode)
