@@ -124,3 +124,23 @@ _STORE_ALL = [
 # --- end store / query ---
 
 __all__ += _STORE_ALL
+
+# --- scale stream: data-parallel logging and queries ---
+from jaxinf._src.parallel import (  # noqa: E402
+    LoggingState,
+    LoggingStatistics,
+    ShardedLogging,
+    count_collectives,
+    data_mesh,
+    log_sharded,
+    save_shard_statistics,
+    sharded_logging,
+    sharded_query,
+    write_sharded,
+)
+
+__all__ += [
+    "LoggingState", "LoggingStatistics", "ShardedLogging", "count_collectives", "data_mesh",
+    "log_sharded", "save_shard_statistics", "sharded_logging", "sharded_query", "write_sharded",
+]
+# --- end scale stream ---
