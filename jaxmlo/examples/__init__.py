@@ -1,0 +1,1 @@
+"""Example multi-level programs (need scikit-learn for the digits data)."""
