@@ -94,7 +94,7 @@ class HypergradMethod(NamedTuple):
 class HypergradInfo(NamedTuple):
     """Diagnostics of one hypergradient; every field is a JAX value (usable under jit)."""
 
-    finite: jax.Array  # bool []: every entry of the hypergradient is finite
+    finite: jax.Array  # bool []: hypergradient and direct gradient ∂L_meta/∂θ* are all finite
     meta_loss: jax.Array  # [] meta loss at θ*
     params: Any  # base params to continue from (post_update applied only when finite)
 
@@ -310,7 +310,9 @@ def itd(checkpoint: bool = False) -> HypergradMethod:
     """
 
     def best_response_vjp(loss_fn, optimizer, unrolled, deps, batch, v):
-        _check_vjp_inputs(loss_fn, optimizer, unrolled, deps, batch, v)
+        del batch  # ITD replays unrolled.batches
+        first = jax.tree.map(lambda x: x[0], unrolled.batches)
+        _check_vjp_inputs(loss_fn, optimizer, unrolled, deps, first, v)
 
         def run(d):
             return _scan_steps(
@@ -503,7 +505,8 @@ def hypergradient(
     value, (v, direct) = jax.value_and_grad(meta_loss, argnums=(0, 1))(unrolled.params, lam, meta_batch)
     indirect = method.best_response_vjp(base_loss, optimizer, unrolled, lam, base_batch, v)
     grad = _add(direct, indirect)
-    finite = _all_finite(grad)
+    # v is checked too: post_update (SAMA's nudge) moves θ along it.
+    finite = jnp.logical_and(_all_finite(grad), _all_finite(v))
     if raise_nonfinite:
         jax.debug.callback(_raise_nonfinite, finite, method.name)
     nudged = method.post_update(base_loss, optimizer, unrolled, lam, base_batch, v)
