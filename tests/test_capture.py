@@ -17,11 +17,17 @@ def f64(tree):
     return jax.tree.map(lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
 
 
+def init_params(model, *args, seed=0):
+    """float64 N(0, 0.5^2) parameters of the model's shapes (cheaper than tracing model.init)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape)), shapes)
+
+
 def per_example_grads(loss_fn, params, batch):
     """Full per-example parameter gradients by vmap(grad) over batches of one example."""
-    return jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(
-        params, jax.tree.map(lambda v: v[:, None], batch)
-    )
+    fn = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))  # jit: eager op-by-op is slow
+    return fn(params, jax.tree.map(lambda v: v[:, None], batch))
 
 
 def assert_matches_full(got, projs, full_grads_by_layer):
@@ -30,7 +36,7 @@ def assert_matches_full(got, projs, full_grads_by_layer):
             g = jax.vmap(lambda k: k.reshape(-1, projs[path].p_out.shape[1]))(kernel)
         else:
             g = jax.vmap(jaxinf.gradient_matrix)(kernel, bias)
-        ref = jaxinf.project_gradient(projs[path], g)
+        ref = jax.jit(jaxinf.project_gradient)(projs[path], g)
         assert got[path].shape == ref.shape, path
         scale = np.abs(ref).max()
         assert scale > 0, path
@@ -57,7 +63,7 @@ def mlp():
     model = MLP()
     x = jax.random.normal(jax.random.key(1), (4, 6), jnp.float64)
     batch = {"x": x, "y": jnp.array([0, 1, 2, 1])}
-    params = f64(model.init(jax.random.key(0), x)["params"])
+    params = init_params(model, x)
 
     def loss_fn(p, b):
         return xent(model.apply({"params": p}, b["x"]), b["y"])
@@ -119,3 +125,326 @@ def test_projection_metadata_is_json_and_fingerprints_projections(mlp):
     # A layer's projection depends only on the key and its own path.
     only_head = jaxinf.random_projections({"head": layers["head"]}, key=jax.random.key(0), k_in=3, k_out=2)
     np.testing.assert_array_equal(only_head["head"].p_in, p0["head"].p_in)
+
+
+# --------------------------------------------------------------------------------------------
+# CNN (Linen): convolutions as patches, with and without bias, strides and dilation
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="conv1")(x))
+        x = nn.tanh(nn.Conv(3, (2, 2), strides=2, kernel_dilation=(1, 2), padding="VALID",
+                            use_bias=False, name="conv2")(x))
+        return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+def test_cnn_projected_gradients_match_full_per_example_gradients():
+    model = CNN()
+    x = jax.random.normal(jax.random.key(2), (3, 6, 6, 2), jnp.float64)
+    batch = {"x": x, "y": jnp.array([0, 2, 1])}
+    params = init_params(model, x)
+
+    def loss_fn(p, b):
+        return xent(model.apply({"params": p}, b["x"]), b["y"])
+
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))
+    assert list(layers) == ["conv1", "conv2"]
+    assert (layers["conv1"].n_in, layers["conv1"].tokens) == (3 * 3 * 2 + 1, 36)
+    assert (layers["conv2"].n_in, layers["conv2"].bias) == (2 * 2 * 4, False)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(3), k_in=5, k_out=2, dtype=jnp.float64)
+    got = jaxinf.projected_gradients(cap, projs)(params, batch)
+    full = per_example_grads(loss_fn, params, batch)
+    assert_matches_full(got, projs, {
+        "conv1": (full["conv1"]["kernel"], full["conv1"]["bias"]),
+        "conv2": (full["conv2"]["kernel"], None),
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# A small transformer LM with a padding mask, in Linen and in NNX with the same weights
+
+V, D, H, T = 11, 8, 2, 5
+
+
+def attention(q, k, v, mask):
+    """Causal attention with key padding; q, k, v: [b, T, H, Dh], mask: [b, T]."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None, None] & (mask[:, None, None, :] > 0)
+    w = jax.nn.softmax(jnp.where(allowed, logits, -1e30), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+class LinenLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids, mask):
+        x = nn.Embed(V, D, name="tok")(ids) + nn.Embed(T, D, name="pos")(jnp.arange(ids.shape[1]))
+        q, k, v = (nn.DenseGeneral((H, D // H), name=n)(x) for n in ("query", "key", "value"))
+        x = x + nn.DenseGeneral(D, axis=(-2, -1), name="out")(attention(q, k, v, mask))
+        x = x + nn.Dense(D, name="mlp")(nn.tanh(x))
+        return nn.Dense(V, name="head")(x)
+
+
+class NNXLM(nnx.Module):
+    def __init__(self, rngs):
+        self.tok = nnx.Embed(V, D, param_dtype=jnp.float64, rngs=rngs)
+        self.pos = nnx.Embed(T, D, param_dtype=jnp.float64, rngs=rngs)
+        self.query, self.key, self.value = (
+            nnx.LinearGeneral(D, (H, D // H), param_dtype=jnp.float64, rngs=rngs) for _ in range(3)
+        )
+        self.out = nnx.LinearGeneral((H, D // H), D, axis=(-2, -1), param_dtype=jnp.float64, rngs=rngs)
+        self.mlp = nnx.Linear(D, D, param_dtype=jnp.float64, rngs=rngs)
+        self.head = nnx.Linear(D, V, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, ids, mask):
+        x = self.tok(ids) + self.pos(jnp.arange(ids.shape[1]))
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        x = x + self.out(attention(q, k, v, mask))
+        x = x + self.mlp(jnp.tanh(x))
+        return self.head(x)
+
+
+def lm_loss(logits, b):
+    """Next-token cross-entropy summed over real (unpadded) positions."""
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), b["ids"][:, 1:, None], -1)[..., 0]
+    return -jnp.sum(lp * b["mask"][:, 1:])
+
+
+@pytest.fixture(scope="module")
+def lm():
+    ids = jax.random.randint(jax.random.key(4), (3, T), 0, V)
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], jnp.float64)
+    batch = {"ids": ids, "mask": mask}
+    model = LinenLM()
+    params = init_params(model, ids, mask, seed=5)
+
+    def loss_fn(p, b):
+        return lm_loss(model.apply({"params": p}, b["ids"], b["mask"]), b)
+
+    return params, batch, loss_fn
+
+
+def test_transformer_with_padding_mask_matches_full_per_example_gradients(lm):
+    params, batch, loss_fn = lm
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, batch)
+    assert list(layers) == ["tok", "pos", "query", "key", "value", "out", "mlp", "head"]
+    assert (layers["tok"].n_in, layers["tok"].n_out, layers["tok"].bias) == (V, D, False)
+    assert (layers["out"].n_in, layers["out"].n_out) == (D + 1, D)
+    assert (layers["query"].n_out, layers["query"].tokens) == (D, T)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(6), k_in=4, k_out=3, dtype=jnp.float64)
+    fn = jaxinf.projected_gradients(cap, projs, mask_fn=lambda b: b["mask"])
+    got = fn(params, batch)
+    full = per_example_grads(loss_fn, params, batch)
+    assert_matches_full(got, projs, {
+        p: (full[p]["embedding"], None) if p in ("tok", "pos") else (full[p]["kernel"], full[p]["bias"])
+        for p in layers
+    })
+
+
+def copy_linen_to_nnx(params, model):
+    for name, leaves in params.items():
+        layer = getattr(model, name)
+        for leaf, value in leaves.items():
+            getattr(layer, leaf)[...] = value
+
+
+def test_linen_and_nnx_give_the_same_projected_gradients(lm):
+    params, batch, loss_fn = lm
+    model = NNXLM(nnx.Rngs(0))
+    copy_linen_to_nnx(params, model)
+    state = nnx.state(model)
+
+    def nnx_loss(m, b):
+        return lm_loss(m(b["ids"], b["mask"]), b)
+
+    np.testing.assert_allclose(nnx_loss(model, batch), loss_fn(params, batch), rtol=1e-12)
+    cap_l = jaxinf.linen_capture(loss_fn)
+    cap_n = jaxinf.nnx_capture(nnx_loss, model)
+    layers_l = jaxinf.find_layers(cap_l, params, batch)
+    layers_n = jaxinf.find_layers(cap_n, state, batch)
+    assert {p: s[1:] for p, s in layers_l.items()}.keys() == layers_n.keys()
+    for p in layers_l:
+        assert (layers_l[p].n_in, layers_l[p].n_out, layers_l[p].kind) == (
+            layers_n[p].n_in, layers_n[p].n_out, layers_n[p].kind), p
+    projs = jaxinf.random_projections(layers_l, key=jax.random.key(7), k_in=4, k_out=3, dtype=jnp.float64)
+    mask_fn = lambda b: b["mask"]
+    got_l = jaxinf.projected_gradients(cap_l, projs, mask_fn=mask_fn)(params, batch)
+    got_n = jaxinf.projected_gradients(cap_n, projs, mask_fn=mask_fn)(state, batch)
+    for p in layers_l:
+        # Same float64 operations in both frameworks up to op order.
+        np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
+    # The user's NNX model is left untouched (no wrappers leaked into it).
+    assert type(model.query) is nnx.LinearGeneral
+
+
+def test_kfac_factors_are_token_normalised_under_masks(lm):
+    params, batch, loss_fn = lm
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(pattern="mlp|tok|pos"))
+    acc = jaxinf.kfac_factors(cap, layers, mask_fn=lambda b: b["mask"], dtype=jnp.float64)
+    fac = acc.finalize(acc.update(acc.init(), (params, batch)))
+    m = np.asarray(batch["mask"]).astype(bool)
+    n_real = m.sum()
+    for p in layers:
+        assert fac[p].tokens == n_real, p
+    # Embedding inputs are one-hots: C_F is the diagonal of (masked) token-id frequencies.
+    ids = np.asarray(batch["ids"])[m]
+    np.testing.assert_allclose(np.diag(fac["tok"].forward), np.bincount(ids, minlength=V) / n_real)
+    pos = np.nonzero(m)[1]
+    np.testing.assert_allclose(np.diag(fac["pos"].forward), np.bincount(pos, minlength=T) / n_real)
+    # Backward factor of `mlp`: d_t = dloss/d(mlp output) = dloss/d(residual stream), the same as
+    # the gradient w.r.t. the head input; get it from a vjp with a zero perturbation there.
+    def d_of(example):
+        def f(eps):
+            def icpt(next_fun, args, kwargs, ctx):
+                y = next_fun(*args, **kwargs)
+                return y + eps if ctx.module.path == ("mlp",) else y
+            with nn.intercept_methods(icpt):
+                return loss_fn(params, jax.tree.map(lambda v: v[None], example))
+        return jax.grad(f)(jnp.zeros((1, T, D)))[0]
+
+    d = jax.jit(jax.vmap(d_of))(batch)[m]  # [real tokens, D]
+    np.testing.assert_allclose(fac["mlp"].backward, d.T @ d / n_real, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# PCA initialisation
+
+
+def test_pca_projections_are_top_eigenvectors_of_kfac_factors(mlp):
+    model, params, _, loss_fn = mlp
+    x = jax.random.normal(jax.random.key(8), (16, 6), jnp.float64)
+    batch = {"x": x, "y": jnp.arange(16) % 3}
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, batch)
+    acc = jaxinf.kfac_factors(cap, layers, dtype=jnp.float64)
+    fac = acc.finalize(acc.update(acc.init(), (params, batch)))
+    projs = jaxinf.pca_projections(fac, k_in=3, k_out=2, dtype=jnp.float64)
+    for p in layers:
+        for got, cov, k in ((projs[p].p_in, fac[p].forward, 3), (projs[p].p_out, fac[p].backward, 2)):
+            w, v = np.linalg.eigh(np.asarray(cov))
+            ref = v[:, ::-1][:, :k].T
+            assert np.all(np.diff(w[::-1][: k + 1]) < -1e-8)  # distinct eigenvalues: unique up to sign
+            # Up to sign: |<got_i, ref_i>| = 1 for unit vectors.
+            np.testing.assert_allclose(np.abs(np.sum(got * ref, axis=1)), 1.0, rtol=1e-8)
+            np.testing.assert_allclose(got @ got.T, np.eye(k), atol=1e-10)
+    meta = jaxinf.projection_metadata(projs, init="pca")
+    assert meta["init"] == "pca" and meta["seed"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# Capture is transparent and compiles once
+
+
+def test_capture_does_not_change_loss_or_parameter_gradients(lm):
+    from jaxinf._src.capture import _config, _logra_tap, _project_inputs
+
+    params, batch, loss_fn = lm
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, batch)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(9), k_in=4, k_out=3, dtype=jnp.float64)
+
+    def tapped_loss(p):
+        def tap(path, module, x, y):
+            cfg = _config(path, module, x, y)
+            pa = _project_inputs(cfg, x, projs[path].p_in)
+            b = jnp.zeros((projs[path].p_out.shape[0], pa.shape[1]))
+            return _logra_tap(y, pa, b, projs[path].p_out)
+        return cap.run(p, batch, tap)
+
+    l0, g0 = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
+    l1, g1 = jax.jit(jax.value_and_grad(tapped_loss))(params)
+    assert l1 == l0  # exactly: the tap is the identity on the forward pass
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g1, g0)
+    losses, _ = jaxinf.projected_gradients(cap, projs, mask_fn=lambda b: b["mask"], with_loss=True)(params, batch)
+    per_ex = jax.jit(jax.vmap(loss_fn, in_axes=(None, 0)))(params, jax.tree.map(lambda v: v[:, None], batch))
+    np.testing.assert_allclose(losses, per_ex, rtol=1e-12)
+
+
+def test_no_retracing_across_batches_of_the_same_shape(mlp):
+    model, params, batch, _ = mlp
+    traces = []
+
+    def loss_fn(p, b):
+        traces.append(1)  # Python side effect: runs once per trace, never per call
+        return xent(model.apply({"params": p}, b["x"]), b["y"])
+
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, batch)
+    traces.clear()
+    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=2, dtype=jnp.float64)
+    fn = jaxinf.projected_gradients(cap, projs)
+    out0 = fn(params, batch)
+    n = len(traces)
+    batch2 = {"x": batch["x"] + 1.0, "y": batch["y"][::-1]}
+    out1 = fn(params, batch2)
+    fn(f64(jax.tree.map(lambda v: v * 2, params)), batch2)
+    assert len(traces) == n
+    assert not np.allclose(out0["head"], out1["head"])
+
+
+# --------------------------------------------------------------------------------------------
+# Errors name the layer or rule
+
+
+def test_errors_name_the_layer_or_rule(mlp):
+    _, params, batch, loss_fn = mlp
+    cap = jaxinf.linen_capture(loss_fn)
+    with pytest.raises(ValueError, match="'head' is selected twice"):
+        jaxinf.find_layers(cap, params, batch, select=[jaxinf.Select(types=(nn.Dense,)), jaxinf.Select(pattern="he.*")])
+    with pytest.raises(ValueError, match="matches no layer"):
+        jaxinf.find_layers(cap, params, batch, select=[jaxinf.Select(pattern="Dense_0"), jaxinf.Select(pattern="nope")])
+    with pytest.raises(ValueError, match="matches no layer"):
+        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=(nn.Conv,)))
+    layers = jaxinf.find_layers(cap, params, batch)
+    with pytest.raises(ValueError, match="'Dense_0'.*k_in=8 is larger than the layer's input size 7"):
+        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=2)
+    with pytest.raises(ValueError, match="'head'.*k_out=4 is larger than the layer's output size 3"):
+        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=4)
+    # Per-rule sizes override the defaults, and are checked the same way.
+    sel = [jaxinf.Select(pattern="Dense_0", k_in=7, k_out=5), jaxinf.Select(pattern="head")]
+    layers = jaxinf.find_layers(cap, params, batch, select=sel)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=2)
+    assert projs["Dense_0"].p_in.shape == (7, 7) and projs["head"].p_in.shape == (2, 6)
+    bad = dict(projs, ghost=projs["head"])
+    with pytest.raises(ValueError, match="never called by the loss: \\['ghost'\\]"):
+        jaxinf.projected_gradients(cap, bad)(params, batch)
+    wrong = {"head": projs["Dense_0"]}
+    with pytest.raises(ValueError, match="'head'"):
+        jaxinf.projected_gradients(cap, wrong)(params, batch)
+
+
+class NNXCNN(nnx.Module):
+    def __init__(self, rngs):
+        f = dict(param_dtype=jnp.float64, rngs=rngs)
+        self.conv1 = nnx.Conv(2, 4, (3, 3), padding="SAME", **f)
+        self.conv2 = nnx.Conv(4, 3, (2, 2), strides=2, kernel_dilation=(1, 2), padding="VALID",
+                              use_bias=False, **f)
+        self.head = nnx.Linear(3, 3, **f)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv1(x))
+        x = jnp.tanh(self.conv2(x))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def test_nnx_cnn_matches_linen_cnn():
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2), jnp.float64)
+    batch = {"x": x, "y": jnp.array([0, 2])}
+    params = init_params(CNN(), x, seed=3)
+    model = NNXCNN(nnx.Rngs(0))
+    copy_linen_to_nnx(params, model)
+    cap_l = jaxinf.linen_capture(lambda p, b: xent(CNN().apply({"params": p}, b["x"]), b["y"]))
+    cap_n = jaxinf.nnx_capture(lambda m, b: xent(m(b["x"]), b["y"]), model)
+    layers = jaxinf.find_layers(cap_n, nnx.state(model), batch)
+    assert [(p, s.kind, s.n_in) for p, s in layers.items()] == [
+        ("conv1", "conv", 19), ("conv2", "conv", 16), ("head", "dense", 4)]
+    projs = jaxinf.random_projections(layers, key=jax.random.key(1), k_in=3, k_out=2, dtype=jnp.float64)
+    got_l = jaxinf.projected_gradients(cap_l, projs)(params, batch)
+    got_n = jaxinf.projected_gradients(cap_n, projs)(nnx.state(model), batch)
+    for p in layers:
+        # Same float64 operations in both frameworks up to op order.
+        np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)

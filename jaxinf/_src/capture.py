@@ -22,7 +22,8 @@ patches are never materialised); embeddings use the one-hot of the ids (``P_in a
 gather). A layer with a bias gets a constant-1 input feature appended last.
 
 Masks. ``mask_fn(batch) -> [batch, *tokens]`` (1 = real token, 0 = padding). For a layer whose
-per-example token axes start with the mask's axes, masked tokens are dropped from the projected
+per-example token axes start with the mask's axes (or with the mask's token axes, for inputs
+without an example axis such as positions ``arange(T)``), masked tokens are dropped from the projected
 gradient and from the KFAC statistics (and the statistics are normalised by the real-token
 count). Other layers (e.g. a classifier head after pooling) are not masked.
 """
@@ -234,8 +235,14 @@ def _project_inputs(cfg: _Config, x, p_in) -> jax.Array:
 
 def _token_mask(cfg: _Config, mask) -> jax.Array | None:
     """``[tokens]`` mask for this layer call, or None when the mask does not fit its tokens."""
-    if mask is None or cfg.tok_shape[: mask.ndim] != tuple(mask.shape):
+    if mask is None:
         return None
+    if cfg.tok_shape[: mask.ndim] != tuple(mask.shape):
+        # Inputs without the example axis (e.g. a positional Embed of arange(T)) get the mask
+        # of the one example being processed.
+        if cfg.tok_shape[: mask.ndim - 1] != tuple(mask.shape[1:]):
+            return None
+        mask = mask[0]
     m = mask.reshape(mask.shape + (1,) * (len(cfg.tok_shape) - mask.ndim))
     return jnp.broadcast_to(m, cfg.tok_shape).reshape(-1)
 

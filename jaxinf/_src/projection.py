@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from functools import partial
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -81,13 +82,22 @@ def random_projections(
     Returns:
       ``{path: Projection(p_in [k_in, n_in], p_out [k_out, n_out])}``.
     """
-    out = {}
+    sizes = {}
     for path, spec in layers.items():
         ki = _resolve_k(path, "k_in", getattr(spec, "k_in", None), k_in, spec.n_in)
         ko = _resolve_k(path, "k_out", getattr(spec, "k_out", None), k_out, spec.n_out)
+        sizes[path] = ((ki, spec.n_in), (ko, spec.n_out))
+    return dict(_random_projections(key, tuple(sizes.items()), jnp.dtype(dtype)))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _random_projections(key, sizes, dtype):
+    # One compiled program for all layers (eager random ops would compile once per shape).
+    out = {}
+    for path, (shape_in, shape_out) in sizes:
         kin_key, kout_key = jax.random.split(_layer_key(key, path))
-        p_in = jax.random.normal(kin_key, (ki, spec.n_in), dtype) / np.sqrt(ki)
-        p_out = jax.random.normal(kout_key, (ko, spec.n_out), dtype) / np.sqrt(ko)
+        p_in = jax.random.normal(kin_key, shape_in, dtype) / np.sqrt(shape_in[0])
+        p_out = jax.random.normal(kout_key, shape_out, dtype) / np.sqrt(shape_out[0])
         out[path] = Projection(p_in, p_out)
     return out
 

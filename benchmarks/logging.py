@@ -1,0 +1,339 @@
+"""Benchmark: LoGra projected-gradient extraction vs a plain forward+backward step.
+
+Measures, for a digits MLP and a small Flax (Linen) transformer LM with random init, in one run:
+examples/s and tokens/s of ``jaxinf.projected_gradients`` and of a plain ``jit(grad(loss))``
+step on the same model and batch, their ratio, and the compiled memory of both
+(``jax.jit(f).lower(...).compile().memory_analysis()``). LogIX is compared only if ``logix``
+is importable (it is not a dependency). Writes JSON (``--out``).
+
+    python benchmarks/logging.py --size small --out benchmarks/results/logging_cpu.json
+"""
+import os
+import sys
+
+# This file is named like the stdlib module `logging` (which jax imports): when run as a script
+# its folder would come first on sys.path and shadow it. Put the repository root there instead.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxinf  # noqa: E402
+
+SIZES = {
+    # name: (mlp_batch, mlp_width, lm_layers, lm_width, lm_heads, lm_seq, lm_batch, vocab, rank)
+    "small": dict(mlp_batch=128, mlp_width=128, layers=2, width=64, heads=4, seq=32, lm_batch=8,
+                  vocab=256, rank=16),
+    "full": dict(mlp_batch=256, mlp_width=256, layers=4, width=256, heads=4, seq=128, lm_batch=8,
+                 vocab=1024, rank=64),
+}
+
+
+def xent(logits, y, w=None):
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1)[..., 0]
+    return -jnp.sum(lp if w is None else lp * w)
+
+
+class MLP(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.width)(x))
+        x = nn.relu(nn.Dense(self.width)(x))
+        return nn.Dense(10)(x)
+
+
+class Block(nn.Module):
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, mask):
+        attn_mask = nn.combine_masks(nn.make_attention_mask(mask > 0, mask > 0), nn.make_causal_mask(mask))
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(self.heads)(h, h, mask=attn_mask)
+        h = nn.LayerNorm()(x)
+        return x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(h)))
+
+
+class LM(nn.Module):
+    vocab: int
+    width: int
+    heads: int
+    layers: int
+
+    @nn.compact
+    def __call__(self, ids, mask):
+        x = nn.Embed(self.vocab, self.width)(ids)
+        x = x + nn.Embed(ids.shape[1], self.width)(jnp.arange(ids.shape[1]))
+        for _ in range(self.layers):
+            x = Block(self.width, self.heads)(x, mask)
+        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def time_pair(f, g, repeats):
+    """Median seconds of f() and of g(), calls interleaved so that load changes hit both alike."""
+    f(), g()  # compile / warm up
+    tf, tg = [], []
+    for _ in range(repeats):
+        for fn, ts in ((f, tf), (g, tg)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return float(np.median(tf)), float(np.median(tg))
+
+
+def memory(jitted, *args):
+    m = jitted.lower(*args).compile().memory_analysis()
+    if m is None:
+        return None
+    return {
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "peak_bytes": int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+                          - m.alias_size_in_bytes),
+    }
+
+
+def compare(name, loss_fn, params, batch, n_examples, n_tokens, select, rank, repeats, mask_fn=None):
+    """Time and size a plain grad step and LoGra extraction on the same model and batch."""
+    plain = jax.jit(jax.grad(loss_fn))
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, batch, select=select)
+    # Rank per layer, clipped for small layers (a projection larger than its layer is an error).
+    layers = {p: s._replace(k_in=min(rank, s.n_in), k_out=min(rank, s.n_out)) for p, s in layers.items()}
+    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=rank, k_out=rank)
+    extract = jaxinf.projected_gradients(cap, projs, mask_fn=mask_fn)
+    t_plain, t_log = time_pair(lambda: jax.block_until_ready(plain(params, batch)),
+                               lambda: jax.block_until_ready(extract(params, batch)), repeats)
+    mem_plain = memory(plain, params, batch)
+    mem_log = memory(extract.jitted, params, batch, projs)
+    row = {
+        "model": name,
+        "layers_logged": len(layers),
+        "rank": rank,
+        "logged_dims_per_example": sum(p.p_in.shape[0] * p.p_out.shape[0] for p in projs.values()),
+        "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "batch": n_examples,
+        "tokens_per_batch": n_tokens,
+        "plain_step_s": t_plain,
+        "logging_step_s": t_log,
+        "plain_examples_per_s": n_examples / t_plain,
+        "logging_examples_per_s": n_examples / t_log,
+        "plain_tokens_per_s": n_tokens / t_plain,
+        "logging_tokens_per_s": n_tokens / t_log,
+        "time_ratio_logging_over_plain": t_log / t_plain,
+        "memory_plain": mem_plain,
+        "memory_logging": mem_log,
+        "peak_memory_ratio": (mem_log["peak_bytes"] / mem_plain["peak_bytes"])
+        if mem_plain and mem_log else None,
+    }
+    print(json.dumps({k: v for k, v in row.items() if not k.startswith("memory")}, indent=1))
+    return row
+
+
+def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
+    """LogIX 0.1.1 LoGra logging (random init, in-memory log, no save) vs a plain torch step.
+
+    Torch twins of the two models (same shapes; attention written with nn.Linear q/k/v/o so that
+    LogIX sees the same 13 linear layers in the LM); times are medians like the JAX side.
+    """
+    import tempfile
+
+    import logix
+    import torch
+    from logix.config import LoRAConfig
+
+    torch.manual_seed(0)
+    # One intra-op thread: on a small shared CPU, torch's thread pool otherwise fights XLA's.
+    torch.set_num_threads(1)
+
+    class TMLP(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.l0, self.l1, self.l2 = (torch.nn.Linear(64, width), torch.nn.Linear(width, width),
+                                         torch.nn.Linear(width, 10))
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(torch.relu(self.l0(x)))))
+
+    class TBlock(torch.nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.heads = heads
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+            self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+        def forward(self, x, mask):
+            b, t, d = x.shape
+            h = self.ln1(x)
+            q, k, v = (f(h).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & mask[:, None, None, :].bool()
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+    class TLM(torch.nn.Module):
+        def __init__(self, vocab, d, heads, layers, seq):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(vocab, d), torch.nn.Embedding(seq, d)
+            self.blocks = torch.nn.ModuleList([TBlock(d, heads) for _ in range(layers)])
+            self.ln, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab)
+
+        def forward(self, ids, mask):
+            x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))[None]
+            for blk in self.blocks:
+                x = blk(x, mask)
+            return self.head(self.ln(x))
+
+    def one(name, make_model, inputs, loss_of, n_examples, n_tokens, mask):
+        plain_model, model = make_model(), make_model()
+
+        def plain():
+            plain_model.zero_grad(set_to_none=True)
+            loss_of(plain_model(*inputs)).backward()
+
+        with tempfile.TemporaryDirectory() as tmp:
+            conf = os.path.join(tmp, "config.yaml")
+            with open(conf, "w") as f:
+                f.write(f"root_dir: {tmp}\n")
+            run = logix.LogIX(name, config=conf)
+            run.watch(model)
+            run.add_lora(lora_config=LoRAConfig(init="random", rank=rank))
+            run.setup({"grad": ["log"]})
+            run.eval()
+            ids = list(range(n_examples))
+
+            def logged():
+                with run(data_id=ids, mask=mask):
+                    model.zero_grad(set_to_none=True)
+                    loss_of(model(*inputs)).backward()
+                return run.get_log()[1]
+
+            t_plain, t_log = time_pair(plain, logged, repeats)
+            n_layers = len(logged())
+        return {
+            "model": name, "layers_logged": n_layers, "rank": rank, "batch": n_examples,
+            "tokens_per_batch": n_tokens, "plain_step_s": t_plain, "logging_step_s": t_log,
+            "plain_examples_per_s": n_examples / t_plain, "logging_examples_per_s": n_examples / t_log,
+            "plain_tokens_per_s": n_tokens / t_plain, "logging_tokens_per_s": n_tokens / t_log,
+            "time_ratio_logging_over_plain": t_log / t_plain,
+        }
+
+    x = torch.tensor(np.asarray(mlp_batch["x"]))
+    y = torch.tensor(np.asarray(mlp_batch["y"])).long()
+    n = x.shape[0]
+    rows = [one("digits_mlp", lambda: TMLP(cfg["mlp_width"]), (x,),
+                lambda out: torch.nn.functional.cross_entropy(out, y, reduction="sum"), n, n, None)]
+    ids = torch.tensor(np.asarray(lm_batch["ids"])).long()
+    mask = torch.tensor(np.asarray(lm_batch["mask"]))
+    w = (mask[:, 1:] * mask[:, :-1]).float()
+
+    def lm_loss(logits):
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        return -(lp * w).sum()
+
+    rows.append(one(
+        f"transformer_lm_{cfg['layers']}x{cfg['width']}_seq{cfg['seq']}",
+        lambda: TLM(cfg["vocab"], cfg["width"], cfg["heads"], cfg["layers"], cfg["seq"]),
+        (ids, mask), lm_loss, ids.shape[0], int(mask.sum()), mask,
+    ))
+    for r in rows:
+        print("logix", json.dumps(r))
+    return {"version": logix.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "notes": "LogIX LoGra (add_lora, random init) with setup({'grad': ['log']}), log kept "
+                     "in memory (no save); per-example loss summed; plain = torch fwd+bwd",
+            "results": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rank", type=int, default=None, help="k_in = k_out per layer")
+    ap.add_argument("--out", default=os.path.join(_here, "results", "logging_cpu.json"))
+    args = ap.parse_args()
+    cfg = SIZES[args.size]
+    rank = args.rank or cfg["rank"]
+    rows = []
+
+    # Digits MLP (scikit-learn's 8x8 digits, 64 features).
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    n = cfg["mlp_batch"]
+    batch = {"x": jnp.asarray(X[:n] / 16.0, jnp.float32), "y": jnp.asarray(y[:n])}
+    mlp = MLP(cfg["mlp_width"])
+    params = mlp.init(jax.random.key(0), batch["x"])["params"]
+
+    def mlp_loss(p, b):
+        return xent(mlp.apply({"params": p}, b["x"]), b["y"]) / b["y"].shape[0]
+
+    rows.append(compare("digits_mlp", mlp_loss, params, batch, n, n, None, rank, args.repeats))
+
+    # Small transformer LM, random init, right-padded sequences.
+    lm = LM(cfg["vocab"], cfg["width"], cfg["heads"], cfg["layers"])
+    b, t = cfg["lm_batch"], cfg["seq"]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(t // 2, t + 1, size=b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    ids = jnp.asarray(rng.integers(0, cfg["vocab"], size=(b, t)) * mask)
+    lm_batch = {"ids": ids, "mask": jnp.asarray(mask)}
+    lm_params = lm.init(jax.random.key(1), ids, lm_batch["mask"])["params"]
+
+    def lm_loss(p, bt):
+        logits = lm.apply({"params": p}, bt["ids"], bt["mask"])
+        w = bt["mask"][:, 1:] * bt["mask"][:, :-1]
+        return xent(logits[:, :-1], bt["ids"][:, 1:], w) / jnp.maximum(jnp.sum(w), 1)
+
+    rows.append(compare(
+        f"transformer_lm_{cfg['layers']}x{cfg['width']}_seq{t}", lm_loss, lm_params, lm_batch, b,
+        int(mask.sum()), jaxinf.Select(types=("dense",)), rank, args.repeats,
+        mask_fn=lambda bt: bt["mask"],
+    ))
+
+    try:
+        import logix  # noqa: F401
+
+        logix_result = run_logix(cfg, rank, args.repeats, batch, lm_batch)
+    except ImportError as e:
+        logix_result = f"skipped: logix (logix-ai) / torch not importable ({e})"
+
+    result = {
+        "benchmark": "logging",
+        "command": "python benchmarks/logging.py " + " ".join(sys.argv[1:]),
+        "size": args.size,
+        "config": dict(cfg, rank=rank),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "notes": "median of --repeats calls after one warm-up call, plain and logging calls interleaved; tokens = real (unpadded) tokens "
+                 "for the LM; LoGra layers: all Dense (MLP) / all Dense+DenseGeneral (LM, no "
+                 "embeddings); peak_bytes = temp + arguments + outputs - aliased from XLA's "
+                 "compiled memory analysis",
+        "logix": logix_result,
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
