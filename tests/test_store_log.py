@@ -55,6 +55,14 @@ def test_roundtrip_and_plain_zarr_layout(tmp_path):
                                   g["x/y"][4:8].reshape(4, -1))
     plain = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/grads"}}).result()
     assert plain.shape[0] >= 11
+    # reopening resumes after a partial last chunk (11 rows, chunks of 4) and appends in place
+    more = {k: rng.normal(size=(5,) + v.shape[1:]).astype(np.float32) for k, v in g.items()}
+    with LogWriter(path, proj) as w:
+        assert w.committed_rows == 11
+        w.write(more, [f"more-{i}" for i in range(5)])
+    got, got_ids = open_log(path).read()
+    np.testing.assert_array_equal(got["z"], np.concatenate([g["z"], more["z"]]))
+    assert list(got_ids) == ids + [f"more-{i}" for i in range(5)]
     raw_ids = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/ids"}}).result()
     assert bytes(raw_ids[10].read().result()).rstrip(b"\0").decode() == ids[10]
 
@@ -187,6 +195,10 @@ def test_mismatched_projection_and_dtype_are_errors(tmp_path):
         LogWriter(path, PROJ, dtype="bfloat16")
     with pytest.raises(ValueError, match="dtype must be one of"):
         LogWriter(str(tmp_path / "other"), PROJ, dtype="int8")
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(TypeError, match="must be floating point"):
+        LogWriter(fresh, PROJ).write({"a": np.zeros((2, 2, 3), np.int32)}, [0, 1])
+    assert not os.path.exists(os.path.join(fresh, "metadata.json"))  # nothing half-created
     with LogWriter(path, PROJ, writer_id="2") as w:
         with pytest.raises(TypeError, match="must be floating point"):
             w.write({"a": np.zeros((2, 2, 3), np.int32)}, [100, 101])
@@ -229,3 +241,34 @@ def test_truncated_or_foreign_directories_are_errors(tmp_path):
     os.remove(os.path.join(path, "shards/0/grads/.zarray"))
     with pytest.raises(ValueError, match="missing zarr array"):
         open_log(path)
+
+
+_PROC = r"""
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from jaxinf import LogWriter
+wid = int(sys.argv[1])
+with LogWriter({path!r}, {proj!r}, writer_id=f"proc{{wid}}", chunk_rows=4) as w:
+    for i in range(wid, 20, 2):  # process 0 writes even batches, process 1 odd ones
+        ids = np.arange(i * 4, (i + 1) * 4)
+        g = (1000.0 * ids[:, None] + np.arange(6)[None, :]).reshape(4, 2, 3).astype(np.float32)
+        w.write_async({{"a": g}}, ids)
+"""
+
+
+def test_two_processes_write_disjoint_shards_of_one_log(tmp_path):
+    path = str(tmp_path / "log")  # does not exist yet: both processes race to create it
+    code = _PROC.format(root=ROOT, path=path, proj=PROJ)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    log = open_log(path)
+    assert [s.name for s in log.shards] == ["proc0", "proc1"]
+    got, ids = log.read()
+    np.testing.assert_array_equal(np.sort(ids), np.arange(80))
+    np.testing.assert_array_equal(got["a"].reshape(-1, 6)[:, 0], 1000.0 * ids)
+    rows = got["a"].reshape(-1, 6).astype(np.float64)
+    np.testing.assert_allclose(log.statistics()["a"].covariance, rows.T @ rows / 80, rtol=1e-6)

@@ -161,9 +161,9 @@ def test_bfloat16_log_scores_close_to_float32(logs, data):
         b = jaxinf.query(logs["bfloat16"], t32, PROJ, mode=mode, top_k=N, progress=False)
         sa = np.take_along_axis(a.top_scores, np.argsort(a.top_rows, 1), 1)
         sb = np.take_along_axis(b.top_scores, np.argsort(b.top_rows, 1), 1)
-        # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per entry); the error
-        # of a score, relative to the largest score, stays within a few times that.
-        assert np.max(np.abs(sa - sb)) / np.max(np.abs(sa)) < 2e-2
+        # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per entry): measured
+        # 0.16-0.19% of the largest score here; the stated tolerance is 1%.
+        assert np.max(np.abs(sa - sb)) / np.max(np.abs(sa)) < 1e-2
         # and the ranking of the most influential rows is essentially kept
         assert a.top_rows[:, 0].tolist() == b.top_rows[:, 0].tolist()
 
@@ -183,3 +183,31 @@ def test_query_refuses_mismatched_projection(logs, data):
         jaxinf.query(log, {"mlp/up": test["mlp/up"]}, PROJ, progress=False)
     with pytest.raises(ValueError, match="mode"):
         jaxinf.query(log, test, PROJ, mode="self", progress=False)
+
+
+def test_one_compilation_per_query_shape(logs, data):
+    from jaxinf._src import query as q_mod
+
+    _, test = data
+    log = open_log(logs["float64"])
+    # a fresh (mode, k) so the cache entry is this test's; chunks of 7 leave ragged tails
+    jaxinf.query(log, test, PROJ, mode="cosine", top_k=3, chunk_rows=7, progress=False)
+    step = q_mod._step_fn(tuple(log.layers), "cosine", 3, False)
+    assert step._cache_size() == 1  # the ragged last chunks are padded, not retraced
+
+
+def test_per_shard_queries_merge_to_the_whole_log_query(logs, data):
+    _, test = data
+    log = open_log(logs["float64"])
+    whole = jaxinf.query(log, test, PROJ, mode="relatif", top_k=6, chunk_rows=5, progress=False)
+    # as two processes would: each scores its own shard, then the top-k lists are merged
+    parts = [jaxinf.query(log, test, PROJ, mode="relatif", top_k=6, chunk_rows=5, shards=[s],
+                          progress=False) for s in SHARD_ROWS]
+    assert parts[1].top_rows.min() >= SHARD_ROWS["p0"]  # row indices stay global
+    merged = jaxinf.merge_results(parts)
+    for name in ("top_rows", "top_ids", "bottom_rows", "bottom_ids"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    for name in ("top_scores", "bottom_scores"):  # same rows, possibly other chunk boundaries
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown shards"):
+        jaxinf.query(log, test, PROJ, shards=["p7"], progress=False)

@@ -36,6 +36,7 @@ shard (``writer_id``); a reader sees the committed rows of every shard.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
@@ -100,6 +101,15 @@ def _create_json_exclusive(path: str, obj: Any) -> bool:
         return False
     finally:
         os.unlink(tmp)
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """A zeroed host array on a 64-byte boundary (XLA's CPU client can alias such arrays)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n].view(dtype).reshape(shape)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -359,19 +369,23 @@ def _check_chunks_present(array_dir: str, rows: int, chunk_rows: int, ndim: int,
 _ACC = projected_covariance()
 
 
-@jax.jit
-def _acc_update(state, rows_by_layer):
-    return _ACC.update(state, rows_by_layer)
+@functools.partial(jax.jit, static_argnames=("layers",))
+def _acc_rows(state, rows, keep, layers):
+    """Add ``sum g g^T`` of packed rows [b, D] (rows with keep=0 add nothing) per layer."""
+    dt = jax.tree.leaves(state.sum_outer)[0].dtype
+    x = rows.astype(dt) * keep.astype(dt)[:, None]
+    return _ACC.update(state, {f"layer_{i}": x[:, l.offset:l.offset + l.dim]
+                               for i, l in enumerate(layers)})
+
+
+@functools.partial(jax.jit, static_argnames=("layers", "dtype"))
+def _pack(grads, layers, dtype):
+    return pack_rows(grads, layers, jnp.dtype(dtype))
 
 
 def _acc_dtype(log_dtype: str):
     # accumulate float64 logs in float64 (when enabled), everything else in float32
     return jnp.float64 if (log_dtype == "float64" and jax.config.jax_enable_x64) else jnp.float32
-
-
-def _split_layers(rows, layers, dtype) -> dict:
-    rows = jnp.asarray(rows).astype(dtype)
-    return {f"layer_{i}": rows[:, l.offset:l.offset + l.dim] for i, l in enumerate(layers)}
 
 
 def _fisher_sums_from_disk(grads_arr, rows: int, layers, log_dtype: str, chunk_rows: int):
@@ -381,7 +395,7 @@ def _fisher_sums_from_disk(grads_arr, rows: int, layers, log_dtype: str, chunk_r
     for a in range(0, rows, chunk_rows):
         b = min(rows, a + chunk_rows)
         block = _values(grads_arr[a:b].read().result(), log_dtype)
-        state = _acc_update(state, _split_layers(block, layers, dt))
+        state = _acc_rows(state, jnp.asarray(block), jnp.ones((b - a,), dt), tuple(layers))
     return state
 
 
@@ -432,8 +446,9 @@ class LogWriter:
       projection: the capture's JSON-able projection metadata (layers, init, seed, fingerprint);
         stored verbatim and required to match exactly when the log already exists.
       dtype: storage dtype: "float32" (default), "bfloat16", "float16" or "float64".
-      writer_id: this writer's shard name (one per process: e.g. ``str(jax.process_index())``).
-        Reopening an existing shard resumes after its committed rows.
+      writer_id: this writer's shard name, one per process (default: ``jax.process_index()``,
+        so each host of a ``jax.distributed`` job writes its own shard). Reopening an existing
+        shard resumes after its committed rows. A writer is not thread-safe.
       chunk_rows: rows per zarr chunk (default: about 8 MiB per chunk). Rows are written in whole
         chunks, so a chunk is the unit of durability.
       max_in_flight: chunk writes in flight before ``write_async`` waits for the oldest.
@@ -451,8 +466,10 @@ class LogWriter:
     """
 
     def __init__(self, path: str, projection: Mapping, *, dtype: str = "float32",
-                 writer_id: str = "0", chunk_rows: int | None = None, max_in_flight: int = 4,
+                 writer_id: str | None = None, chunk_rows: int | None = None, max_in_flight: int = 4,
                  on_duplicate: str = "error", max_id_bytes: int = 64, statistics: bool = True):
+        if writer_id is None:
+            writer_id = str(jax.process_index())
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if not isinstance(writer_id, str) or not _WRITER_ID.match(writer_id):
@@ -535,10 +552,19 @@ class LogWriter:
                                           (self.chunk_rows, self._max_id_bytes), "|u1")
             self.committed_rows = 0
             _atomic_write_json(os.path.join(self._shard_dir, "committed.json"), {"rows": 0})
-        self._next_row = self.committed_rows  # first row of the host buffer
-        self._buf_rows: list[np.ndarray] = []
-        self._buf_ids: list[np.ndarray] = []
-        self._buf_n = 0
+        self._next_row = self.committed_rows  # first row of the chunk being filled
+        # A ring of reused chunk buffers: batches are copied into the current one, a full one is
+        # handed to tensorstore, and a buffer is refilled only once tensorstore has copied it
+        # out. Fresh multi-MB arrays per chunk cost more in page faults than the copy itself.
+        n_slots = self.max_in_flight + 1
+        storage = np.dtype(meta["storage_dtype"])
+        self._ring_rows = [_aligned_empty((self.chunk_rows, self.dim), storage) for _ in range(n_slots)]
+        id_shape = (self.chunk_rows,) if self._id_kind == "int" else (self.chunk_rows, self._max_id_bytes)
+        id_dtype = np.int64 if self._id_kind == "int" else np.uint8
+        self._ring_ids = [np.zeros(id_shape, id_dtype) for _ in range(n_slots)]
+        self._ring_busy: list = [None] * n_slots  # futures: tensorstore has copied the buffer
+        self._slot = 0
+        self._fill = 0  # rows in the current buffer
         self._acc_state = None
         if self._statistics:
             dt = _acc_dtype(self.dtype)
@@ -570,7 +596,7 @@ class LogWriter:
     @property
     def num_rows(self) -> int:
         """Rows accepted by this writer's shard (committed + in flight + buffered)."""
-        return self._next_row + self._buf_n if self.meta else 0
+        return self._next_row + self._fill if self.meta else 0
 
     def __contains__(self, data_id) -> bool:
         return data_id in self._ids_seen
@@ -596,8 +622,9 @@ class LogWriter:
         """
         self._raise_if_failed()
         if self.meta is None:
-            b = len(ids) if hasattr(ids, "__len__") else None
-            kind = _normalize_ids(ids, b if b is not None else 0, None, self._max_id_bytes)[2]
+            # validate the first batch fully before its shapes become the log's metadata
+            n = check_grads(grads, layers_from_grads(grads), "grads")
+            kind = _normalize_ids(ids, n, None, self._max_id_bytes)[2]
             self._create(grads, kind)
         n = check_grads(grads, self.layers, "grads")
         id_arr, keys, _ = _normalize_ids(ids, n, self._id_kind, self._max_id_bytes)
@@ -610,33 +637,42 @@ class LogWriter:
             raise ValueError(f"data ids already in the log {self.path}: {dup} "
                              "(use on_duplicate='skip' to resume an interrupted run)")
         try:
-            rows = pack_rows(grads, self.layers, _DTYPES[self.dtype][1] if self.dtype != "bfloat16"
-                             else jnp.bfloat16)
-            if not keep.all():
-                rows = rows[np.flatnonzero(keep)]
-                id_arr = id_arr[keep]
-                keys = [k for k, m in zip(keys, keep) if m]
-            if len(keys) == 0:
+            if not keep.any():
                 return WriteHandle(self, self.committed_rows)
+            rows = _pack(dict(grads), tuple(self.layers), self.dtype)
             if self._acc_state is not None:
-                self._acc_state = _acc_update(self._acc_state, _split_layers(
-                    rows, self.layers, _acc_dtype(self.dtype)))
+                self._acc_state = _acc_rows(self._acc_state, rows, keep, tuple(self.layers))
             host = np.asarray(rows)  # waits for this batch's compute only
+            if not keep.all():
+                host, id_arr = host[keep], id_arr[keep]
+                keys = [k for k, m in zip(keys, keep) if m]
             self._ids_seen.update(keys)
-            self._buf_rows.append(host)
-            self._buf_ids.append(id_arr)
-            self._buf_n += len(keys)
-            self._issue_full_chunks()
+            self._append(_storage(host, self.dtype),
+                         _ids_to_storage(id_arr, self._id_kind, self._max_id_bytes))
             self._reap(block=False)
         except BaseException as e:
             self._error = e
             raise
         return WriteHandle(self, self.num_rows)
 
-    def _issue(self, count: int) -> None:
-        """Hand the first ``count`` buffered rows to tensorstore."""
-        rows = np.concatenate(self._buf_rows) if len(self._buf_rows) > 1 else self._buf_rows[0]
-        ids = np.concatenate(self._buf_ids) if len(self._buf_ids) > 1 else self._buf_ids[0]
+    def _append(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        """Copy rows into the ring; hand each chunk to tensorstore as soon as it is full."""
+        i = 0
+        while i < len(rows):
+            # the current chunk ends at the next chunk boundary (the first one may be partial
+            # after a resume or a flush)
+            target = self.chunk_rows - self._next_row % self.chunk_rows
+            take = min(target - self._fill, len(rows) - i)
+            self._ring_rows[self._slot][self._fill:self._fill + take] = rows[i:i + take]
+            self._ring_ids[self._slot][self._fill:self._fill + take] = ids[i:i + take]
+            self._fill += take
+            i += take
+            if self._fill == target:
+                self._issue()
+
+    def _issue(self) -> None:
+        """Hand the current buffer's rows to tensorstore and move to the next ring slot."""
+        count = self._fill
         start, stop = self._next_row, self._next_row + count
         if stop > self._grads.shape[0]:
             cap = max(stop, 2 * self._grads.shape[0])
@@ -644,24 +680,19 @@ class LogWriter:
             self._grads = self._grads.resize(exclusive_max=[cap, None], expand_only=True).result()
             self._ids = self._ids.resize(exclusive_max=[cap] + [None] * (self._ids.rank - 1),
                                          expand_only=True).result()
-        f1 = self._grads[start:stop].write(_storage(rows[:count], self.dtype))
-        f2 = self._ids[start:stop].write(_ids_to_storage(ids[:count], self._id_kind, self._max_id_bytes))
+        f1 = self._grads[start:stop].write(self._ring_rows[self._slot][:count])
+        f2 = self._ids[start:stop].write(self._ring_ids[self._slot][:count])
         self._pending.append(_Pending(stop, [f1.commit, f2.commit]))
-        self._next_row = stop
-        rest_rows, rest_ids = rows[count:], ids[count:]
-        self._buf_rows = [rest_rows] if len(rest_rows) else []
-        self._buf_ids = [rest_ids] if len(rest_ids) else []
-        self._buf_n -= count
+        self._ring_busy[self._slot] = (f1.copy, f2.copy)
+        self._next_row, self._fill = stop, 0
+        self._slot = (self._slot + 1) % len(self._ring_rows)
         # bounded in flight: wait for the oldest writes
         while len(self._pending) > self.max_in_flight:
             self._reap(block=True, one=True)
-
-    def _issue_full_chunks(self) -> None:
-        while True:
-            to_boundary = self.chunk_rows - self._next_row % self.chunk_rows
-            if self._buf_n < to_boundary:
-                return
-            self._issue(to_boundary)
+        if self._ring_busy[self._slot] is not None:  # tensorstore may still be reading it
+            for f in self._ring_busy[self._slot]:
+                f.result()
+            self._ring_busy[self._slot] = None
 
     def _reap(self, block: bool, one: bool = False) -> None:
         """Retire completed writes in order and advance the committed row count."""
@@ -692,8 +723,8 @@ class LogWriter:
         if self.meta is None:
             return
         try:
-            if self._buf_n and (upto is None or upto > self._next_row):
-                self._issue(self._buf_n)
+            if self._fill and (upto is None or upto > self._next_row):
+                self._issue()
         except BaseException as e:
             self._error = e
             raise
@@ -757,6 +788,7 @@ class Log:
         self.dim, self.dtype = meta["dim"], meta["dtype"]
         self.chunk_rows = meta["chunk_rows"]
         self.num_rows = sum(s.rows for s in shards)
+        self._stats = None  # statistics() memo: a Log is a snapshot of the committed rows
 
     @property
     def metadata(self) -> dict:
@@ -817,6 +849,12 @@ class Log:
         rows), divides by the row count and diagonalizes in float64. The result is saved under
         ``statistics/`` and reused while the shards' committed rows are unchanged.
         """
+        if self._stats is not None and not refresh:
+            return self._stats
+        self._stats = self._statistics(refresh)
+        return self._stats
+
+    def _statistics(self, refresh: bool) -> dict[str, LayerStatistics]:
         stamp = {s.name: s.rows for s in self.shards}
         sdir = os.path.join(self.path, "statistics")
         spath = os.path.join(sdir, "statistics.json")
