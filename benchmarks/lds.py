@@ -1,0 +1,187 @@
+"""Linear datamodeling score (LDS) of LoGra and baselines on small offline tasks.
+
+For each task (digits MLP, digits CNN, byte-level LM on pydoc_data.topics) this script
+
+1. retrains ``M`` models on random half subsets with ``S`` seeds each (``jaxinf.retrain``,
+   vmapped) and records the measured output of every test example (margin, or minus the loss);
+2. trains one model on the full training set and computes, for every method, the
+   ``[n_test, n_train]`` score matrix from that model;
+3. reports LDS with a 95% bootstrap interval, bytes stored per training example and wall time.
+
+Run (CPU, about 10 minutes on 2 cores)::
+
+    python benchmarks/lds.py --out benchmarks/results/lds_cpu.json
+
+``--small`` runs a much smaller version (smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxinf  # noqa: E402
+from jaxinf._src import examples  # noqa: E402
+
+
+def _block(x):
+    return jax.tree.map(lambda v: v.block_until_ready() if hasattr(v, "block_until_ready") else v, x)
+
+
+def logra_grads(task, params, k, init, *, seed=0, chunk=256):
+    """LoGra projected grads of train and test sets with per-layer k (clipped to the layer size)."""
+    cap = jaxinf.linen_capture(lambda p, b: jnp.mean(jax.vmap(lambda x, y: task.example_loss(p, (x, y)))(*b)))
+    batch = (task.x_train, task.y_train)
+    layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("dense",)))
+    layers = {p: s._replace(k_in=min(k, s.n_in), k_out=min(k, s.n_out)) for p, s in layers.items()}
+    if init == "random":
+        projs = jaxinf.random_projections(layers, key=jax.random.PRNGKey(seed))
+    else:
+        acc = jaxinf.kfac_factors(cap, layers)
+        st = acc.init(None)
+        for s in range(0, batch[0].shape[0], chunk):
+            st = acc.update(st, (params, (batch[0][s:s + chunk], batch[1][s:s + chunk])))
+        projs = jaxinf.pca_projections(acc.finalize(st), layers=layers)
+    fn = jaxinf.projected_gradients(cap, projs)
+
+    def run(x, y):
+        parts = [fn(params, (x[s:s + chunk], y[s:s + chunk])) for s in range(0, x.shape[0], chunk)]
+        return {l: jnp.concatenate([p[l] for p in parts]) for l in parts[0]}
+
+    tr, te = run(*batch), run(task.x_test, task.y_test)
+    nbytes = sum(int(np.prod(v.shape[1:])) for v in tr.values()) * 4
+    return tr, te, nbytes
+
+
+def run_task(name, task, *, num_subsets, num_seeds, sizes, exact, seed=0, progress=True):
+    n_train = task.x_train.shape[0]
+    res = {"task": name, "n_train": int(n_train), "n_test": int(task.x_test.shape[0]),
+           "num_subsets": num_subsets, "num_seeds": num_seeds, "train_steps": task.info["steps"],
+           "methods": {}}
+    masks = jaxinf.random_subsets(n_train, num_subsets, seed=seed)
+    t0 = time.perf_counter()
+    outputs = jaxinf.retrain(task.init_fn, task.train_fn, task.output_fn, masks, num_seeds=num_seeds,
+                             seed=seed + 1, chunk_size=max(1, 64 // num_seeds), progress=progress)
+    res["retrain_s"] = time.perf_counter() - t0
+    # Noise ceiling: how well one seed's outputs predict another's (Spearman over subsets).
+    if num_seeds >= 2:
+        res["seed_to_seed_spearman"] = float(np.nanmean(jaxinf.spearman(outputs[:, 0], outputs[:, 1], axis=0)))
+
+    t0 = time.perf_counter()
+    params = jax.jit(task.train_fn)(task.init_fn(jax.random.PRNGKey(10_000 + seed)),
+                                    jnp.ones(n_train, jnp.float32), jax.random.PRNGKey(20_000 + seed))
+    _block(params)
+    res["train_full_s"] = time.perf_counter() - t0
+    res["full_model_mean_output"] = float(np.mean(np.asarray(task.output_fn(params))))
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+    res["n_params"] = n_params
+
+    def record(method, scores, seconds, nbytes, **extra):
+        r = jaxinf.lds(np.asarray(scores, np.float64), masks, outputs, seed=seed)
+        res["methods"][method] = {"lds": r.score, "ci": [r.ci_low, r.ci_high], "bytes_per_example": int(nbytes),
+                                  "time_s": round(seconds, 3), **extra}
+        print(f"  {name:5s} {method:22s} LDS {r.score:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
+              f"{nbytes:8d} B/ex  {seconds:6.2f} s", flush=True)
+
+    # Full per-example gradients (shared by the full-gradient baselines; their time includes it).
+    t0 = time.perf_counter()
+    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_train, task.y_train)))
+    g_te = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test)))
+    _block(g_tr)
+    t_grads = time.perf_counter() - t0
+    full_bytes = n_params * 4
+
+    for method, fn in [("grad_dot", jaxinf.grad_dot), ("grad_cosine", jaxinf.grad_cosine)]:
+        t0 = time.perf_counter()
+        s = _block(fn(g_te, g_tr))
+        record(method, s, t_grads + time.perf_counter() - t0, full_bytes)
+    if exact:
+        t0 = time.perf_counter()
+        s = _block(jaxinf.exact_influence(g_te, g_tr))
+        record("exact_influence", s, t_grads + time.perf_counter() - t0, full_bytes)
+
+    t0 = time.perf_counter()
+    acts_tr = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_train if name != "lm" else task.x_train[:, :-1], task.y_train)
+    acts_te = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_test if name != "lm" else task.x_test[:, :-1], task.y_test)
+    t_acts = time.perf_counter() - t0
+    dense_params = sum(a.shape[-1] * d.shape[-1] for a, d in acts_tr.values())
+    for method, ek in [("kfac", False), ("ekfac", True)]:
+        t0 = time.perf_counter()
+        s = _block(jaxinf.kfac_influence(acts_te, acts_tr, ekfac=ek))
+        record(method, s, t_acts + time.perf_counter() - t0, dense_params * 4, note="dense layers only")
+
+    t0 = time.perf_counter()
+    f_tr, f_te = task.features_fn(params, task.x_train), task.features_fn(params, task.x_test)
+    s = _block(jaxinf.representation_similarity(f_te, f_tr))
+    record("representation_sim", s, time.perf_counter() - t0, f_tr.shape[1] * 4)
+
+    for k in sizes:
+        for init in ("random", "pca"):
+            t0 = time.perf_counter()
+            tr, te, nbytes = logra_grads(task, params, k, init, seed=seed)
+            s = _block(jaxinf.influence_scores(tr, te, mode="dot"))
+            record(f"logra_{init}_{k}x{k}", s, time.perf_counter() - t0, nbytes, k=k)
+        # TRAK with the same storage per example as LoGra at this k.
+        dim = nbytes // 4
+        if dim <= 4 * n_params:
+            t0 = time.perf_counter()
+            s = _block(jaxinf.trak(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)))
+            record(f"trak_{dim}", s, t_grads + time.perf_counter() - t0, dim * 4, matches=f"logra {k}x{k}")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/lds_cpu.json")
+    ap.add_argument("--tasks", default="mlp,cnn,lm")
+    ap.add_argument("--small", action="store_true", help="tiny smoke-test sizes")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    small = args.small
+    cfg = {
+        "mlp": dict(make=lambda: examples.digits_task("mlp", n_train=200 if small else 1000, n_test=50 if small else 100,
+                                                      steps=100 if small else 200),
+                    num_subsets=16 if small else 48, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16),
+                    exact=True),
+        "cnn": dict(make=lambda: examples.digits_task("cnn", n_train=200 if small else 1000, n_test=50 if small else 100,
+                                                      steps=100 if small else 200),
+                    num_subsets=16 if small else 32, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16), exact=True),
+        "lm": dict(make=lambda: examples.lm_task(n_train=64 if small else 128, n_test=16 if small else 32,
+                                                 steps=50 if small else 100),
+                   num_subsets=8 if small else 24, num_seeds=2, sizes=(4,) if small else (4, 8), exact=True),
+    }
+    results = {"command": "python benchmarks/lds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "backend": jax.default_backend(), "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+               "platform": platform.platform(), "jax": jax.__version__, "tasks": {}}
+    t_all = time.perf_counter()
+    for name in args.tasks.split(","):
+        c = cfg[name]
+        print(f"[{name}]", flush=True)
+        t0 = time.perf_counter()
+        r = run_task(name, c["make"](), num_subsets=c["num_subsets"], num_seeds=c["num_seeds"], sizes=c["sizes"],
+                     exact=c["exact"], seed=args.seed)
+        r["total_s"] = time.perf_counter() - t0
+        print(f"  retrain {r['retrain_s']:.1f} s, seed-to-seed Spearman {r.get('seed_to_seed_spearman', float('nan')):.3f}, "
+              f"task total {r['total_s']:.1f} s", flush=True)
+        results["tasks"][name] = r
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    results["total_s"] = time.perf_counter() - t_all
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out} ({results['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
