@@ -1,0 +1,249 @@
+"""Benchmark: one meta step of every hypergradient method against a plain training step.
+
+Problem: data reweighting (the thesis's SAMA setting).  The base model is trained on a noisy
+batch with per-example weights ``sigmoid(λ[idx])``; the meta loss is the unweighted loss on a
+clean batch.  Two base models: an MLP (>= 100k parameters) and a small pre-LN transformer
+block classifier.  The base optimizer is Adam (so SAMA's adaptation is exercised), the meta
+optimizer Adam.
+
+Reported per model and method: median wall time of one jitted meta step (``meta_step`` with
+``--unroll`` base steps) and XLA's compiled memory analysis, each also as a ratio to one
+jitted plain training step of the same model and batch measured in the same run.  Absolute
+times on a shared CPU are noise; the ratios are the result.
+
+Betty (PyTorch) is run side by side only where ``betty`` is importable.
+
+Usage::
+
+    python benchmarks/hypergrad.py --out benchmarks/results/hypergrad_cpu.json
+    python benchmarks/hypergrad.py --small   # CI-sized smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jaxmlo as J  # noqa: E402
+
+
+class MLP(nn.Module):
+    hidden: int = 256
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.classes)(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block (attention + MLP) over a sequence, mean-pooled into a classifier."""
+
+    width: int = 64
+    heads: int = 4
+    mlp: int = 256
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):  # x: [batch, seq, features]
+        h = nn.Dense(self.width)(x)
+        a = nn.LayerNorm()(h)
+        h = h + nn.MultiHeadDotProductAttention(num_heads=self.heads)(a, a)
+        m = nn.LayerNorm()(h)
+        h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(self.mlp)(m)))
+        return nn.Dense(self.classes)(nn.LayerNorm()(h).mean(axis=1))
+
+
+def _n_params(tree):
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _memory(compiled):
+    m = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    out = {f: int(getattr(m, f)) for f in fields}
+    out["xla_peak_memory_in_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    # XLA:CPU's peak_memory_in_bytes leaves out temporaries; arguments + outputs + temporaries
+    # - aliased bytes is the compiled program's footprint on every backend.
+    out["peak_bytes"] = (
+        out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
+        - out["alias_size_in_bytes"]
+    )
+    return out
+
+
+def _time_pair(plain, plain_args, meta, meta_args, repeats):
+    """Interleaved timing of the plain step and a meta step, so both see the same machine load.
+
+    Returns ``{"plain": (median, min), "meta": (median, min)}`` in seconds; on a shared CPU the
+    min is the less noisy statistic.
+    """
+    jax.block_until_ready(plain(*plain_args))  # compile + one warm run each
+    jax.block_until_ready(meta(*meta_args))
+    times = {"plain": [], "meta": []}
+    for _ in range(repeats):
+        for key, fn, args in (("plain", plain, plain_args), ("meta", meta, meta_args)):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[key].append(time.perf_counter() - t)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def build(model_name, batch, small):
+    rng = np.random.default_rng(0)
+    if model_name == "mlp":
+        model, shape = MLP(), (batch, 128)
+    else:
+        model = TransformerBlock(width=32, mlp=64) if small else TransformerBlock()
+        shape = (batch, 16 if small else 32, 32)
+    n_train = 64 * batch  # λ: one weight per training example
+    params = model.init(jax.random.key(0), jnp.zeros(shape))
+
+    def ce(p, x, y):
+        logits = model.apply(p, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    def base_loss(p, lam, b):
+        x, y, idx = b
+        return jnp.mean(jax.nn.sigmoid(lam[idx]) * ce(p, x, y))
+
+    def meta_loss(p, lam, b):
+        x, y = b
+        return jnp.mean(ce(p, x, y))
+
+    def batch_of(i):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, size=batch))
+        return x, y, jnp.arange(i * batch, (i + 1) * batch) % n_train
+
+    lam = jnp.zeros(n_train, jnp.float32)
+    return model, params, base_loss, meta_loss, batch_of, lam
+
+
+def run_model(model_name, methods, batch, unroll, repeats, small):
+    model, params, base_loss, meta_loss, batch_of, lam = build(model_name, batch, small)
+    opt, meta_opt = optax.adam(1e-3), optax.adam(1e-2)
+    batches = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch_of(i) for i in range(unroll)])
+    mx, my, _ = batch_of(unroll)
+    meta_batch = (mx, my)
+
+    def plain_step(p, s, b):
+        g = jax.grad(base_loss)(p, lam, b)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    first = jax.tree.map(lambda x: x[0], batches)
+    plain = jax.jit(plain_step)
+    args = (params, opt.init(params), first)
+    plain_mem = _memory(plain.lower(*args).compile())
+    result = {
+        "params": _n_params(params),
+        "batch": batch,
+        "unroll": unroll,
+        "plain": plain_mem,
+        "methods": {},
+    }
+    state = J.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
+    for name, method in methods.items():
+        step = jax.jit(
+            lambda s, b, mb, method=method: J.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
+        )
+        mem = _memory(step.lower(state, batches, meta_batch).compile())
+        t = _time_pair(plain, args, step, (state, batches, meta_batch), repeats)
+        _, info = step(state, batches, meta_batch)
+        (med, mn), (pmed, pmn) = t["meta"], t["plain"]
+        result["methods"][name] = {
+            "time_ms": 1e3 * med,
+            "min_time_ms": 1e3 * mn,
+            "plain_time_ms": 1e3 * pmed,
+            "plain_min_time_ms": 1e3 * pmn,
+            "time_ratio_to_plain": med / pmed,
+            "min_time_ratio_to_plain": mn / pmn,
+            "peak_ratio_to_plain": mem["peak_bytes"] / plain_mem["peak_bytes"],
+            "finite": bool(info.finite),
+            **mem,
+        }
+        print(
+            f"{model_name:12s} {name:18s} {1e3 * mn:8.2f} ms (plain {1e3 * pmn:6.2f} ms)  "
+            f"time x{mn / pmn:5.2f} (median x{med / pmed:5.2f})  memory x{mem['peak_bytes'] / plain_mem['peak_bytes']:5.2f}",
+            flush=True,
+        )
+    print(f"{model_name:12s} {result['params']} params, plain step peak {plain_mem['peak_bytes']} bytes", flush=True)
+    return result
+
+
+def betty_status():
+    if importlib.util.find_spec("betty") is None:
+        return {
+            "available": False,
+            "reason": "betty is not importable in this environment; install it with "
+            "`pip install --ignore-requires-python --no-deps betty-ml==0.2.1` beside a CPU torch "
+            "to run the side-by-side comparison",
+        }
+    # Importable but the side-by-side driver is not written yet: say so instead of guessing.
+    return {"available": True, "reason": "betty importable, side-by-side run not implemented in this script"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/hypergrad_cpu.json")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--unroll", type=int, default=1, help="base steps per meta step")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--models", default="mlp,transformer")
+    ap.add_argument("--small", action="store_true", help="tiny transformer, few repeats (smoke run)")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.repeats = min(args.repeats, 3)
+    methods = {
+        "itd": J.itd(),
+        "itd_checkpoint": J.itd(checkpoint=True),
+        "cg": J.cg(maxiter=10),
+        "neumann": J.neumann(steps=10, lr=1e-3),
+        "finite_difference": J.finite_difference(),
+        "sama": J.sama(),
+    }
+    out = {
+        "benchmark": "hypergrad",
+        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "dtype": "float32",
+        "setup": "data reweighting: base = mean(sigmoid(lam[idx]) * CE) with Adam(1e-3); "
+        "meta = mean CE on a clean batch with Adam(1e-2); one meta step = meta_step(...) "
+        "(unroll + hypergradient + meta update) vs one plain Adam step",
+        "methods_config": {k: v.name for k, v in methods.items()} | {
+            "cg": "cg(maxiter=10)", "neumann": "neumann(steps=10, lr=1e-3)", "sama": "sama(alpha=1.0, nudge=True)"
+        },
+        "models": {},
+        "betty": betty_status(),
+    }
+    for model_name in args.models.split(","):
+        out["models"][model_name] = run_model(model_name, methods, args.batch, args.unroll, args.repeats, args.small)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
