@@ -210,3 +210,18 @@ def test_bad_batches_raise():
     jaxmlo.step(prog, jaxmlo.init(prog), {"inner": _data(0, 2), "outer": _data(1, 1)})
   with pytest.raises(ValueError, match=r"no batches for problem\(s\) \['outer'\]"):
     jaxmlo.step(prog, jaxmlo.init(prog), {"inner": _data(0, 3)})
+
+
+def test_optax_composition_multisteps_and_clipping():
+  # Gradient accumulation and clipping come from optax; MultiSteps is unwrapped by Program.
+  prog = _bilevel(jaxmlo.finite_difference(), unroll=2)
+  inner = prog.problems["inner"]._replace(optimizer=optax.MultiSteps(
+      optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1)), every_k_schedule=2))
+  prog = Program([inner, prog.problems["outer"]], u2l=dict(outer=["inner"]),
+                 l2u=dict(inner=["outer"]))
+  state, metrics = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))(
+      jaxmlo.init(prog), {"inner": _data(0, 2), "outer": _data(1, 1)})
+  assert int(state.opt_states["inner"].gradient_step) == 1  # two micro-steps, one update
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  with pytest.raises(TypeError, match=r"problem 'x': optimizer must be an optax"):
+    Program([Problem("x", lambda p, d, b: jnp.sum(p), jnp.ones(1), "sgd")])

@@ -20,6 +20,7 @@ import types
 from typing import Mapping, Sequence
 
 import jax
+import optax
 
 from jaxmlo._src.problem import Problem
 
@@ -69,12 +70,19 @@ class Program:
   __slots__ = ("_problems", "_u2l", "_l2u", "_order", "_deps", "_lowers", "_uppers")
 
   def __init__(self, problems: Sequence[Problem], u2l=None, l2u=None):
-    problems = tuple(problems)
+    # optax.MultiSteps (gradient accumulation) is a wrapper object, not itself a
+    # GradientTransformation; use its transformation so every method sees one interface.
+    problems = tuple(p._replace(optimizer=p.optimizer.gradient_transformation())
+                     if isinstance(p, Problem) and isinstance(p.optimizer, optax.MultiSteps)
+                     else p for p in problems)
     if not problems:
       raise ValueError("Program needs at least one problem")
     for p in problems:
       if not isinstance(p, Problem):
         raise TypeError(f"Program problems must be jaxmlo.Problem, got {type(p).__name__}")
+      if not isinstance(p.optimizer, optax.GradientTransformation):
+        raise TypeError(f"problem {p.name!r}: optimizer must be an optax.GradientTransformation, "
+                        f"got {type(p.optimizer).__name__}")
       if not isinstance(p.unroll_steps, int) or p.unroll_steps < 1:
         raise ValueError(f"problem {p.name!r}: unroll_steps must be an int >= 1, "
                          f"got {p.unroll_steps!r}")
