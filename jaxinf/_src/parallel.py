@@ -418,7 +418,7 @@ def sharded_query(log, test_grads: Mapping[str, Any], projection: Mapping, *, me
         jnp.full((n_dev, n_test, k), -jnp.inf, dt), jnp.full((n_dev, n_test, k), -1, idx_dt)), dev)
     step, finish = _sharded_fns(mesh, axis, tuple(log.layers), mode, k)
 
-    plan = _query._plan(log, chunk_rows)
+    plan = _query._plan(log, chunk_rows, [s.name for s in log.shards])
     rounds = [plan[r:r + n_dev] for r in range(0, len(plan), n_dev)]
     devices = list(mesh.devices.reshape(-1))  # position i on the axis <-> device i
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
