@@ -142,7 +142,15 @@ def main():
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{info['device_kind']}-x{info['device_count']}"
                  f"-{info['host']}").strip("-")
-    result = {"size": args.size, "date": date, "machine": info,
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, text=True,
+                                    capture_output=True).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    result = {"size": args.size, "date": date, "machine": info, "git_commit": commit,
+              "git_dirty": dirty,
               "command": "python -m benchmarks.run_all " + " ".join(sys.argv[1:]),
               "present": present,
               "absent": sorted(set(FLAGS) - set(present)),
