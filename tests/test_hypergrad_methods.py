@@ -263,3 +263,15 @@ def test_contract_every_method(name, dtype):
     # deps["unused"] does not reach θ*: exactly zero from every method.
     np.testing.assert_array_equal(g["unused"], 0)
     assert float(jnp.abs(g["decay"]).sum()) > 0
+
+
+def test_sama_adaptation_is_finite_where_adam_saw_no_gradient():
+    # Adam's update differentiates to 0·∞ where the gradient and its history are exactly zero
+    # (a dead unit); those entries are adapted by 0, the others exactly as before.
+    opt = optax.adam(0.1)
+    mask = jnp.array([1.0, 0.0, 1.0])
+    loss = lambda th, deps, b: jnp.sum(mask * b * th)
+    th0 = jnp.zeros(3)
+    un = J.unroll(loss, opt, th0, opt.init(th0), None, jnp.ones((2, 3)))
+    pv = J.sama_adaptation(loss, opt, un, None, jnp.ones(3), jnp.ones(3))
+    assert bool(jnp.all(jnp.isfinite(pv))) and float(pv[1]) == 0.0 and float(pv[0]) != 0.0

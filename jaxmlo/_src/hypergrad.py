@@ -305,6 +305,9 @@ def itd(checkpoint: bool = False) -> HypergradMethod:
     ``deps`` and pulls ``v`` back through it (``batch`` is unused).  Exact for the unrolled loop,
     optimizer state included; memory grows with T unless ``checkpoint=True``.
 
+    Cost: T forward steps are replayed (``Unrolled`` keeps no residuals) and pulled back, so
+    about 3x the unroll; memory O(T) saved steps, O(1) per step with ``checkpoint``.
+
     Args:
       checkpoint: rematerialize each step in the backward pass (``jax.checkpoint``).
     """
@@ -410,11 +413,18 @@ def sama_adaptation(loss_fn, optimizer, unrolled, deps, batch, v):
     (added to θ), so ``P = lr·I`` for ``optax.sgd(lr)``; one ``jax.jvp`` of ``u`` at the base
     gradient ``g = ∂L/∂θ(θ*, deps, batch)`` gives ``P v`` for any optax optimizer.  For
     element-wise optimizers (sgd, momentum, adam, adamw, rmsprop, ...) P is diagonal, hence
-    symmetric, and ``P v`` is also the transposed product the chain rule asks for.
+    symmetric, and ``P v`` is also the transposed product the chain rule asks for.  Entries
+    whose gradient is exactly zero and whose derivative is not finite (Adam with an all-zero
+    history: ``0·∞``) are adapted by 0.
     """
     theta = unrolled.params
     g = jax.grad(loss_fn)(theta, deps, batch)
     _, du = jax.jvp(lambda gg: optimizer.update(gg, unrolled.opt_state, theta)[0], (g,), (v,))
+    # Adam-like updates m/(sqrt(s)+eps) differentiate to 0 * inf = NaN where the gradient and its
+    # whole second-moment history are exactly zero (dead ReLU units, embedding rows not in the
+    # batch).  Such entries carry no gradient signal: adapt them by 0 (Betty's formula gives 0
+    # there too).  Non-finite values anywhere else are kept and reported.
+    du = jax.tree.map(lambda d, gg: jnp.where(jnp.isfinite(d) | (gg != 0), d, jnp.zeros_like(d)), du, g)
     return jax.tree.map(lambda d, p: (-d).astype(jnp.result_type(p)), du, theta)
 
 
@@ -498,6 +508,13 @@ def hypergradient(
       ``(grad, info)``: ``grad`` shaped like ``lam``; :class:`HypergradInfo` with ``finite``,
       ``meta_loss`` and ``params`` (the base params to continue from: ``method.post_update``
       when finite, ``unrolled.params`` otherwise).
+
+    Example::
+
+        un = unroll(base_loss, opt, w, opt_state, lam, batches)
+        g, info = hypergradient(cg(), base_loss, val_loss, opt, un, lam, last_batch, val_batch)
+        updates, meta_state = meta_opt.update(g, meta_state, lam)
+        lam, w, opt_state = optax.apply_updates(lam, updates), info.params, un.opt_state
     """
     if not isinstance(method, HypergradMethod):
         raise TypeError(f"method must be a HypergradMethod (e.g. cg()), got {type(method).__name__}.")
