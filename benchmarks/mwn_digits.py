@@ -20,7 +20,8 @@ from jaxmlo.examples import digits as dg
 # control for methods that touch the meta data (SAMA's nudge moves the classifier along
 # the meta gradient).
 METHODS = {"plain": None, "plain+meta": None, "finite_difference": jaxmlo.finite_difference(),
-           "sama": jaxmlo.sama(), "cg": jaxmlo.cg(maxiter=10), "itd": jaxmlo.itd()}
+           "sama": jaxmlo.sama(), "sama(nudge=False)": jaxmlo.sama(nudge=False),
+           "cg": jaxmlo.cg(maxiter=10), "itd": jaxmlo.itd()}
 
 
 def train_one(method_name, imbalance, seed, steps, batch, progress=False):
@@ -40,7 +41,8 @@ def train_one(method_name, imbalance, seed, steps, batch, progress=False):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--imbalance", type=float, nargs="+", default=[10, 50])
-  ap.add_argument("--methods", nargs="+", default=["plain", "plain+meta", "finite_difference", "sama"])
+  ap.add_argument("--methods", nargs="+", default=["plain", "plain+meta", "finite_difference", "sama",
+                                                "sama(nudge=False)"])
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=1000)
   ap.add_argument("--batch", type=int, default=64)

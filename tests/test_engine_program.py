@@ -134,6 +134,8 @@ def _toy(name, deps=(), method=CG):
     (dict(problems=["a", "b"], u2l={"a": ["b"], "b": ["a"]}, l2u={}),
      r"cycle through \['a', 'b', 'a'\]"),
     (dict(problems=["a", "b", "c"], u2l={"a": ["b"]}, l2u={"b": ["a"]}), r"\['c'\] are unreachable"),
+    (dict(problems=["a", "b", "c"], u2l={"a": ["b", "c"]}, l2u={"b": ["a"]}),
+     r"u2l edge 'a' -> 'c': problem 'a'.s loss is unreachable from 'c'"),
 ])
 def test_invalid_graphs_raise_naming_problems(kwargs, match):
   probs = [_toy(n) for n in kwargs.pop("problems")]
@@ -225,3 +227,25 @@ def test_optax_composition_multisteps_and_clipping():
   assert all(np.isfinite(float(v)) for v in metrics.values())
   with pytest.raises(TypeError, match=r"problem 'x': optimizer must be an optax"):
     Program([Problem("x", lambda p, d, b: jnp.sum(p), jnp.ones(1), "sgd")])
+
+
+def test_missing_dependency_without_example_batch_raises_at_trace():
+  inner = _toy("inner", deps=("outer",))._replace(example_batch=None)
+  prog = Program([inner, _toy("outer", deps=("inner",))._replace(example_batch=None)],
+                 l2u={"inner": ["outer"]})
+  with pytest.raises(ValueError, match=r"problem 'inner'.*dependency 'outer'"):
+    jaxmlo.step(prog, jaxmlo.init(prog), {"inner": jnp.zeros((1, 1)), "outer": jnp.zeros((1, 1))})
+
+
+def test_sama_nudge_moves_only_the_lower_problem():
+  batches = {"inner": _data(0, 3), "outer": _data(1, 1)}
+  runs = {}
+  for nudge in (True, False):
+    prog = _bilevel(jaxmlo.sama(nudge=nudge))
+    runs[nudge] = jax.jit(lambda s, b, prog=prog: jaxmlo.step(prog, s, b))(jaxmlo.init(prog),
+                                                                          batches)[0]
+  # Same meta update (the hypergradient is taken before the nudge) ...
+  np.testing.assert_array_equal(runs[True].params["outer"], runs[False].params["outer"])
+  # ... and the nudge is a step of norm alpha = 1 on the lower parameters.
+  moved = jnp.linalg.norm(runs[True].params["inner"] - runs[False].params["inner"])
+  assert abs(float(moved) - 1.0) < 1e-9  # float64: the nudge has norm alpha exactly

@@ -17,8 +17,21 @@ problem even when paths share a suffix (thesis Figure 2.2's two paths
 theta_4 -> theta_3* and theta_4 -> theta_1* -> theta_3*).
 
 One program step is one pass over the graph: with unroll lengths (T_1, ..., T_n) problem
-k takes T_k steps, using the lower problems' solutions from this pass. The whole step is a
-pure function of ``(state, batches)`` and ``jax.jit`` compiles it as one XLA program.
+k takes T_k steps, using the lower problems' solutions from this pass. (Betty instead
+nests the counts -- an upper problem steps after every T steps of its lower problems, so a
+middle level with T_2 > 1 sees T_1 * T_2 lowest-level steps per top-level step; with the
+usual T = 1 above the lowest level the two schedules coincide.) The whole step is a pure
+function of ``(state, batches)`` and ``jax.jit`` compiles it as one XLA program.
+
+Details:
+  * Each lower problem's best-response vjp is taken at its unrolled solution with the deps
+    it was unrolled with, and ``batch`` = its last unrolled batch.
+  * A method's ``post_update`` (SAMA's nudge of the lower parameters along the adapted
+    upper gradient) is applied once after each upper problem's unroll, as a delta, so
+    several upper problems may each nudge the same lower problem.
+  * ``itd`` through a *middle* problem (one that itself has lower problems) replays that
+    problem's unroll with its direct gradient only: the partial derivative eq. 2.2 asks
+    for, not the total-gradient trajectory the problem actually took.
 """
 from __future__ import annotations
 

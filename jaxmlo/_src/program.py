@@ -57,7 +57,8 @@ class Program:
 
   Raises:
     ValueError: naming the problems involved, on a duplicate or unknown name, a self-edge,
-      a cycle, a problem no edge connects to the rest, a lower problem without a
+      a cycle, a problem no edge connects to the rest, a u2l edge with no l2u path back
+      into the upper problem's loss, a lower problem without a
       hypergradient method, or (when ``Problem.example_batch`` is given) a loss that asks
       for a dependency the graph does not give.
 
@@ -103,12 +104,12 @@ class Program:
           raise ValueError(f"{kind} self-edge on problem {a!r}: a problem cannot depend on itself")
 
     # "lower -> upper" ordering graph: u2l (u, l) and l2u (l, u) both mean l is below u.
-    below = {n: set() for n in names}   # n -> problems directly above n
+    above = {n: set() for n in names}   # n -> problems directly above n
     for u, l in u2l_e:
-      below[l].add(u)
+      above[l].add(u)
     for l, u in l2u_e:
-      below[l].add(u)
-    order = _toposort(names, below)
+      above[l].add(u)
+    order = _toposort(names, above)
 
     # Connectivity: with more than one problem, every problem must touch an edge path to
     # the others; an isolated problem would silently never interact with the program.
@@ -138,6 +139,14 @@ class Program:
     self._deps = types.MappingProxyType(deps)
     self._lowers = types.MappingProxyType(lowers)
     self._uppers = types.MappingProxyType(uppers)
+
+    # A u2l edge whose lower problem never feeds back (along l2u edges) into the upper
+    # problem's loss would change that solution without the upper problem ever seeing it.
+    for u, l in u2l_e:
+      if l not in self.path_problems(u):
+        raise ValueError(f"u2l edge {u!r} -> {l!r}: problem {u!r}'s loss is unreachable from "
+                         f"{l!r}'s solution (no l2u path {l!r} -> ... -> {u!r}), so {u!r} "
+                         f"would never get a hypergradient through it; add an l2u edge")
 
     # A best-response Jacobian is needed exactly for the problems on some eq.-2.2 path.
     for n in names:
