@@ -3,10 +3,12 @@
 from jaxinf._src.capture import (
     Capture,
     LayerSpec,
+    LoGra,
     Select,
     find_layers,
     kfac_batch_sums,
     linen_capture,
+    logra,
     nnx_capture,
     projected_gradients,
 )
@@ -34,10 +36,12 @@ __all__ = [
     # capture (Contract B)
     "Capture",
     "LayerSpec",
+    "LoGra",
     "Select",
     "find_layers",
     "kfac_batch_sums",
     "linen_capture",
+    "logra",
     "nnx_capture",
     "projected_gradients",
     # projection

@@ -81,6 +81,10 @@ def test_mlp_projected_gradients_match_full_per_example_gradients(mlp):
     got = jaxinf.projected_gradients(cap, projs)(params, batch)
     full = per_example_grads(loss_fn, params, batch)
     assert_matches_full(got, projs, {p: (full[p]["kernel"], full[p]["bias"]) for p in layers})
+    # The one-call entry point builds the same thing from an integer seed.
+    lg = jaxinf.logra(loss_fn, params, batch, seed=0, k_in=3, k_out=2, dtype=jnp.float64)
+    assert lg.metadata == jaxinf.projection_metadata(projs, init="random", seed=0)
+    np.testing.assert_array_equal(lg.fn(params, batch)["head"], got["head"])
 
 
 def test_mlp_kfac_factors_match_manual_covariances(mlp):
@@ -140,7 +144,9 @@ class CNN(nn.Module):
         return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
 
 
-def test_cnn_projected_gradients_match_full_per_example_gradients():
+@pytest.fixture(scope="module")
+def cnn():
+    """The Linen CNN, its data and one compiled extraction (shared with the NNX parity test)."""
     model = CNN()
     x = jax.random.normal(jax.random.key(2), (3, 6, 6, 2), jnp.float64)
     batch = {"x": x, "y": jnp.array([0, 2, 1])}
@@ -150,16 +156,22 @@ def test_cnn_projected_gradients_match_full_per_example_gradients():
         return xent(model.apply({"params": p}, b["x"]), b["y"])
 
     cap = jaxinf.linen_capture(loss_fn)
-    layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))
-    assert list(layers) == ["conv1", "conv2"]
-    assert (layers["conv1"].n_in, layers["conv1"].tokens) == (3 * 3 * 2 + 1, 36)
-    assert (layers["conv2"].n_in, layers["conv2"].bias) == (2 * 2 * 4, False)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(3), k_in=5, k_out=2, dtype=jnp.float64)
-    got = jaxinf.projected_gradients(cap, projs)(params, batch)
+    layers = jaxinf.find_layers(cap, params, batch)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(3), k_in=3, k_out=2, dtype=jnp.float64)
+    return params, batch, loss_fn, cap, layers, projs, jaxinf.projected_gradients(cap, projs)(params, batch)
+
+
+def test_cnn_projected_gradients_match_full_per_example_gradients(cnn):
+    params, batch, loss_fn, cap, layers, projs, got = cnn
+    convs = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))
+    assert list(convs) == ["conv1", "conv2"]
+    assert (convs["conv1"].n_in, convs["conv1"].tokens) == (3 * 3 * 2 + 1, 36)
+    assert (convs["conv2"].n_in, convs["conv2"].bias) == (2 * 2 * 4, False)
     full = per_example_grads(loss_fn, params, batch)
     assert_matches_full(got, projs, {
         "conv1": (full["conv1"]["kernel"], full["conv1"]["bias"]),
         "conv2": (full["conv2"]["kernel"], None),
+        "head": (full["head"]["kernel"], full["head"]["bias"]),
     })
 
 
@@ -226,17 +238,25 @@ def lm():
     return params, batch, loss_fn
 
 
-def test_transformer_with_padding_mask_matches_full_per_example_gradients(lm):
+@pytest.fixture(scope="module")
+def lm_logra(lm):
+    """One compiled Linen extraction (with losses) shared by the LM tests."""
     params, batch, loss_fn = lm
     cap = jaxinf.linen_capture(loss_fn)
     layers = jaxinf.find_layers(cap, params, batch)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(6), k_in=4, k_out=3, dtype=jnp.float64)
+    fn = jaxinf.projected_gradients(cap, projs, mask_fn=lambda b: b["mask"], with_loss=True)
+    losses, got = fn(params, batch)
+    return cap, layers, projs, losses, got
+
+
+def test_transformer_with_padding_mask_matches_full_per_example_gradients(lm, lm_logra):
+    params, batch, loss_fn = lm
+    cap, layers, projs, _, got = lm_logra
     assert list(layers) == ["tok", "pos", "query", "key", "value", "out", "mlp", "head"]
     assert (layers["tok"].n_in, layers["tok"].n_out, layers["tok"].bias) == (V, D, False)
     assert (layers["out"].n_in, layers["out"].n_out) == (D + 1, D)
     assert (layers["query"].n_out, layers["query"].tokens) == (D, T)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(6), k_in=4, k_out=3, dtype=jnp.float64)
-    fn = jaxinf.projected_gradients(cap, projs, mask_fn=lambda b: b["mask"])
-    got = fn(params, batch)
     full = per_example_grads(loss_fn, params, batch)
     assert_matches_full(got, projs, {
         p: (full[p]["embedding"], None) if p in ("tok", "pos") else (full[p]["kernel"], full[p]["bias"])
@@ -251,8 +271,9 @@ def copy_linen_to_nnx(params, model):
             getattr(layer, leaf)[...] = value
 
 
-def test_linen_and_nnx_give_the_same_projected_gradients(lm):
+def test_linen_and_nnx_give_the_same_projected_gradients(lm, lm_logra):
     params, batch, loss_fn = lm
+    _, layers_l, projs, _, got_l = lm_logra
     model = NNXLM(nnx.Rngs(0))
     copy_linen_to_nnx(params, model)
     state = nnx.state(model)
@@ -260,19 +281,13 @@ def test_linen_and_nnx_give_the_same_projected_gradients(lm):
     def nnx_loss(m, b):
         return lm_loss(m(b["ids"], b["mask"]), b)
 
-    np.testing.assert_allclose(nnx_loss(model, batch), loss_fn(params, batch), rtol=1e-12)
-    cap_l = jaxinf.linen_capture(loss_fn)
     cap_n = jaxinf.nnx_capture(nnx_loss, model)
-    layers_l = jaxinf.find_layers(cap_l, params, batch)
     layers_n = jaxinf.find_layers(cap_n, state, batch)
-    assert {p: s[1:] for p, s in layers_l.items()}.keys() == layers_n.keys()
+    assert list(layers_n) == list(layers_l)
     for p in layers_l:
         assert (layers_l[p].n_in, layers_l[p].n_out, layers_l[p].kind) == (
             layers_n[p].n_in, layers_n[p].n_out, layers_n[p].kind), p
-    projs = jaxinf.random_projections(layers_l, key=jax.random.key(7), k_in=4, k_out=3, dtype=jnp.float64)
-    mask_fn = lambda b: b["mask"]
-    got_l = jaxinf.projected_gradients(cap_l, projs, mask_fn=mask_fn)(params, batch)
-    got_n = jaxinf.projected_gradients(cap_n, projs, mask_fn=mask_fn)(state, batch)
+    got_n = jaxinf.projected_gradients(cap_n, projs, mask_fn=lambda b: b["mask"])(state, batch)
     for p in layers_l:
         # Same float64 operations in both frameworks up to op order.
         np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
@@ -339,13 +354,11 @@ def test_pca_projections_are_top_eigenvectors_of_kfac_factors(mlp):
 # Capture is transparent and compiles once
 
 
-def test_capture_does_not_change_loss_or_parameter_gradients(lm):
+def test_capture_does_not_change_loss_or_parameter_gradients(lm, lm_logra):
     from jaxinf._src.capture import _config, _logra_tap, _project_inputs
 
     params, batch, loss_fn = lm
-    cap = jaxinf.linen_capture(loss_fn)
-    layers = jaxinf.find_layers(cap, params, batch)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(9), k_in=4, k_out=3, dtype=jnp.float64)
+    cap, _, projs, losses, _ = lm_logra
 
     def tapped_loss(p):
         def tap(path, module, x, y):
@@ -355,11 +368,11 @@ def test_capture_does_not_change_loss_or_parameter_gradients(lm):
             return _logra_tap(y, pa, b, projs[path].p_out)
         return cap.run(p, batch, tap)
 
-    l0, g0 = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
-    l1, g1 = jax.jit(jax.value_and_grad(tapped_loss))(params)
+    both = jax.jit(lambda p: (jax.value_and_grad(loss_fn)(p, batch), jax.value_and_grad(tapped_loss)(p)))
+    (l0, g0), (l1, g1) = both(params)
     assert l1 == l0  # exactly: the tap is the identity on the forward pass
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g1, g0)
-    losses, _ = jaxinf.projected_gradients(cap, projs, mask_fn=lambda b: b["mask"], with_loss=True)(params, batch)
+    # The per-example losses returned beside the projected gradients are the plain ones.
     per_ex = jax.jit(jax.vmap(loss_fn, in_axes=(None, 0)))(params, jax.tree.map(lambda v: v[:, None], batch))
     np.testing.assert_allclose(losses, per_ex, rtol=1e-12)
 
@@ -431,20 +444,41 @@ class NNXCNN(nnx.Module):
         return self.head(x.mean(axis=(1, 2)))
 
 
-def test_nnx_cnn_matches_linen_cnn():
-    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2), jnp.float64)
-    batch = {"x": x, "y": jnp.array([0, 2])}
-    params = init_params(CNN(), x, seed=3)
+def test_nnx_cnn_matches_linen_cnn(cnn):
+    params, batch, _, _, layers_l, projs, got_l = cnn
     model = NNXCNN(nnx.Rngs(0))
     copy_linen_to_nnx(params, model)
-    cap_l = jaxinf.linen_capture(lambda p, b: xent(CNN().apply({"params": p}, b["x"]), b["y"]))
     cap_n = jaxinf.nnx_capture(lambda m, b: xent(m(b["x"]), b["y"]), model)
     layers = jaxinf.find_layers(cap_n, nnx.state(model), batch)
     assert [(p, s.kind, s.n_in) for p, s in layers.items()] == [
         ("conv1", "conv", 19), ("conv2", "conv", 16), ("head", "dense", 4)]
-    projs = jaxinf.random_projections(layers, key=jax.random.key(1), k_in=3, k_out=2, dtype=jnp.float64)
-    got_l = jaxinf.projected_gradients(cap_l, projs)(params, batch)
     got_n = jaxinf.projected_gradients(cap_n, projs)(nnx.state(model), batch)
     for p in layers:
         # Same float64 operations in both frameworks up to op order.
         np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
+
+
+class RematMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.remat(MLP)(name="inner")(x)  # a lifted transform around tapped layers
+        shared = nn.Dense(3, name="shared")  # called twice: its gradient is the sum of both calls
+        return nn.Dense(2, name="top")(shared(jnp.tanh(shared(x))))
+
+
+def test_layers_inside_nn_remat_and_shared_layers_are_captured():
+    model = RematMLP()
+    x = jax.random.normal(jax.random.key(11), (3, 6), jnp.float64)
+    batch = {"x": x, "y": jnp.array([0, 1, 1])}
+    params = init_params(model, x, seed=11)
+
+    def loss_fn(p, b):
+        return xent(model.apply({"params": p}, b["x"]), b["y"])
+
+    lg = jaxinf.logra(loss_fn, params, batch, seed=1, k_in=2, k_out=2, dtype=jnp.float64)
+    assert list(lg.layers) == ["inner/Dense_0", "inner/head", "shared", "top"]
+    full = per_example_grads(loss_fn, params, batch)
+    leaves = {"inner/Dense_0": full["inner"]["Dense_0"], "inner/head": full["inner"]["head"],
+              "shared": full["shared"], "top": full["top"]}
+    assert_matches_full(lg.fn(params, batch), lg.projections,
+                        {p: (g["kernel"], g["bias"]) for p, g in leaves.items()})

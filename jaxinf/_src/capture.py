@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf._src.projection import Projection
+from jaxinf._src.projection import Projection, projection_metadata, random_projections
 
 # ---------------------------------------------------------------------------------------------
 # Layer descriptions
@@ -159,7 +159,7 @@ def _config(path: str, module, x, y) -> _Config:
             raise ValueError(f"layer {path!r}: LinearGeneral with batch_axis is not supported")
         axes = _normalize_axes(module.axis, x.ndim)
         n_feat = len(module.out_features)
-    else:  # pragma: no cover - guarded by _is_supported
+    else:  # pragma: no cover - callers only pass _LINEN_TYPES / _NNX_TYPES
         raise TypeError(f"layer {path!r}: unsupported layer type {name}")
     n_in0 = int(np.prod([x.shape[a] for a in axes]))
     n_out = int(np.prod(y.shape[y.ndim - n_feat :]))
@@ -173,10 +173,6 @@ def _kind_of(module) -> str:
     if isinstance(module, (nn.Conv, nnx.Conv)):
         return "conv"
     return "dense"
-
-
-def _is_supported(module) -> bool:
-    return isinstance(module, _LINEN_TYPES + _NNX_TYPES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,3 +615,56 @@ def kfac_batch_sums(
         return jax.grad(total)(s)
 
     return fn
+
+
+class LoGra(NamedTuple):
+    """Everything :func:`logra` sets up; ``fn(params, batch)`` is the extraction."""
+
+    fn: Callable  # (params, batch) -> {layer_path: [batch, k_out, k_in]}, jitted
+    capture: Capture
+    layers: dict  # {path: LayerSpec}
+    projections: dict  # {path: Projection}
+    metadata: dict  # projection_metadata(...), JSON-able, for the store
+
+
+def logra(
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    seed: int,
+    k_in: int | None = None,
+    k_out: int | None = None,
+    model: nnx.Module | None = None,
+    select: Select | Sequence[Select] | None = None,
+    mask_fn: Callable[[Any], jax.Array] | None = None,
+    dtype=jnp.float32,
+) -> LoGra:
+    """One call from a loss (and model) to ``(params, batch) -> {layer: [batch, k_out, k_in]}``.
+
+    Random LoGra projections from ``jax.random.key(seed)``; for PCA projections use the pieces
+    (:func:`find_layers`, ``kfac_factors``, ``pca_projections``, :func:`projected_gradients`).
+
+    Args:
+      loss_fn: Linen: ``loss_fn(params, batch)``; NNX (``model`` given): ``loss_fn(model, batch)``,
+        and ``params`` is ``nnx.state(model)``. On a one-example batch: that example's loss.
+      params, batch: example inputs; only shapes matter (layer discovery).
+      seed: integer seed of the random projections (recorded in the metadata).
+      k_in, k_out: projection sizes (per-rule sizes in ``select`` win).
+      model: the NNX model, or ``None`` for Linen.
+      select, mask_fn: see :func:`find_layers` and :func:`projected_gradients`.
+      dtype: projection dtype (also the dtype of the results).
+
+    Example::
+
+      lg = jaxinf.logra(loss_fn, params, batch, seed=0, k_in=16, k_out=16)
+      grads = lg.fn(params, batch)   # {"Dense_0": [batch, 16, 16], ...}
+    """
+    capture = linen_capture(loss_fn) if model is None else nnx_capture(loss_fn, model)
+    layers = find_layers(capture, params, batch, select=select)
+    projections = random_projections(
+        layers, key=jax.random.key(seed), k_in=k_in, k_out=k_out, dtype=dtype
+    )
+    fn = projected_gradients(capture, projections, mask_fn=mask_fn)
+    meta = projection_metadata(projections, init="random", seed=seed)
+    return LoGra(fn, capture, layers, projections, meta)

@@ -102,6 +102,7 @@ def _random_projections(key, sizes, dtype):
     return out
 
 
+@partial(jax.jit, static_argnums=1)
 def top_eigenvectors(cov: ArrayLike, k: int) -> jax.Array:
     """Rows = the ``k`` eigenvectors of the symmetric ``cov`` with the largest eigenvalues.
 
