@@ -272,3 +272,11 @@ def test_two_processes_write_disjoint_shards_of_one_log(tmp_path):
     np.testing.assert_array_equal(got["a"].reshape(-1, 6)[:, 0], 1000.0 * ids)
     rows = got["a"].reshape(-1, 6).astype(np.float64)
     np.testing.assert_allclose(log.statistics()["a"].covariance, rows.T @ rows / 80, rtol=1e-6)
+
+
+def test_grads_must_match_the_projection_metadata_shapes(tmp_path):
+    with pytest.raises(ValueError, match=r"grads\['a'\]: k_in is 2 but the projection metadata says 3"):
+        LogWriter(str(tmp_path / "l1"), PROJ).write({"a": np.zeros((2, 2, 2), np.float32)}, [0, 1])
+    with pytest.raises(ValueError, match="layer 'b' is not in the projection metadata"):
+        LogWriter(str(tmp_path / "l2"), PROJ).write(
+            {"a": np.zeros((2, 2, 3), np.float32), "b": np.zeros((2, 1, 1), np.float32)}, [0, 1])

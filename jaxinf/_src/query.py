@@ -152,9 +152,9 @@ def _step_fn(layers: tuple, mode: str, k: int, want_scores: bool):
 
 
 @functools.lru_cache(maxsize=32)
-def _self_fn(layers: tuple):
-    return jax.jit(lambda chunk, whiten, dtype_probe: _self_train(chunk.astype(dtype_probe.dtype),
-                                                                   whiten, layers))
+def _self_fn(layers: tuple, dtype_name: str):
+    dtype = jnp.dtype(dtype_name)
+    return jax.jit(lambda chunk, whiten: _self_train(chunk.astype(dtype), whiten, layers))
 
 
 class QueryResult(NamedTuple):
@@ -385,13 +385,12 @@ def self_influence(log, *, damping_ratio: float = 0.1,
     pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
     dt = _compute_dtype(log.dtype)
     whiten_d = [jnp.asarray(w, dt) for w in pre.whiten]
-    probe = jnp.zeros((), dt)
-    fn = _self_fn(tuple(log.layers))
+    fn = _self_fn(tuple(log.layers), jnp.dtype(dt).name)
     parts = []
     reader = _Reader(log, chunk_rows, prefetch, progress, "self-influence",
                      _select_shards(log, None))
     for slot, chunk, n, g in reader:
-        out = fn(chunk, whiten_d, probe)
+        out = fn(chunk, whiten_d)
         reader.release(slot, out)
         parts.append((out, n))
     scores = np.concatenate([np.asarray(p)[:n] for p, n in parts])

@@ -79,6 +79,10 @@ def _write_temp_json(d: str, obj: Any) -> str:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        # tensorstore's file driver syncs the chunks it writes; sync the record that vouches
+        # for them too, so a commit survives a machine crash and not only a process kill
+        os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; logs are meant to be read by others
     return tmp
 
@@ -241,6 +245,22 @@ def check_grads(grads: Mapping[str, Any], layers: Sequence[LayerInfo], what: str
         elif shape[0] != n:
             raise ValueError(f"{what}: layers have different batch sizes ({n} and {shape[0]} at {l.path!r})")
     return int(n)
+
+
+def check_projection_layers(projection: Mapping, layers: Sequence[LayerInfo], what: str) -> None:
+    """Where the projection metadata lists layers with ``k_out`` / ``k_in``, the grads must match."""
+    listed = projection.get("layers") if isinstance(projection, Mapping) else None
+    if not isinstance(listed, Mapping) or not listed:
+        return
+    for l in layers:
+        if l.path not in listed:
+            raise ValueError(f"{what}: layer {l.path!r} is not in the projection metadata's layers "
+                             f"{sorted(listed)}")
+        info = listed[l.path]
+        for key, got in (("k_out", l.k_out), ("k_in", l.k_in)):
+            if isinstance(info, Mapping) and key in info and info[key] != got:
+                raise ValueError(f"{what}[{l.path!r}]: {key} is {got} but the projection metadata "
+                                 f"says {info[key]}")
 
 
 def pack_rows(grads: Mapping[str, Any], layers: Sequence[LayerInfo], dtype=None) -> jax.Array:
@@ -581,6 +601,7 @@ class LogWriter:
 
     def _create(self, grads: Mapping, ids_kind: str) -> None:
         layers = layers_from_grads(grads)
+        check_projection_layers(self.projection, layers, "grads")
         dim = sum(l.dim for l in layers)
         chunk_rows = self._chunk_rows_arg or max(
             1, _TARGET_CHUNK_BYTES // (dim * _DTYPES[self.dtype][1].itemsize))
