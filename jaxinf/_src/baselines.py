@@ -345,7 +345,7 @@ def kfac_eigenbasis(acts: dict, *, ekfac: bool = False) -> KFACEigenbasis:
     return KFACEigenbasis(q_in, q_out, eig)
 
 
-def kfac_influence(test_acts: dict, train_acts: dict, *, factors: KFACEigenbasis | None = None, ekfac: bool = False, damping_ratio: float = 0.1) -> jax.Array:
+def kfac_influence(test_acts: dict, train_acts: dict, *, eigenbasis: KFACEigenbasis | None = None, ekfac: bool = False, damping_ratio: float = 0.1) -> jax.Array:
     """KFAC / EKFAC influence ``sum_layers <(F_l + lambda_l I)^{-1} G_te, G_tr>``.
 
     In the Kronecker eigenbasis ``R = Q_A^T G Q_S`` the damped inverse is elementwise
@@ -353,7 +353,7 @@ def kfac_influence(test_acts: dict, train_acts: dict, *, factors: KFACEigenbasis
 
     Args:
       test_acts, train_acts: :func:`dense_activations` outputs (same layers).
-      factors: precomputed :func:`kfac_eigenbasis`; by default from ``train_acts``.
+      eigenbasis: precomputed :func:`kfac_eigenbasis`; by default from ``train_acts``.
       ekfac: use corrected eigenvalues.
       damping_ratio: per-layer relative damping.
     Returns:
@@ -361,11 +361,11 @@ def kfac_influence(test_acts: dict, train_acts: dict, *, factors: KFACEigenbasis
     """
     if set(test_acts) != set(train_acts):
         raise ValueError(f"test and train layers differ: {sorted(set(test_acts) ^ set(train_acts))}")
-    if factors is None:
-        factors = kfac_eigenbasis(train_acts, ekfac=ekfac)
+    if eigenbasis is None:
+        eigenbasis = kfac_eigenbasis(train_acts, ekfac=ekfac)
     total = None
     for layer in sorted(test_acts):
-        qa, qs, lam = factors.q_in[layer], factors.q_out[layer], factors.eigenvalues[layer]
+        qa, qs, lam = eigenbasis.q_in[layer], eigenbasis.q_out[layer], eigenbasis.eigenvalues[layer]
         damp = damping_ratio * jnp.mean(lam)
         rte = jnp.einsum("ij,nio,ok->njk", qa, layer_grads_from_activations({layer: test_acts[layer]})[layer], qs)
         rtr = jnp.einsum("ij,nio,ok->njk", qa, layer_grads_from_activations({layer: train_acts[layer]})[layer], qs)

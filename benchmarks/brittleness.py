@@ -1,0 +1,85 @@
+"""Brittleness test on the digits MLP: remove each test example's top-k training examples, retrain.
+
+For correctly classified test examples (chosen at random, seeded) and each method, the ``k``
+training examples with the largest scores are removed and the model is retrained with several
+seeds (``jaxinf.brittleness``, vmapped). A prediction counts as flipped when the margin is
+negative for a majority of seeds. Random scores are the control.
+
+    python benchmarks/brittleness.py --out benchmarks/results/brittleness_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# benchmarks/ holds scripts named like stdlib modules (logging.py): never import from it first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.append(_HERE)  # for `from lds import ...`, after the stdlib
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxinf  # noqa: E402
+from jaxinf._src import examples  # noqa: E402
+from lds import logra_grads  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/brittleness_cpu.json")
+    ap.add_argument("--num-test", type=int, default=10)
+    ap.add_argument("--ks", default="10,25,50")
+    ap.add_argument("--num-seeds", type=int, default=2)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    ks = [int(k) for k in args.ks.split(",")]
+    task = examples.digits_task("mlp", n_train=300 if args.small else 1000, n_test=100, steps=100 if args.small else 200)
+    n_train = task.x_train.shape[0]
+    t_all = time.perf_counter()
+    params = jax.jit(task.train_fn)(task.init_fn(jax.random.PRNGKey(10_000 + args.seed)), jnp.ones(n_train),
+                                    jax.random.PRNGKey(20_000 + args.seed))
+    margins = np.asarray(task.output_fn(params))
+    rng = np.random.default_rng(args.seed)
+    chosen = np.sort(rng.choice(np.flatnonzero(margins > 0), size=args.num_test, replace=False))
+
+    batch = (task.x_train, task.y_train)
+    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, batch))
+    g_te = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test)))
+    acts_tr = jaxinf.dense_activations(task.model, params, task.out_loss, *batch)
+    acts_te = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_test, task.y_test)
+    tr, te, nbytes = logra_grads(task, params, 16, "pca", seed=args.seed)
+    methods = {
+        "random": rng.normal(size=(task.x_test.shape[0], n_train)),
+        "grad_dot": jaxinf.grad_dot(g_te, g_tr),
+        "ekfac": jaxinf.kfac_influence(acts_te, acts_tr, ekfac=True),
+        "logra_pca_16x16": jaxinf.influence_scores(tr, te),
+        f"trak_{nbytes // 4}": jaxinf.trak(g_te, g_tr, dim=nbytes // 4, key=jax.random.PRNGKey(args.seed + 7)),
+    }
+    out = {"command": "python benchmarks/brittleness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "backend": jax.default_backend(), "n_train": int(n_train), "test_indices": chosen.tolist(), "ks": ks,
+           "num_seeds": args.num_seeds, "methods": {}}
+    for name, scores in methods.items():
+        t0 = time.perf_counter()
+        r = jaxinf.brittleness(np.asarray(scores), chosen, ks, init_fn=task.init_fn, train_fn=task.train_fn,
+                               output_fn=task.output_fn, num_seeds=args.num_seeds, seed=args.seed + 1,
+                               chunk_size=max(1, 64 // args.num_seeds), progress=False)
+        out["methods"][name] = {"flip_fraction": r.flip_fraction.tolist(), "mean_margin": r.mean_output.tolist(),
+                                "retrain_s": time.perf_counter() - t0}
+        print(f"{name:18s} flip fraction at k={ks}: {np.round(r.flip_fraction, 2).tolist()}  "
+              f"mean margin {np.round(r.mean_output, 2).tolist()}", flush=True)
+    out["total_s"] = time.perf_counter() - t_all
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out} ({out['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
