@@ -7,6 +7,7 @@ print one JSON line of measured errors and collective counts; the assertions liv
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -24,13 +25,13 @@ F32_RTOL = 1e-5
 BF16_RTOL = 5e-2
 
 
-def start_script(name: str) -> subprocess.Popen:
+def start_script(name: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("JAX_ENABLE_X64", None)  # float32, the dtype the tolerances are about
-    return subprocess.Popen([sys.executable, os.path.join(SCRIPTS, name)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, os.path.join(SCRIPTS, name), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -45,10 +46,19 @@ def finish_script(name: str, proc: subprocess.Popen, timeout: int = 400) -> dict
     return json.loads(out.strip().splitlines()[-1])
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def procs():
-    # Both scripts start at once: most of their time is XLA compilation, which overlaps.
+def procs(tmp_path_factory):
+    # All scripts start at once: most of their time is XLA compilation, which overlaps.
     ps = {n: start_script(n) for n in ("jaxinf_check.py", "jaxmlo_check.py")}
+    port, tmp = str(free_port()), str(tmp_path_factory.mktemp("multiprocess"))
+    for pid in ("0", "1"):  # two processes of one jax.distributed job, 4 CPU devices each
+        ps[f"multiprocess_{pid}"] = start_script("multiprocess_check.py", pid, port, tmp)
     yield ps
     for p in ps.values():
         if p.poll() is None:
@@ -64,6 +74,22 @@ def jaxinf_results(procs):
 @pytest.fixture(scope="module")
 def jaxmlo_results(procs):
     return finish_script("jaxmlo_check.py", procs["jaxmlo_check.py"])
+
+
+@pytest.fixture(scope="module")
+def multiprocess_results(procs):
+    finish_script_rc("multiprocess_check.py (process 1)", procs["multiprocess_1"])
+    return finish_script("multiprocess_check.py (process 0)", procs["multiprocess_0"])
+
+
+def finish_script_rc(name: str, proc: subprocess.Popen, timeout: int = 400) -> None:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{name} timed out after {timeout} s:\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}\n{err[-6000:]}"
 
 
 @pytest.mark.multidevice
@@ -197,3 +223,20 @@ def test_mixed_precision_wrapper_single_device():
     ref = jax.grad(lambda p: jnp.mean((x @ p["w"]) ** 2) * 0.5)(p)
     # bf16 inputs and products: about 3 significant digits
     assert jnp.allclose(g["w"], ref["w"], rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (jax.distributed, gloo collectives on CPU), 4 devices each
+
+
+@pytest.mark.multidevice
+def test_multiprocess_logging_query_and_step(multiprocess_results):
+    r = multiprocess_results
+    # each process wrote its own shard of one log; statistics reduced across processes
+    assert r["shards"] == ["p0", "p1"] and r["rows_written_here"] == 16
+    assert r["count"] == 32 and r["log_rows"] == 32
+    assert r["cov_rel_err"] < F32_RTOL and r["log_cov_rel_err"] < F32_RTOL
+    # each process read only its devices' chunks; the merged top-k equals a full query
+    assert r["query_same_top_rows"] and r["query_rel_err"] < F32_RTOL
+    # the CG program step across both processes equals one device on the global batch
+    assert r["cg_params_rel_err"] < F32_RTOL

@@ -318,6 +318,8 @@ def log_sharded(logging: ShardedLogging, params, batches: Iterable, writer=None,
     if writer is not None and ids_fn is None:
         raise ValueError("log_sharded: a writer needs ids_fn(batch) -> data ids")
     state = logging.init()
+    # replicated over the whole mesh (needed when the mesh spans several processes)
+    params = jax.device_put(params, NamedSharding(logging.mesh, P()))
     for batch in tqdm(batches, total=total, desc="logging", disable=not progress):
         state, grads = logging.step(state, params, batch)
         if writer is not None:
