@@ -172,6 +172,8 @@ def test_parallel_sama_equals_per_shard_reference(jaxmlo_results):
     # computes exactly that on one device, shard by shard.
     assert r["sama_params_rel_err"] < F32_RTOL
     assert r["sama_replicated"]
+    # jaxmlo.run(..., step_fn=parallel_step(...)) drives the same computation
+    assert r["run_driver_rel_err"] < F32_RTOL
     # ... which is not global-batch SAMA: the two differ by far more than rounding.
     assert r["sama_vs_global_batch_rel_diff"] > 100 * F32_RTOL
 
@@ -240,3 +242,73 @@ def test_multiprocess_logging_query_and_step(multiprocess_results):
     assert r["query_same_top_rows"] and r["query_rel_err"] < F32_RTOL
     # the CG program step across both processes equals one device on the global batch
     assert r["cg_params_rel_err"] < F32_RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# One device, in this process (float64): the parallel code paths reduce to the plain ones
+
+
+def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import jaxinf
+    import jaxmlo
+
+    mesh = jaxinf.data_mesh(jax.devices()[:1])
+    model = nn.Dense(3)
+    x = jax.random.normal(jax.random.key(0), (6, 4), jnp.float64)
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x)["params"])
+
+    def loss_fn(p, b):
+        logits = model.apply({"params": p}, b["x"])
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), b["y"][:, None], 1))
+
+    cap = jaxinf.linen_capture(loss_fn)
+    layers = jaxinf.find_layers(cap, params, {"x": x, "y": y})
+    projs = jaxinf.random_projections(layers, key=jax.random.key(2), k_in=3, k_out=2,
+                                      dtype=jnp.float64)
+    meta = jaxinf.projection_metadata(projs, init="random", seed=2)
+    batch = {"x": x, "y": y}
+    ref = jaxinf.projected_gradients(cap, projs)(params, batch)
+    logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, stats_dtype=jnp.float64)
+    with jaxinf.LogWriter(str(tmp_path / "log"), meta, dtype="float64", statistics=False) as w:
+        stats = jaxinf.log_sharded(logging, params, [batch], w, ids_fn=lambda b: list(range(6)),
+                                   progress=False)
+    acc = jaxinf.projected_covariance()
+    cov = acc.finalize(acc.update(acc.init(ref), ref))
+    # same float64 sums, same order: equal to rounding
+    (name,) = ref  # the one captured layer
+    np.testing.assert_allclose(stats.covariance[name], cov[name], rtol=1e-12)
+    log = jaxinf.open_log(str(tmp_path / "log"))
+    rows, _ = log.read()
+    np.testing.assert_allclose(rows[name], ref[name], rtol=1e-12)
+    r1 = jaxinf.query(log, ref, meta, top_k=3, progress=False)
+    r2 = jaxinf.sharded_query(log, ref, meta, mesh=mesh, top_k=3, progress=False)
+    np.testing.assert_array_equal(r1.top_rows, r2.top_rows)
+    np.testing.assert_allclose(r1.top_scores, r2.top_scores, rtol=1e-12)
+
+    # jaxmlo: with one shard, data-parallel SAMA is SAMA; CG is CG
+    def base_loss(w, deps, b):
+        return jnp.mean((b[0] @ w - b[1]) ** 2) + deps["meta"] * jnp.sum(w ** 2)
+
+    def meta_loss(lam, deps, b):
+        return jnp.mean((b[0] @ deps["base"] - b[1]) ** 2)
+
+    xb = jax.random.normal(jax.random.key(3), (1, 6, 4), jnp.float64)
+    yb = jax.random.normal(jax.random.key(4), (1, 6), jnp.float64)
+    batches = {"base": (xb, yb), "meta": (xb[:, ::-1], yb)}
+    for method in (jaxmlo.sama(), jaxmlo.cg(maxiter=10, tol=0.0)):
+        prog = jaxmlo.Program(
+            [jaxmlo.Problem("base", base_loss, jnp.ones(4, jnp.float64), optax.adam(0.1),
+                            method=method),
+             jaxmlo.Problem("meta", meta_loss, jnp.asarray(0.1, jnp.float64), optax.adam(0.1))],
+            u2l={"meta": ["base"]}, l2u={"base": ["meta"]})
+        s1, m1 = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))(jaxmlo.init(prog), batches)
+        s2, m2 = jaxmlo.parallel_step(prog, mesh)(jaxmlo.init(prog), batches)
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, err_msg=method.name)  # float64 rounding
