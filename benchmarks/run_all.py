@@ -1,7 +1,7 @@
 """Run every benchmark under benchmarks/ at one size and collect the results in one JSON file.
 
     python -m benchmarks.run_all --size small     # CPU-sized, minutes on 2 cores
-    python -m benchmarks.run_all --size large     # GPU-sized (issue 7), tens of minutes
+    python -m benchmarks.run_all --size large --budget-s 540   # GPU-sized (issue 7)
 
 Each ``benchmarks/<name>.py`` present is run as ``python -m benchmarks.<name>`` in its own
 process (a crash or timeout is recorded, the others still run), with the size's flags from the
@@ -35,6 +35,7 @@ FLAGS = {
               "large": ["--rows", "1048576", "--layers", "16", "--k-out", "16", "--k-in", "16",
                         "--queries", "1,64,256"]},
     "lds": {"small": ["--small"], "large": []},
+    "brittleness": {"small": ["--small"], "large": []},
     "mwn_speed": {"small": ["--hidden", "64", "--batch", "64", "--iters", "10", "--repeats", "1"],
                   "large": ["--hidden", "1024", "--batch", "256", "--iters", "200"]},
     "mwn_digits": {"small": ["--seeds", "1", "--steps", "100"], "large": []},
@@ -43,13 +44,17 @@ FLAGS = {
     "scale": {"small": ["--size", "small"], "large": ["--size", "large"]},
 }
 SKIP = {"run_all"}
+# Run order: issue 7's scale-out benchmarks first, so a time budget cuts the least important.
+PRIORITY = ["scale", "logging", "store", "hypergrad", "mwn_speed", "lds", "mwn_digits",
+            "noisy_digits", "domain_digits", "brittleness"]
 TIMEOUT = {"small": 600, "large": 3600}
 
 
 def discover() -> list[str]:
     names = [f[:-3] for f in sorted(os.listdir(HERE))
              if f.endswith(".py") and not f.startswith("_") and f[:-3] not in SKIP]
-    return names
+    rank = {n: i for i, n in enumerate(PRIORITY)}
+    return sorted(names, key=lambda n: (rank.get(n, len(PRIORITY)), n))
 
 
 def _env() -> dict:
@@ -99,7 +104,7 @@ def filter_flags(flags: list[str], accepted: set[str] | None) -> tuple[list[str]
     return keep, dropped
 
 
-def run_one(name: str, size: str, scratch: str) -> dict:
+def run_one(name: str, size: str, scratch: str, timeout: float) -> dict:
     out = os.path.join(scratch, f"{name}.json")
     flags = FLAGS.get(name, {}).get(size, [])
     flags, dropped = filter_flags(flags, accepted_flags(name))
@@ -110,13 +115,13 @@ def run_one(name: str, size: str, scratch: str) -> dict:
     rec = {"command": shown, "dropped_flags": dropped, "known": name in FLAGS}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(), text=True, capture_output=True,
-                              timeout=TIMEOUT[size])
+                              timeout=timeout)
         rec["returncode"] = proc.returncode
         if proc.returncode != 0:
             rec["stderr_tail"] = proc.stderr[-3000:]
     except subprocess.TimeoutExpired as e:
         rec["returncode"] = None
-        rec["error"] = f"timed out after {TIMEOUT[size]} s"
+        rec["error"] = f"timed out after {timeout:.0f} s"
         rec["stderr_tail"] = (e.stderr or b"")[-3000:].decode(errors="replace") \
             if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:]
     rec["wall_s"] = time.perf_counter() - t0
@@ -130,11 +135,24 @@ def run_one(name: str, size: str, scratch: str) -> dict:
     return rec
 
 
+def _write(result: dict, args, tag: str, date: str) -> str:
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"run_all_{args.size}_{tag}_{date}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("small", "large"), default="small")
     ap.add_argument("--only", default=None, help="comma-separated benchmark names")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting benchmarks after this many seconds; a running one is cut "
+                         "at the budget (for time-limited GPU sessions)")
     args = ap.parse_args()
     present = discover()
     names = present if args.only is None else [n for n in args.only.split(",") if n in present]
@@ -158,14 +176,20 @@ def main():
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="run_all_") as scratch:
         for name in names:
-            result["benchmarks"][name] = run_one(name, args.size, scratch)
+            left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t0)
+            if left is not None and left < 30:
+                result["benchmarks"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+                print(f"[run_all] {name}: skipped (budget)", flush=True)
+                continue
+            timeout = TIMEOUT[args.size] if left is None else min(TIMEOUT[args.size], left)
+            result["benchmarks"][name] = run_one(name, args.size, scratch, timeout)
+            # keep what finished even if a later benchmark takes the machine down
+            _write(result, args, tag, date)
     result["total_wall_s"] = time.perf_counter() - t0
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"run_all_{args.size}_{tag}_{date}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = _write(result, args, tag, date)
     print(f"[run_all] wrote {path} ({result['total_wall_s']:.0f} s)")
-    failed = [n for n, r in result["benchmarks"].items() if r.get("returncode") != 0]
+    failed = [n for n, r in result["benchmarks"].items()
+              if "skipped" not in r and r.get("returncode") != 0]
     if failed:
         print(f"[run_all] failed: {failed}")
 
