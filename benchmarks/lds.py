@@ -154,14 +154,14 @@ def main(argv=None):
     cfg = {
         "mlp": dict(make=lambda: examples.digits_task("mlp", n_train=200 if small else 1000, n_test=50 if small else 100,
                                                       steps=100 if small else 200),
-                    num_subsets=16 if small else 48, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16),
+                    num_subsets=16 if small else 48, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16, 32),
                     exact=True),
         "cnn": dict(make=lambda: examples.digits_task("cnn", n_train=200 if small else 1000, n_test=50 if small else 100,
                                                       steps=100 if small else 200),
-                    num_subsets=16 if small else 32, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16), exact=True),
+                    num_subsets=16 if small else 32, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16, 32), exact=True),
         "lm": dict(make=lambda: examples.lm_task(n_train=64 if small else 128, n_test=16 if small else 32,
                                                  steps=50 if small else 100),
-                   num_subsets=8 if small else 24, num_seeds=2, sizes=(4,) if small else (4, 8), exact=True),
+                   num_subsets=8 if small else 24, num_seeds=2, sizes=(4,) if small else (4, 8, 16), exact=True),
     }
     results = {"command": "python benchmarks/lds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "backend": jax.default_backend(), "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
