@@ -229,9 +229,10 @@ def sharded_logging(
 def write_sharded(writer, grads: Mapping[str, jax.Array], ids: Sequence) -> int:
     """Write the rows of a sharded ``grads`` batch that live on this process, device by device.
 
-    Each addressable shard (one device's slice of the batch) is copied to the host on its own and
-    handed to ``writer.write_async`` together with the matching slice of ``ids``; nothing is
-    gathered onto one device. With several processes, each process passes its own writer
+    Each addressable shard (one device's slice of the batch) is handed to ``writer.write_async``
+    on its own, together with the matching slice of ``ids``; nothing is gathered onto one device.
+    With ``LogWriter(..., statistics=False)`` (statistics come from the logging pass instead) the
+    writer packs and casts each shard's rows on its own device before the host copy. With several processes, each process passes its own writer
     (``writer_id`` = its process index) and the global ``ids`` of the batch.
 
     Returns:
@@ -251,9 +252,17 @@ def write_sharded(writer, grads: Mapping[str, jax.Array], ids: Sequence) -> int:
                 shards[start] = s
         by_layer[path] = shards
     starts = sorted(by_layer[next(iter(by_layer))])
+    # Without writer statistics, hand the writer each device's own arrays: it packs the rows
+    # (and casts them to the storage dtype) on that device, then copies them to the host. With
+    # statistics, the writer accumulates on its default device, so it gets host arrays.
+    on_device = getattr(writer, "_statistics", True) is False
+    for shards in by_layer.values():
+        for sh in shards.values():
+            sh.data.copy_to_host_async()  # all devices' transfers start before the first wait
     written = 0
     for start in starts:
-        part = {path: np.asarray(by_layer[path][start].data) for path in grads}
+        part = {path: (by_layer[path][start].data if on_device
+                       else np.asarray(by_layer[path][start].data)) for path in grads}
         n = next(iter(part.values())).shape[0]
         writer.write_async(part, ids[start:start + n])
         written += n
