@@ -265,8 +265,9 @@ def parallel_step(program: Program, mesh: Mesh, *, axis: str = "data",
       mesh: e.g. :func:`data_mesh`; the example axis of every batch is split over ``axis``.
       axis: the mesh axis name.
       local_methods: names of hypergradient methods whose derivatives stay local with one
-        all-reduce per update (see the module docstring); ``()`` makes every problem global,
-        i.e. exactly the single-device step on the global batch.
+        all-reduce per update (see the module docstring); with ``()`` every problem that has
+        lower problems runs globally, so the step equals the single-device step on the global
+        batch (problems without lower problems are first-order: one all-reduce either way).
       reduction: ``"mean"`` or ``"sum"``: how the losses combine over the shards.
       jit: compile the whole step as one XLA program.
       donate: donate the input state's buffers.
