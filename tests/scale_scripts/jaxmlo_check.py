@@ -160,6 +160,12 @@ glob_step = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))
 for i in range(STEPS):
     glob, _ = glob_step(glob, make_batches(i))
 out["sama_vs_global_batch_rel_diff"] = rel(par_state.params["meta"], glob.params["meta"])
+# local_methods=(): SAMA's passes run on the global batch (SPMD) and equal the one-device step
+gstep = jaxmlo.parallel_step(prog, mesh, local_methods=())
+gstate = jaxmlo.replicate(jaxmlo.init(prog), mesh)
+for i in range(STEPS):
+    gstate, _ = gstep(gstate, jaxmlo.shard_batches(make_batches(i), mesh))
+out["sama_global_mode_rel_err"] = rel(gstate.params, glob.params)
 
 out["sama_collectives"] = jaxmlo.count_collectives(sama_hlo)
 # the base problem alone (its 2 unrolled steps are one scan: one all-reduce in the loop body)
