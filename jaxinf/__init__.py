@@ -21,6 +21,16 @@ from jaxinf._src.projection import (
     random_projections,
     top_eigenvectors,
 )
+from jaxinf._src.query import (
+    Preconditioner,
+    QueryResult,
+    SelfInfluence,
+    influence_scores,
+    merge_results,
+    preconditioner,
+    query,
+    self_influence,
+)
 from jaxinf._src.statistics import (
     Accumulator,
     KFACFactors,
@@ -28,6 +38,7 @@ from jaxinf._src.statistics import (
     kfac_factors,
     projected_covariance,
 )
+from jaxinf._src.store import LayerStatistics, Log, LogWriter, WriteHandle, open_log
 
 __version__ = "0.1.0"
 
@@ -58,6 +69,21 @@ __all__ = [
     "KFACState",
     "kfac_factors",
     "projected_covariance",
+    # store
+    "LayerStatistics",
+    "Log",
+    "LogWriter",
+    "WriteHandle",
+    "open_log",
+    # query
+    "Preconditioner",
+    "QueryResult",
+    "SelfInfluence",
+    "influence_scores",
+    "merge_results",
+    "preconditioner",
+    "query",
+    "self_influence",
 ]
 
 # --- evaluate stream: counterfactual evaluation and attribution baselines -------------------
@@ -98,38 +124,6 @@ __all__ += [
     "representation_similarity", "retrain", "spearman", "subset_predictions", "trak",
 ]
 # --- end evaluate stream ----------------------------------------------------------------------
-
-# --- store / query (stream `store`) ---
-from jaxinf._src.query import (
-    Preconditioner,
-    QueryResult,
-    SelfInfluence,
-    influence_scores,
-    merge_results,
-    preconditioner,
-    query,
-    self_influence,
-)
-from jaxinf._src.store import LayerStatistics, Log, LogWriter, WriteHandle, open_log
-
-_STORE_ALL = [
-    "LayerStatistics",
-    "Log",
-    "LogWriter",
-    "Preconditioner",
-    "QueryResult",
-    "SelfInfluence",
-    "WriteHandle",
-    "influence_scores",
-    "merge_results",
-    "open_log",
-    "preconditioner",
-    "query",
-    "self_influence",
-]
-# --- end store / query ---
-
-__all__ += _STORE_ALL
 
 # --- scale stream: data-parallel logging and queries ---
 from jaxinf._src.parallel import (  # noqa: E402

@@ -83,3 +83,27 @@ def test_dense_activations_reproduce_per_example_gradients():
     np.testing.assert_allclose(g["head"], grads["head"]["kernel"], rtol=1e-10, atol=1e-12)
     flat = bl.flatten_per_example(grads)
     assert flat.shape == (5, 3 * 4 + 4 + 4 * 2)
+
+
+@pytest.mark.parametrize("name", ["grad_dot", "grad_cosine", "exact_influence", "trak", "representation_similarity"])
+def test_every_flat_baseline_is_jittable_shaped_and_finite(name):
+    rng = np.random.default_rng(4)
+    te, tr = jnp.asarray(rng.normal(size=(3, 7))), jnp.asarray(rng.normal(size=(9, 7)))
+    fns = {
+        "grad_dot": bl.grad_dot,
+        "grad_cosine": bl.grad_cosine,
+        "exact_influence": bl.exact_influence,
+        "trak": lambda a, b: bl.trak(a, b, projection=jnp.eye(7)[:, :5]),
+        "representation_similarity": bl.representation_similarity,
+    }
+    s = jax.jit(fns[name])(te, tr)
+    assert s.shape == (3, 9) and s.dtype == jnp.float64 and bool(jnp.all(jnp.isfinite(s)))
+
+
+def test_baselines_reject_mismatched_inputs():
+    with pytest.raises(ValueError, match="columns"):
+        bl.exact_influence(np.ones((2, 3)), np.ones((4, 5)))
+    with pytest.raises(ValueError, match="projection"):
+        bl.trak(np.ones((2, 3)), np.ones((4, 3)))
+    with pytest.raises(ValueError, match="layers differ"):
+        bl.block_influence({"a": np.ones((2, 3))}, {"b": np.ones((4, 3))})
