@@ -124,3 +124,23 @@ __all__ += [
     "representation_similarity", "retrain", "spearman", "subset_predictions", "trak",
 ]
 # --- end evaluate stream ----------------------------------------------------------------------
+
+# --- scale stream: data-parallel logging and queries ---
+from jaxinf._src.parallel import (  # noqa: E402
+    LoggingState,
+    LoggingStatistics,
+    ShardedLogging,
+    count_collectives,
+    data_mesh,
+    log_sharded,
+    save_shard_statistics,
+    sharded_logging,
+    sharded_query,
+    write_sharded,
+)
+
+__all__ += [
+    "LoggingState", "LoggingStatistics", "ShardedLogging", "count_collectives", "data_mesh",
+    "log_sharded", "save_shard_statistics", "sharded_logging", "sharded_query", "write_sharded",
+]
+# --- end scale stream ---

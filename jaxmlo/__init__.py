@@ -62,3 +62,19 @@ __all__ = [
     "save_checkpoint",
     "restore_checkpoint",
 ]
+
+# --- scale stream: data parallelism and mixed precision ---
+from jaxmlo._src.parallel import (  # noqa: E402
+    count_collectives,
+    data_mesh,
+    mixed_precision,
+    parallel_step,
+    replicate,
+    shard_batches,
+)
+
+__all__ += [
+    "count_collectives", "data_mesh", "mixed_precision", "parallel_step", "replicate",
+    "shard_batches",
+]
+# --- end scale stream ---
