@@ -17,11 +17,8 @@ import os
 import sys
 import time
 
-# benchmarks/ holds scripts named like stdlib modules (logging.py): never import from it first.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-sys.path.append(_HERE)  # for `from lds import ...`, after the stdlib
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]  # the repo root; this folder for `from lds import`
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -23,10 +23,7 @@ import platform
 import sys
 import time
 
-# benchmarks/ holds scripts named like stdlib modules (logging.py): never import from it first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(HERE)
 # name: {size: flags}. "large" sizes follow issue 7 (GPU); "small" fits a 2-core CPU.
 FLAGS = {
     "hypergrad": {"small": ["--small"], "large": []},
-    "logging": {"small": ["--size", "small", "--repeats", "2"], "large": ["--size", "full"]},
+    "logra_logging": {"small": ["--size", "small", "--repeats", "2"], "large": ["--size", "full"]},
     "store": {"small": ["--rows", "20000", "--reps", "1", "--logix-rows", "0"],
               "large": ["--rows", "1048576", "--layers", "16", "--k-out", "16", "--k-in", "16",
                         "--queries", "1,64,256"]},
@@ -45,7 +45,7 @@ FLAGS = {
 }
 SKIP = {"run_all"}
 # Run order: issue 7's scale-out benchmarks first, so a time budget cuts the least important.
-PRIORITY = ["scale", "logging", "store", "hypergrad", "mwn_speed", "lds", "mwn_digits",
+PRIORITY = ["scale", "logra_logging", "store", "hypergrad", "mwn_speed", "lds", "mwn_digits",
             "noisy_digits", "domain_digits", "brittleness"]
 TIMEOUT = {"small": 600, "large": 3600}
 

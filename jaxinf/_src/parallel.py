@@ -31,18 +31,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+# One mesh helper and one HLO collective counter for both libraries (jaxmlo's public API).
+from jaxmlo import count_collectives, data_mesh
+
 from jaxinf._src import query as _query
 from jaxinf._src import store as _store
 from jaxinf._src.capture import kfac_batch_sums, projected_gradients
 from jaxinf._src.statistics import KFACFactors
-
-
-def data_mesh(devices: Sequence | None = None, *, axis: str = "data") -> Mesh:
-    """A one-axis mesh over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    if not devices:
-        raise ValueError("data_mesh: devices is empty")
-    return Mesh(np.asarray(devices), (axis,))
 
 
 def _cast_floats(tree, dtype):
@@ -478,21 +473,3 @@ def sharded_query(log, test_grads: Mapping[str, Any], projection: Mapping, *, me
     top_i, bot_i = np.asarray(out.top_i), np.asarray(out.bot_i)
     return _query.QueryResult(np.asarray(out.top_v), ids[top_i], top_i, -np.asarray(out.bot_v),
                               ids[bot_i], bot_i, None)
-
-
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-    """Count cross-device collectives in compiled HLO text (``jitted.lower(...).compile().as_text()``).
-
-    Counts instructions, e.g. ``%all-reduce.3 = f32[4] all-reduce(...)``: async pairs
-    (``all-reduce-start`` / ``-done``) count once, by their ``-start``.
-    """
-    import re
-
-    out = {}
-    for name in _COLLECTIVES:
-        pat = re.compile(r"=\s*[^=]*?\b" + re.escape(name) + r"(-start)?\(")
-        out[name] = len(pat.findall(hlo_text))
-    return out

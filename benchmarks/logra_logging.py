@@ -6,16 +6,13 @@ step on the same model and batch, their ratio, and the compiled memory of both
 (``jax.jit(f).lower(...).compile().memory_analysis()``). LogIX is compared only if ``logix``
 is importable (it is not a dependency). Writes JSON (``--out``).
 
-    python benchmarks/logging.py --size small --out benchmarks/results/logging_cpu.json
+    python benchmarks/logra_logging.py --size small --out benchmarks/results/logging_cpu.json
 """
 import os
 import sys
 
-# This file is named like the stdlib module `logging` (which jax imports): when run as a script
-# its folder would come first on sys.path and shadow it. Put the repository root there instead.
 _here = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-sys.path.insert(0, os.path.dirname(_here))
+sys.path.insert(0, os.path.dirname(_here))  # the repo root
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -313,8 +310,8 @@ def main():
         logix_result = f"skipped: logix (logix-ai) / torch not importable ({e})"
 
     result = {
-        "benchmark": "logging",
-        "command": "python benchmarks/logging.py " + " ".join(sys.argv[1:]),
+        "benchmark": "logra_logging",
+        "command": "python benchmarks/logra_logging.py " + " ".join(sys.argv[1:]),
         "size": args.size,
         "config": dict(cfg, rank=rank),
         "backend": jax.default_backend(),
