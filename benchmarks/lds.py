@@ -4,15 +4,22 @@ For each task (digits MLP, digits CNN, byte-level LM on pydoc_data.topics) this 
 
 1. retrains ``M`` models on random half subsets with ``S`` seeds each (``jaxinf.retrain``,
    vmapped) and records the measured output of every test example (margin, or minus the loss);
-2. trains one model on the full training set and computes, for every method, the
-   ``[n_test, n_train]`` score matrix from that model;
+2. trains one model (or ``--models K``) on the full training set and computes, for every method,
+   the ``[n_test, n_train]`` score matrix from each model;
 3. reports LDS with a 95% bootstrap interval, bytes stored per training example and wall time.
 
 Run (CPU, about 10 minutes on 2 cores)::
 
     python benchmarks/lds.py --out benchmarks/results/lds_cpu.json
 
-``--small`` runs a much smaller version (smoke test).
+``--small`` runs a much smaller version (smoke test). ``--models K`` (default 1) trains ``K``
+full models from different seeds, scores every method on each and reports LDS as mean ± std over
+the models (thesis 4.4.1, appendix C.2), e.g.::
+
+    python benchmarks/lds.py --tasks mlp --models 3 --out benchmarks/results/lds_mlp_models3_cpu.json
+
+``--methods`` (method families, e.g. ``grad_dot,ekfac,logra,trak``) and ``--sizes`` (LoGra ``k``)
+restrict what is run.
 """
 from __future__ import annotations
 
@@ -62,11 +69,94 @@ def logra_grads(task, params, k, init, *, seed=0, chunk=256):
     return tr, te, nbytes
 
 
-def run_task(name, task, *, num_subsets, num_seeds, sizes, exact, seed=0, progress=True):
+METHOD_FAMILIES = ("grad_dot", "grad_cosine", "exact_influence", "kfac", "ekfac", "representation_sim", "logra", "trak")
+
+
+def model_seed(seed, k):
+    """Seed of attribution model ``k``: model 0 uses ``seed`` itself (today's single-model run)."""
+    return seed if k == 0 else seed + 1000 * k
+
+
+def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMILIES):
+    """Yields ``(method, scores [n_test, n_train], seconds, bytes_per_example, extra)`` for one model."""
+    n_train = task.x_train.shape[0]
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+    want = set(methods)
+
+    # Full per-example gradients (shared by the full-gradient baselines; their time includes it).
+    g_tr = g_te = None
+    t_grads = 0.0
+    if want & {"grad_dot", "grad_cosine", "exact_influence", "trak"}:
+        t0 = time.perf_counter()
+        g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_train, task.y_train)))
+        g_te = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test)))
+        _block(g_tr)
+        t_grads = time.perf_counter() - t0
+    full_bytes = n_params * 4
+
+    for method, fn in [("grad_dot", jaxinf.grad_dot), ("grad_cosine", jaxinf.grad_cosine)]:
+        if method in want:
+            t0 = time.perf_counter()
+            s = _block(fn(g_te, g_tr))
+            yield method, s, t_grads + time.perf_counter() - t0, full_bytes, {}
+    if exact and "exact_influence" in want:
+        t0 = time.perf_counter()
+        s = _block(jaxinf.exact_influence(g_te, g_tr))
+        yield "exact_influence", s, t_grads + time.perf_counter() - t0, full_bytes, {}
+
+    if want & {"kfac", "ekfac"}:
+        t0 = time.perf_counter()
+        acts_tr = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_train if name != "lm" else task.x_train[:, :-1], task.y_train)
+        acts_te = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_test if name != "lm" else task.x_test[:, :-1], task.y_test)
+        t_acts = time.perf_counter() - t0
+        dense_params = sum(a.shape[-1] * d.shape[-1] for a, d in acts_tr.values())
+        for method, ek in [("kfac", False), ("ekfac", True)]:
+            if method in want:
+                t0 = time.perf_counter()
+                s = _block(jaxinf.kfac_influence(acts_te, acts_tr, ekfac=ek))
+                yield method, s, t_acts + time.perf_counter() - t0, dense_params * 4, {"note": "dense layers only"}
+
+    if "representation_sim" in want:
+        t0 = time.perf_counter()
+        f_tr, f_te = task.features_fn(params, task.x_train), task.features_fn(params, task.x_test)
+        s = _block(jaxinf.representation_similarity(f_te, f_tr))
+        yield "representation_sim", s, time.perf_counter() - t0, f_tr.shape[1] * 4, {}
+
+    for k in sizes:
+        nbytes = None
+        for init in ("random", "pca"):
+            if "logra" in want or (init == "random" and "trak" in want):
+                t0 = time.perf_counter()
+                tr, te, nbytes = logra_grads(task, params, k, init, seed=seed)
+                if "logra" in want:
+                    s = _block(jaxinf.influence_scores(tr, te, mode="dot"))
+                    yield f"logra_{init}_{k}x{k}", s, time.perf_counter() - t0, nbytes, {"k": k}
+        # TRAK with the same storage per example as LoGra at this k.
+        if "trak" in want:
+            dim = nbytes // 4
+            if dim <= 4 * n_params:
+                t0 = time.perf_counter()
+                s = _block(jaxinf.trak(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)))
+                yield f"trak_{dim}", s, t_grads + time.perf_counter() - t0, dim * 4, {"matches": f"logra {k}x{k}"}
+
+
+def run_task(name, task, *, num_subsets, num_seeds, sizes, exact, seed=0, progress=True, models=1,
+             methods=METHOD_FAMILIES):
+    """Ground truth from retraining on random subsets, then every method's LDS.
+
+    With ``models=1`` one model is trained on the full training set and each method's entry holds
+    ``lds`` and a bootstrap ``ci`` over test examples. With ``models=K > 1``, ``K`` full models are
+    trained (model ``k`` from seed :func:`model_seed`), every method scores each of them, and the
+    entry holds ``lds`` = mean over models, ``lds_std`` (sample std), ``lds_per_model`` and
+    ``ci_per_model`` (:func:`jaxinf.lds_models`); ``time_s`` is the mean per model.
+    """
     n_train = task.x_train.shape[0]
     res = {"task": name, "n_train": int(n_train), "n_test": int(task.x_test.shape[0]),
            "num_subsets": num_subsets, "num_seeds": num_seeds, "train_steps": task.info["steps"],
            "methods": {}}
+    if models > 1:
+        res["models"] = models
+        res["model_seeds"] = [model_seed(seed, k) for k in range(models)]
     masks = jaxinf.random_subsets(n_train, num_subsets, seed=seed)
     t0 = time.perf_counter()
     outputs = jaxinf.retrain(task.init_fn, task.train_fn, task.output_fn, masks, num_seeds=num_seeds,
@@ -76,66 +166,48 @@ def run_task(name, task, *, num_subsets, num_seeds, sizes, exact, seed=0, progre
     if num_seeds >= 2:
         res["seed_to_seed_spearman"] = float(np.nanmean(jaxinf.spearman(outputs[:, 0], outputs[:, 1], axis=0)))
 
-    t0 = time.perf_counter()
-    params = jax.jit(task.train_fn)(task.init_fn(jax.random.PRNGKey(10_000 + seed)),
-                                    jnp.ones(n_train, jnp.float32), jax.random.PRNGKey(20_000 + seed))
-    _block(params)
-    res["train_full_s"] = time.perf_counter() - t0
-    res["full_model_mean_output"] = float(np.mean(np.asarray(task.output_fn(params))))
-    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    res["n_params"] = n_params
-
-    def record(method, scores, seconds, nbytes, **extra):
-        r = jaxinf.lds(np.asarray(scores, np.float64), masks, outputs, seed=seed)
-        res["methods"][method] = {"lds": r.score, "ci": [r.ci_low, r.ci_high], "bytes_per_example": int(nbytes),
-                                  "time_s": round(seconds, 3), **extra}
-        print(f"  {name:5s} {method:22s} LDS {r.score:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
-              f"{nbytes:8d} B/ex  {seconds:6.2f} s", flush=True)
-
-    # Full per-example gradients (shared by the full-gradient baselines; their time includes it).
-    t0 = time.perf_counter()
-    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_train, task.y_train)))
-    g_te = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test)))
-    _block(g_tr)
-    t_grads = time.perf_counter() - t0
-    full_bytes = n_params * 4
-
-    for method, fn in [("grad_dot", jaxinf.grad_dot), ("grad_cosine", jaxinf.grad_cosine)]:
+    collected = {}  # method -> {"scores": [...], "time_s": [...], "nbytes": int, "extra": dict}
+    train_s, mean_out = [], []
+    for k in range(models):
+        ms = model_seed(seed, k)
         t0 = time.perf_counter()
-        s = _block(fn(g_te, g_tr))
-        record(method, s, t_grads + time.perf_counter() - t0, full_bytes)
-    if exact:
-        t0 = time.perf_counter()
-        s = _block(jaxinf.exact_influence(g_te, g_tr))
-        record("exact_influence", s, t_grads + time.perf_counter() - t0, full_bytes)
+        params = jax.jit(task.train_fn)(task.init_fn(jax.random.PRNGKey(10_000 + ms)),
+                                        jnp.ones(n_train, jnp.float32), jax.random.PRNGKey(20_000 + ms))
+        _block(params)
+        train_s.append(time.perf_counter() - t0)
+        mean_out.append(float(np.mean(np.asarray(task.output_fn(params)))))
+        res["n_params"] = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+        for method, scores, seconds, nbytes, extra in method_scores(name, task, params, sizes=sizes, exact=exact,
+                                                                    seed=ms, methods=methods):
+            r = jaxinf.lds(np.asarray(scores, np.float64), masks, outputs, seed=seed)
+            tag = f"model {k} " if models > 1 else ""
+            print(f"  {name:5s} {tag}{method:22s} LDS {r.score:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
+                  f"{nbytes:8d} B/ex  {seconds:6.2f} s", flush=True)
+            c = collected.setdefault(method, {"scores": [], "time_s": [], "nbytes": int(nbytes), "extra": extra})
+            c["scores"].append(np.asarray(scores, np.float64))
+            c["time_s"].append(seconds)
 
-    t0 = time.perf_counter()
-    acts_tr = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_train if name != "lm" else task.x_train[:, :-1], task.y_train)
-    acts_te = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_test if name != "lm" else task.x_test[:, :-1], task.y_test)
-    t_acts = time.perf_counter() - t0
-    dense_params = sum(a.shape[-1] * d.shape[-1] for a, d in acts_tr.values())
-    for method, ek in [("kfac", False), ("ekfac", True)]:
-        t0 = time.perf_counter()
-        s = _block(jaxinf.kfac_influence(acts_te, acts_tr, ekfac=ek))
-        record(method, s, t_acts + time.perf_counter() - t0, dense_params * 4, note="dense layers only")
-
-    t0 = time.perf_counter()
-    f_tr, f_te = task.features_fn(params, task.x_train), task.features_fn(params, task.x_test)
-    s = _block(jaxinf.representation_similarity(f_te, f_tr))
-    record("representation_sim", s, time.perf_counter() - t0, f_tr.shape[1] * 4)
-
-    for k in sizes:
-        for init in ("random", "pca"):
-            t0 = time.perf_counter()
-            tr, te, nbytes = logra_grads(task, params, k, init, seed=seed)
-            s = _block(jaxinf.influence_scores(tr, te, mode="dot"))
-            record(f"logra_{init}_{k}x{k}", s, time.perf_counter() - t0, nbytes, k=k)
-        # TRAK with the same storage per example as LoGra at this k.
-        dim = nbytes // 4
-        if dim <= 4 * n_params:
-            t0 = time.perf_counter()
-            s = _block(jaxinf.trak(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)))
-            record(f"trak_{dim}", s, t_grads + time.perf_counter() - t0, dim * 4, matches=f"logra {k}x{k}")
+    if models == 1:
+        res["train_full_s"] = train_s[0]
+        res["full_model_mean_output"] = mean_out[0]
+    else:
+        res["train_full_s"] = train_s
+        res["full_model_mean_output"] = mean_out
+    for method, c in collected.items():
+        if models == 1:
+            r = jaxinf.lds(c["scores"][0], masks, outputs, seed=seed)
+            res["methods"][method] = {"lds": r.score, "ci": [r.ci_low, r.ci_high], "bytes_per_example": c["nbytes"],
+                                      "time_s": round(c["time_s"][0], 3), **c["extra"]}
+            continue
+        if len(c["scores"]) != models:  # e.g. TRAK skipped for one model only: never expected
+            raise RuntimeError(f"{method}: scored {len(c['scores'])} of {models} models")
+        r = jaxinf.lds_models(c["scores"], masks, outputs, seed=seed)
+        res["methods"][method] = {"lds": r.mean, "lds_std": r.std, "lds_per_model": r.per_model.tolist(),
+                                  "ci_per_model": [[x.ci_low, x.ci_high] for x in r.results],
+                                  "bytes_per_example": c["nbytes"], "time_s": round(float(np.mean(c["time_s"])), 3),
+                                  **c["extra"]}
+        print(f"  {name:5s} {method:22s} LDS over {models} models {r.mean:+.3f} ± {r.std:.3f}  "
+              f"({', '.join(f'{x:+.3f}' for x in r.per_model)})", flush=True)
     return res
 
 
@@ -145,7 +217,18 @@ def main(argv=None):
     ap.add_argument("--tasks", default="mlp,cnn,lm")
     ap.add_argument("--small", action="store_true", help="tiny smoke-test sizes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", type=int, default=1,
+                    help="attribution models trained from different seeds; K > 1 reports LDS mean ± std over them")
+    ap.add_argument("--methods", default=",".join(METHOD_FAMILIES),
+                    help="comma list of method families: " + ",".join(METHOD_FAMILIES))
+    ap.add_argument("--sizes", default=None, help="comma list of LoGra k (default: the task's)")
     args = ap.parse_args(argv)
+    if args.models < 1:
+        ap.error("--models must be >= 1")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = set(methods) - set(METHOD_FAMILIES)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {','.join(METHOD_FAMILIES)}")
 
     small = args.small
     cfg = {
@@ -168,8 +251,9 @@ def main(argv=None):
         c = cfg[name]
         print(f"[{name}]", flush=True)
         t0 = time.perf_counter()
-        r = run_task(name, c["make"](), num_subsets=c["num_subsets"], num_seeds=c["num_seeds"], sizes=c["sizes"],
-                     exact=c["exact"], seed=args.seed)
+        sizes = tuple(int(k) for k in args.sizes.split(",")) if args.sizes else c["sizes"]
+        r = run_task(name, c["make"](), num_subsets=c["num_subsets"], num_seeds=c["num_seeds"], sizes=sizes,
+                     exact=c["exact"], seed=args.seed, models=args.models, methods=methods)
         r["total_s"] = time.perf_counter() - t0
         print(f"  retrain {r['retrain_s']:.1f} s, seed-to-seed Spearman {r.get('seed_to_seed_spearman', float('nan')):.3f}, "
               f"task total {r['total_s']:.1f} s", flush=True)

@@ -46,6 +46,39 @@ def test_lds_of_perfect_linear_datamodel_is_one_and_of_random_scores_is_near_zer
     assert rand.ci_low < 0 < rand.ci_high
 
 
+def test_lds_models_gives_per_model_lds_mean_and_std_of_additive_models():
+    rng = np.random.default_rng(4)
+    n_train, n_test, m = 30, 12, 80
+    true = rng.normal(size=(n_test, n_train))
+    masks = ev.random_subsets(n_train, m, seed=1)
+    outputs = masks @ true.T  # exactly additive ground truth, float64
+    # Known per-model LDS: the true scores (+1), their negation (-1), a positive rescaling (+1).
+    stack = np.stack([true, -true, 2.5 * true])
+    res = ev.lds_models(stack, masks, outputs)
+    np.testing.assert_allclose(res.per_model, [1.0, -1.0, 1.0], atol=1e-12)
+    assert res.mean == pytest.approx(1.0 / 3.0, abs=1e-12)
+    assert res.std == pytest.approx(np.sqrt(4.0 / 3.0), abs=1e-12)  # sample std (ddof=1)
+    assert ev.lds_models(stack, masks, outputs, ddof=0).std == pytest.approx(np.sqrt(8.0 / 9.0), abs=1e-12)
+    # Noisy models: each per-model LDS equals lds() on that model and a SciPy reference.
+    noisy = [true + s * rng.normal(size=true.shape) for s in (0.5, 1.0, 2.0, 4.0)]
+    res = ev.lds_models(noisy, masks, np.stack([outputs, outputs + 1.0], 1))
+    ref = [np.mean([scipy.stats.spearmanr(masks @ s[i], outputs[:, i]).statistic for i in range(n_test)])
+           for s in noisy]
+    np.testing.assert_allclose(res.per_model, ref, rtol=1e-12)
+    for r, s in zip(res.results, noisy):
+        assert r.score == ev.lds(s, masks, outputs).score
+    assert res.per_model[0] > res.per_model[-1]  # more noise, lower LDS
+    assert res.mean == pytest.approx(np.mean(ref), rel=1e-12)
+    assert res.std == pytest.approx(np.std(ref, ddof=1), rel=1e-12)
+    # One model: std is undefined with ddof=1.
+    one = ev.lds_models(true[None], masks, outputs)
+    assert one.mean == pytest.approx(1.0, abs=1e-12) and np.isnan(one.std)
+    with pytest.raises(ValueError, match="lds_models"):
+        ev.lds(stack, masks, outputs)
+    with pytest.raises(ValueError, match="n_models"):
+        ev.lds_models(true, masks, outputs)  # a single 2-D matrix is not a stack
+
+
 def test_retrain_vmaps_over_masks_and_seeds_reproducibly():
     rng = np.random.default_rng(2)
     n, d = 12, 3

@@ -8,7 +8,9 @@ entry ``(i, j)`` says how much training example ``j`` *raises* a measured output
   ``S_m`` holding half of the training set, retrain on each with several seeds and measure the
   output ``f_i(S_m)`` averaged over seeds. The method predicts ``g_i(S_m) = sum_{j in S_m}
   scores[i, j]``. LDS is the mean over test examples ``i`` of the Spearman rank correlation over
-  ``m`` between ``g_i(S_m)`` and ``f_i(S_m)``.
+  ``m`` between ``g_i(S_m)`` and ``f_i(S_m)``. :func:`lds_models` reports it as mean ± std over
+  several independently trained attribution models (thesis 4.4.1, appendix C.2), all judged
+  against the same retrained ground truth.
 * **Brittleness** (Ilyas et al. 2022, thesis C.2.1): for a test example remove the ``k`` training
   examples with the largest scores, retrain with several seeds and see whether the prediction
   flips (or how much the output drops).
@@ -35,6 +37,8 @@ __all__ = [
     "retrain",
     "LDSResult",
     "lds",
+    "LDSModelsResult",
+    "lds_models",
     "subset_predictions",
     "BrittlenessResult",
     "brittleness",
@@ -240,6 +244,10 @@ def lds(
       :class:`LDSResult`. Test examples whose correlation is undefined (constant predictions or
       outputs) are left out of the mean.
     """
+    if np.ndim(scores) == 3:
+        raise ValueError(
+            "lds: scores has shape [n_models, n_test, n_train]; use lds_models for several attribution models"
+        )
     outputs = np.asarray(outputs, dtype=np.float64)
     if outputs.ndim == 3:
         outputs = outputs.mean(axis=1)
@@ -256,6 +264,64 @@ def lds(
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
     return LDSResult(float(valid.mean()), float(lo), float(hi), per_test)
+
+
+class LDSModelsResult(NamedTuple):
+    """LDS over several independently trained attribution models (thesis 4.4.1, appendix C.2).
+
+    Attributes:
+      mean: mean over models of each model's LDS.
+      std: standard deviation over models (``ddof`` as passed to :func:`lds_models`; ``nan`` for
+        a single model with ``ddof=1``).
+      per_model: ``[n_models]`` LDS of each model.
+      results: one :class:`LDSResult` per model (bootstrap interval over test examples, per-test
+        correlations).
+    """
+
+    mean: float
+    std: float
+    per_model: np.ndarray
+    results: tuple
+
+
+def lds_models(
+    scores: np.ndarray | Sequence[np.ndarray],
+    masks: np.ndarray,
+    outputs: np.ndarray,
+    *,
+    ddof: int = 1,
+    num_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> LDSModelsResult:
+    """LDS of each of several attribution models, with mean and std over the models.
+
+    Each model (e.g. the same method run on networks trained from different seeds) gives its own
+    score matrix; all are judged against the same retrained outputs, as in the thesis, where LDS
+    is reported as mean ± std over independently trained models. The spread measures how much
+    the score depends on which trained model the attribution was computed from, which the
+    per-model bootstrap over test examples does not capture.
+
+    Args:
+      scores: ``[n_models, n_test, n_train]`` array, or a sequence of ``[n_test, n_train]``.
+      masks: ``[M, n_train]`` subset masks (:func:`random_subsets`).
+      outputs: ``[M, n_test]`` or ``[M, num_seeds, n_test]`` measured outputs (:func:`retrain`).
+      ddof: delta degrees of freedom of the std (1: sample std, 0: population std).
+      num_bootstrap, confidence, seed: passed to :func:`lds` for every model.
+    Returns:
+      :class:`LDSModelsResult`. Models whose LDS is ``nan`` are left out of mean and std.
+    """
+    stack = [np.asarray(s, dtype=np.float64) for s in scores]
+    if not stack or any(s.ndim != 2 for s in stack):
+        raise ValueError("lds_models: scores must be [n_models, n_test, n_train] with n_models >= 1")
+    results = tuple(
+        lds(s, masks, outputs, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed) for s in stack
+    )
+    per_model = np.array([r.score for r in results], dtype=np.float64)
+    valid = per_model[np.isfinite(per_model)]
+    mean = float(valid.mean()) if valid.size else float("nan")
+    std = float(valid.std(ddof=ddof)) if valid.size > ddof else float("nan")
+    return LDSModelsResult(mean, std, per_model, results)
 
 
 # ---------------------------------------------------------------------------------------------
