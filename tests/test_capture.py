@@ -641,3 +641,33 @@ def test_nnx_no_retracing_across_batches_of_the_same_shape(mlp):
     assert len(traces) == n
     assert not np.allclose(out0["head"], out1["head"])
     assert not np.allclose(out1["head"], out2["head"])
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+        return jnp.tanh(nn.Dense(6, name="dense")(c)), None
+
+
+class ScannedMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=2)(name="blocks")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+def test_layers_inside_nn_scan_are_reported_not_silently_dropped(mlp):
+    _, _, batch, _ = mlp
+    model = ScannedMLP()
+    params = jax.eval_shape(model.init, jax.random.key(0), batch["x"])["params"]
+    cap = jaxinf.linen_capture(lambda p, b: xent(model.apply({"params": p}, b["x"]), b["y"]))
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'blocks/dense'.*nn.scan"):
+        assert list(jaxinf.find_layers(cap, params, batch)) == ["head"]
+    with pytest.raises(ValueError, match="'blocks/dense'.*nn.scan"):
+        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(pattern="blocks/.*"))
+    # A bare layer applied as the model is still captured.
+    dense = nn.Dense(3)
+    cap = jaxinf.linen_capture(lambda p, b: xent(dense.apply({"params": p}, b["x"]), b["y"]))
+    p = jax.eval_shape(dense.init, jax.random.key(0), batch["x"])["params"]
+    assert list(jaxinf.find_layers(cap, p, batch)) == [""]

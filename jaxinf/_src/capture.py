@@ -27,7 +27,8 @@ Never silent. Layer uses that are not captured are reported by :func:`find_layer
 default selection (``select=None``) they are skipped with a :class:`UncapturedLayerWarning`
 naming each layer and the reason; an explicit :class:`Select` rule matching such a layer raises
 ``ValueError``. This covers unsupported configurations of the types above (grouped or masked
-Conv, ``DenseGeneral(batch_dims)``, non-dense Einsum equations) and ``Embed.attend`` (a tied
+Conv, ``DenseGeneral(batch_dims)``, non-dense Einsum equations, Linen layers inside ``nn.scan``
+or ``nn.vmap`` with stacked parameters) and ``Embed.attend`` (a tied
 read-out: the embedding is captured, but its projected gradient lacks the read-out's part).
 
 Inputs by layer kind (see :mod:`jaxinf._src.projection` for the weight layout): dense-like layers
@@ -379,7 +380,9 @@ class Capture(NamedTuple):
     ``run(params, batch, tap, note=None) -> loss`` calls the user's loss; every call of a
     supported layer goes through ``tap(path, module, x, y) -> y`` (Einsum calls also pass
     ``einsum_str=``, the string given at call time or ``None``); uses that are seen but not
-    captured (``Embed.attend``) call ``note(path, module, reason)``.
+    captured call ``note(path, module, reason, captured)``: ``captured=True`` for a use of a
+    layer that is tapped elsewhere (``Embed.attend``), ``False`` for a call that is not tapped
+    at all (Linen layers inside ``nn.scan``/``nn.vmap`` with stacked parameters).
     """
 
     framework: str
@@ -395,17 +398,32 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
     """
 
     def run(params, batch, tap, note=None):
+        roots = []  # variables of the enclosing top-level (applied) modules
+
         def interceptor(next_fun, args, kwargs, context):
+            if not roots and not context.module.path:  # the applied (outermost) module
+                roots.append(context.module.variables)
+                try:
+                    return tapped(next_fun, args, kwargs, context)
+                finally:
+                    roots.pop()
+            return tapped(next_fun, args, kwargs, context)
+
+        def tapped(next_fun, args, kwargs, context):
             module = context.module
             if context.method_name == "attend" and isinstance(module, nn.Embed):
                 if note is not None:
-                    note("/".join(module.path), module, _ATTEND)
+                    note("/".join(module.path), module, _ATTEND, True)
                 return next_fun(*args, **kwargs)
             if context.method_name != "__call__" or not isinstance(module, _LINEN_TYPES):
                 return next_fun(*args, **kwargs)
             x = args[0] if args else kwargs["inputs"]
             y = next_fun(*args, **kwargs)
             path = "/".join(module.path)
+            if roots and module.path and _stacked(module, roots[-1]):
+                if note is not None:
+                    note(path, module, _STACKED, False)
+                return y
             if isinstance(module, nn.Einsum):
                 s = args[1] if len(args) > 1 else kwargs.get("einsum_str")
                 return tap(path, module, x, y, einsum_str=s)
@@ -418,6 +436,24 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
     return Capture("linen", run)
 
 
+def _stacked(module, root_vars) -> bool:
+    """Whether ``module``'s parameters are slices of stacked ones (inside ``nn.scan``/``nn.vmap``)."""
+    tree = root_vars.get("params", {})
+    for name in module.path:
+        if not isinstance(tree, Mapping) or name not in tree:
+            return False
+        tree = tree[name]
+    if not isinstance(tree, Mapping):
+        return False
+    own = module.variables.get("params", {})
+    return any(
+        k in tree and hasattr(tree[k], "shape") and tuple(tree[k].shape) != tuple(v.shape)
+        for k, v in own.items()
+    )
+
+
+_STACKED = ("inside nn.scan/nn.vmap with stacked parameters (one projection would be shared by "
+            "the stacked layers and their gradients summed); not captured")
 _ATTEND = ("Embed.attend (tied read-out) is not captured: the embedding's projected gradient "
            "holds the lookup part only")
 
@@ -440,7 +476,7 @@ class _NNXTap(nnx.Module):
 
     def attend(self, query):  # nnx.Embed's tied read-out: delegated, not captured
         if self.note is not None:
-            self.note(self.path, self.inner, _ATTEND)
+            self.note(self.path, self.inner, _ATTEND, True)
         return self.inner.attend(query)
 
 
@@ -516,7 +552,8 @@ def find_layers(
     Warns:
       UncapturedLayerWarning: with ``select=None``, once per call, naming every layer of a
         supported type whose configuration is unsupported (skipped: grouped/masked Conv,
-        ``DenseGeneral(batch_dims)``, Einsum equations that are not dense projections); and,
+        ``DenseGeneral(batch_dims)``, Einsum equations that are not dense projections, Linen
+        layers inside ``nn.scan``/``nn.vmap`` with stacked parameters); and,
         with any selection, naming every selected ``Embed`` that the loss also uses through
         ``Embed.attend`` (captured, but the read-out's part of its gradient is not).
     """
@@ -532,8 +569,11 @@ def find_layers(
             found[path] = (module, type(module).__name__, cfg)
         return y
 
-    def note(path, module, reason):
-        notes.setdefault(path, reason)
+    def note(path, module, reason, captured):
+        if captured:
+            notes.setdefault(path, reason)
+        elif path not in found:
+            found[path] = (module, type(module).__name__, ValueError(f"layer {path!r}: {reason}"))
 
     jax.eval_shape(lambda p, b: capture.run(p, b, tap, note), params, _first_example(batch))
     if not found:
