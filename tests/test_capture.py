@@ -671,3 +671,21 @@ def test_layers_inside_nn_scan_are_reported_not_silently_dropped(mlp):
     cap = jaxinf.linen_capture(lambda p, b: xent(dense.apply({"params": p}, b["x"]), b["y"]))
     p = jax.eval_shape(dense.init, jax.random.key(0), batch["x"])["params"]
     assert list(jaxinf.find_layers(cap, p, batch)) == [""]
+
+
+def test_unsupported_configurations_warn_by_default_and_raise_when_selected():
+    class Grouped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3,), feature_group_count=2, name="grouped")(x)
+            return nn.Dense(3, name="head")(x.mean(1))
+
+    model = Grouped()
+    x = jnp.zeros((2, 5, 4))
+    batch = {"x": x, "y": jnp.array([0, 1])}
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    cap = jaxinf.linen_capture(lambda p, b: xent(model.apply({"params": p}, b["x"]), b["y"]))
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'grouped' \\(Conv\\).*feature_group_count"):
+        assert list(jaxinf.find_layers(cap, params, batch)) == ["head"]
+    with pytest.raises(ValueError, match="'grouped'.*feature_group_count"):
+        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))

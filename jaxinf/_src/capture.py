@@ -158,6 +158,8 @@ def _einsum_config(path: str, module, x, y, einsum_str) -> _Config:
     use_bias = module.use_bias if isinstance(module, nn.Einsum) else module.bias is not None
     return _Config("dense", n_in0, n_out, bool(use_bias), tok, axes=axes,
                    out_perm=None if perm == tuple(range(len(out))) else perm)
+
+
 _KINDS = ("dense", "conv", "embed")
 
 
@@ -623,7 +625,8 @@ def find_layers(
             msg.append("Partly captured: " + "; ".join(partly) + ".")
         warnings.warn(" ".join(msg), UncapturedLayerWarning, stacklevel=2)
     if not out:
-        raise ValueError("find_layers: no supported layer is selected")
+        raise ValueError("find_layers: no supported layer is selected; not captured: "
+                         + "; ".join(skipped))
     return out
 
 
