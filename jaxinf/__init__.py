@@ -28,6 +28,7 @@ from jaxinf._src.capture import (
     nnx_capture,
     projected_gradients,
     Select,
+    UncapturedLayerWarning,
 )
 from jaxinf._src.evaluate import (
     brittleness,
@@ -119,6 +120,7 @@ __all__ = [
     "nnx_capture",
     "projected_gradients",
     "Select",
+    "UncapturedLayerWarning",
     # evaluate
     "brittleness",
     "BrittlenessResult",

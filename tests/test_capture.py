@@ -482,3 +482,210 @@ def test_layers_inside_nn_remat_and_shared_layers_are_captured():
               "shared": full["shared"], "top": full["top"]}
     assert_matches_full(lg.fn(params, batch), lg.projections,
                         {p: (g["kernel"], g["bias"]) for p, g in leaves.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Einsum layers of dense-projection form (Linen and NNX); other equations are never silent
+
+ED, EH, EK, EO, ET = 4, 2, 3, 3, 3
+
+
+class LinenEinsumNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x: [b, ET, ED]
+        h = jnp.tanh(nn.Einsum((ED, EH, EK), "btd,dhk->bthk", name="qkv")(x))  # bias [EH, EK]
+        # Per-head kernel axis h is an input, kernel and output axis: not a dense projection.
+        h = jnp.tanh(h + nn.Einsum((EH, EK, EK), "bthk,hkj->bthj", use_bias=False, name="per_head")(h))
+        z = nn.Einsum((EH, EK, ED), use_bias=False, name="merge")(h, "...hk,hkd->...d")  # at call time
+        z = jnp.tanh(z + x)
+        # Kernel [o, d] (contracted axis last) and feature axis between token axes in the output.
+        return nn.Einsum((EO, ED), "btd,od->bot", name="head")(z).mean(-1)
+
+
+class NNXEinsumNet(nnx.Module):
+    def __init__(self, rngs):
+        f = dict(param_dtype=jnp.float64, rngs=rngs)
+        self.qkv = nnx.Einsum("btd,dhk->bthk", (ED, EH, EK), (EH, EK), **f)
+        self.per_head = nnx.Einsum("bthk,hkj->bthj", (EH, EK, EK), **f)
+        self.merge = nnx.Einsum("bthk,hkd->btd", (EH, EK, ED), **f)
+        self.head = nnx.Einsum("btd,od->bot", (EO, ED), (EO,), **f)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.qkv(x))
+        h = jnp.tanh(h + self.per_head(h))
+        z = jnp.tanh(self.merge(h, "...hk,hkd->...d") + x)
+        return self.head(z).mean(-1)
+
+
+@pytest.fixture(scope="module")
+def einsum_net():
+    model = LinenEinsumNet()
+    x = jax.random.normal(jax.random.key(12), (3, ET, ED), jnp.float64)
+    batch = {"x": x, "y": jnp.array([0, 2, 1])}
+    params = init_params(model, x, seed=12)
+
+    def loss_fn(p, b):
+        return xent(model.apply({"params": p}, b["x"]), b["y"])
+
+    return params, batch, loss_fn
+
+
+def test_einsum_layers_match_full_per_example_gradients(einsum_net):
+    params, batch, loss_fn = einsum_net
+    cap = jaxinf.linen_capture(loss_fn)
+    # Default selection: the per-head einsum is skipped, with a warning naming it.
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'per_head'.*per-group"):
+        layers = jaxinf.find_layers(cap, params, batch)
+    assert list(layers) == ["qkv", "merge", "head"]
+    assert [(s.kind, s.n_in, s.n_out, s.bias, s.tokens) for s in layers.values()] == [
+        ("dense", ED + 1, EH * EK, True, ET), ("dense", EH * EK, ED, False, ET),
+        ("dense", ED + 1, EO, True, ET)]
+    projs = jaxinf.random_projections(layers, key=jax.random.key(13), k_in=3, k_out=2, dtype=jnp.float64)
+    got = jaxinf.projected_gradients(cap, projs)(params, batch)
+    full = per_example_grads(loss_fn, params, batch)
+    # G = kernel gradient with (contracted axes in kernel order, feature axes in output order).
+    assert_matches_full(got, projs, {
+        "qkv": (full["qkv"]["kernel"], full["qkv"]["bias"]),
+        "merge": (full["merge"]["kernel"], None),
+        "head": (jnp.swapaxes(full["head"]["kernel"], 1, 2), full["head"]["bias"]),
+    })
+    # KFAC statistics go through the same (transposed) output layout.
+    acc = jaxinf.kfac_factors(cap, layers, dtype=jnp.float64)
+    fac = acc.finalize(acc.update(acc.init(), (params, batch)))
+    assert fac["head"].backward.shape == (EO, EO) and fac["head"].tokens == 3 * ET
+    # An explicit rule that matches the unsupported einsum raises, naming it.
+    with pytest.raises(ValueError, match="'per_head'.*per-group"):
+        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=(nn.Einsum,)))
+
+
+def test_nnx_einsum_matches_linen_einsum(einsum_net):
+    params, batch, loss_fn = einsum_net
+    cap_l = jaxinf.linen_capture(loss_fn)
+    sel = jaxinf.Select(pattern="qkv|merge|head")
+    layers = jaxinf.find_layers(cap_l, params, batch, select=sel)
+    projs = jaxinf.random_projections(layers, key=jax.random.key(14), k_in=3, k_out=2, dtype=jnp.float64)
+    got_l = jaxinf.projected_gradients(cap_l, projs)(params, batch)
+    model = NNXEinsumNet(nnx.Rngs(0))
+    copy_linen_to_nnx(params, model)
+    cap_n = jaxinf.nnx_capture(lambda m, b: xent(m(b["x"]), b["y"]), model)
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'per_head'"):
+        layers_n = jaxinf.find_layers(cap_n, nnx.state(model), batch)
+    assert [(p, s.n_in, s.n_out) for p, s in layers_n.items()] == [
+        (p, s.n_in, s.n_out) for p, s in layers.items()]
+    got_n = jaxinf.projected_gradients(cap_n, projs)(nnx.state(model), batch)
+    for p in layers:
+        np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
+
+
+class LinenTied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(V, D, name="tok")
+        return emb.attend(nn.Dense(D, name="mlp")(emb(ids)))
+
+
+class NNXTied(nnx.Module):
+    def __init__(self, rngs):
+        self.tok = nnx.Embed(V, D, rngs=rngs)
+        self.mlp = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.tok.attend(self.mlp(self.tok(ids)))
+
+
+def test_embed_attend_is_reported():
+    ids = jnp.zeros((2, T), jnp.int32)
+    batch = {"ids": ids, "mask": jnp.ones((2, T))}
+    model = LinenTied()
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    cap = jaxinf.linen_capture(lambda p, b: lm_loss(model.apply({"params": p}, b["ids"]), b))
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'tok'.*Embed.attend"):
+        assert list(jaxinf.find_layers(cap, params, batch)) == ["tok", "mlp"]
+    nmodel = NNXTied(nnx.Rngs(0))
+    cap_n = jaxinf.nnx_capture(lambda m, b: lm_loss(m(b["ids"]), b), nmodel)
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'tok'.*Embed.attend"):
+        assert list(jaxinf.find_layers(cap_n, nnx.state(nmodel), batch)) == ["tok", "mlp"]
+    # Not selecting the tied embedding: nothing to report.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(pattern="mlp"))
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l0 = nnx.Linear(6, 5, param_dtype=jnp.float64, rngs=rngs)
+        self.head = nnx.Linear(5, 3, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.l0(x)))
+
+
+def test_nnx_no_retracing_across_batches_of_the_same_shape(mlp):
+    _, _, batch, _ = mlp
+    model = NNXMLP(nnx.Rngs(0))
+    traces = []
+
+    def loss_fn(m, b):
+        traces.append(1)  # Python side effect: runs once per trace, never per call
+        return xent(m(b["x"]), b["y"])
+
+    state = nnx.state(model)
+    lg = jaxinf.logra(loss_fn, state, batch, model=model, seed=0, k_in=2, k_out=2, dtype=jnp.float64)
+    out0 = lg.fn(state, batch)
+    n = len(traces)
+    batch2 = {"x": batch["x"] + 1.0, "y": batch["y"][::-1]}
+    out1 = lg.fn(state, batch2)
+    state2 = jax.tree.map(lambda v: v * 2, state)  # new parameter values, same shapes
+    out2 = lg.fn(state2, batch2)
+    assert len(traces) == n
+    assert not np.allclose(out0["head"], out1["head"])
+    assert not np.allclose(out1["head"], out2["head"])
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+        return jnp.tanh(nn.Dense(6, name="dense")(c)), None
+
+
+class ScannedMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=2)(name="blocks")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+def test_layers_inside_nn_scan_are_reported_not_silently_dropped(mlp):
+    _, _, batch, _ = mlp
+    model = ScannedMLP()
+    params = jax.eval_shape(model.init, jax.random.key(0), batch["x"])["params"]
+    cap = jaxinf.linen_capture(lambda p, b: xent(model.apply({"params": p}, b["x"]), b["y"]))
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'blocks/dense'.*nn.scan"):
+        assert list(jaxinf.find_layers(cap, params, batch)) == ["head"]
+    with pytest.raises(ValueError, match="'blocks/dense'.*nn.scan"):
+        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(pattern="blocks/.*"))
+    # A bare layer applied as the model is still captured.
+    dense = nn.Dense(3)
+    cap = jaxinf.linen_capture(lambda p, b: xent(dense.apply({"params": p}, b["x"]), b["y"]))
+    p = jax.eval_shape(dense.init, jax.random.key(0), batch["x"])["params"]
+    assert list(jaxinf.find_layers(cap, p, batch)) == [""]
+
+
+def test_unsupported_configurations_warn_by_default_and_raise_when_selected():
+    class Grouped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3,), feature_group_count=2, name="grouped")(x)
+            return nn.Dense(3, name="head")(x.mean(1))
+
+    model = Grouped()
+    x = jnp.zeros((2, 5, 4))
+    batch = {"x": x, "y": jnp.array([0, 1])}
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    cap = jaxinf.linen_capture(lambda p, b: xent(model.apply({"params": p}, b["x"]), b["y"]))
+    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'grouped' \\(Conv\\).*feature_group_count"):
+        assert list(jaxinf.find_layers(cap, params, batch)) == ["head"]
+    with pytest.raises(ValueError, match="'grouped'.*feature_group_count"):
+        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))

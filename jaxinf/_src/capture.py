@@ -10,10 +10,26 @@ examples, with the zero ``B``s unbatched (``in_axes=None``), returns ``[batch, k
 layer; the full ``n_out x n_in`` per-example gradient never exists.
 
 * Linen: ``nn.intercept_methods`` entered *inside* the traced function sees every ``__call__`` of
-  ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and ``nn.Embed``.
+  ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed``.
 * NNX: the model is rebuilt from its state inside the traced function and ``nnx.recursive_map``
-  swaps each ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed`` for a tapping
-  wrapper that shares the original's Variables (the user's model object is not touched).
+  swaps each ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``, ``nnx.Embed``
+  for a tapping wrapper that shares the original's Variables (the user's model object is not
+  touched).
+
+Einsum layers are captured when their equation is a dense projection: every kernel axis is
+either contracted with the input (dropped from the output) or an output feature axis (absent
+from the input), and every other input axis is a token axis kept in the output. Their ``G`` is
+the kernel gradient transposed to (contracted axes in kernel order, feature axes in output
+order), which is the bias layout, then reshaped to ``[n_in, n_out]``. Other equations (e.g. a
+per-head kernel axis that is also an input and output axis) are not captured.
+
+Never silent. Layer uses that are not captured are reported by :func:`find_layers`: with the
+default selection (``select=None``) they are skipped with a :class:`UncapturedLayerWarning`
+naming each layer and the reason; an explicit :class:`Select` rule matching such a layer raises
+``ValueError``. This covers unsupported configurations of the types above (grouped or masked
+Conv, ``DenseGeneral(batch_dims)``, non-dense Einsum equations, Linen layers inside ``nn.scan``
+or ``nn.vmap`` with stacked parameters) and ``Embed.attend`` (a tied
+read-out: the embedding is captured, but its projected gradient lacks the read-out's part).
 
 Inputs by layer kind (see :mod:`jaxinf._src.projection` for the weight layout): dense-like layers
 use the input's contracted axes as features and all other axes as tokens; convolutions use
@@ -30,6 +46,7 @@ count). Other layers (e.g. a classifier head after pooling) are not masked.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -62,8 +79,9 @@ class Select(NamedTuple):
     """One layer-selection rule: a layer is selected if it matches both fields.
 
     Attributes:
-      types: Flax classes (``nn.Dense``, ``nnx.Linear``, ...; matched with ``isinstance``) or kind
-        names ``'dense'``, ``'conv'``, ``'embed'``. Empty: every supported layer.
+      types: Flax classes (``nn.Dense``, ``nnx.Linear``, ``nn.Einsum``, ...; matched with
+        ``isinstance``) or kind names ``'dense'`` (Einsum included), ``'conv'``, ``'embed'``.
+        Empty: every supported layer.
       pattern: a regular expression that must ``re.fullmatch`` the layer path. ``None``: any.
       k_in, k_out: projection sizes for the layers this rule selects (override the defaults
         passed to :func:`random_projections` / :func:`pca_projections`).
@@ -83,7 +101,8 @@ class _Config(NamedTuple):
     n_out: int
     bias: bool
     tok_shape: tuple  # per-call token axes (includes the leading size-1 example axis)
-    axes: tuple = ()  # dense: contracted input axes (sorted, non-negative)
+    axes: tuple = ()  # dense: contracted input axes (non-negative; kernel order)
+    out_perm: tuple | None = None  # dense (Einsum): output transpose to (tokens..., features...)
     conv: tuple = ()  # conv: (window, strides, padding, lhs_dilation, rhs_dilation)
 
     @property
@@ -91,8 +110,56 @@ class _Config(NamedTuple):
         return self.n_in0 + int(self.bias)
 
 
-_LINEN_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
-_NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
+_LINEN_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+_NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
+
+
+class UncapturedLayerWarning(UserWarning):
+    """A layer the loss uses is not captured (see :func:`find_layers`)."""
+
+
+def _einsum_config(path: str, module, x, y, einsum_str) -> _Config:
+    """An ``Einsum`` call of dense-projection form as a dense _Config; ValueError otherwise."""
+    import opt_einsum
+
+    if einsum_str is None:
+        einsum_str = module.einsum_str
+    if einsum_str is None:
+        raise ValueError(f"layer {path!r}: Einsum called without an einsum_str")
+    kshape = tuple(module.shape if isinstance(module, nn.Einsum) else module.kernel_shape)
+    ops, out, _ = opt_einsum.parser.parse_einsum_input((
+        einsum_str.replace(" ", ""),
+        jax.ShapeDtypeStruct(tuple(x.shape), jnp.float32),
+        jax.ShapeDtypeStruct(kshape, jnp.float32),
+    ))
+    lhs, rhs = ops.split(",")
+    bad = f"layer {path!r}: Einsum {einsum_str!r} is not a dense projection"
+    if len(set(lhs)) != len(lhs) or len(set(rhs)) != len(rhs) or len(set(out)) != len(out):
+        raise ValueError(f"{bad} (a repeated index)")
+    for c in rhs:
+        if c in lhs and c in out:
+            raise ValueError(f"{bad}: kernel axis {c!r} is also an input and output axis "
+                             "(per-group weights), not supported by capture")
+        if c not in lhs and c not in out:
+            raise ValueError(f"{bad}: kernel axis {c!r} is summed over")
+    for c in lhs:
+        if c not in rhs and c not in out:
+            raise ValueError(f"{bad}: input axis {c!r} is summed over")
+    contracted = [c for c in rhs if c in lhs]
+    if not contracted:
+        raise ValueError(f"{bad}: no input axis is contracted with the kernel")
+    feats = [c for c in out if c in rhs]
+    toks = [c for c in lhs if c in out]
+    axes = tuple(lhs.index(c) for c in contracted)
+    perm = tuple(out.index(c) for c in toks + feats)
+    n_in0 = int(np.prod([x.shape[a] for a in axes]))
+    n_out = int(np.prod([y.shape[out.index(c)] for c in feats]))
+    tok = tuple(x.shape[lhs.index(c)] for c in toks)
+    use_bias = module.use_bias if isinstance(module, nn.Einsum) else module.bias is not None
+    return _Config("dense", n_in0, n_out, bool(use_bias), tok, axes=axes,
+                   out_perm=None if perm == tuple(range(len(out))) else perm)
+
+
 _KINDS = ("dense", "conv", "embed")
 
 
@@ -120,9 +187,11 @@ def _conv_padding(path, padding, n):
     return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pads)
 
 
-def _config(path: str, module, x, y) -> _Config:
+def _config(path: str, module, x, y, einsum_str=None) -> _Config:
     """The static _Config of a layer call; raises ValueError for unsupported configurations."""
     name = type(module).__name__
+    if isinstance(module, (nn.Einsum, nnx.Einsum)):
+        return _einsum_config(path, module, x, y, einsum_str)
     if isinstance(module, (nn.Embed, nnx.Embed)):
         return _Config("embed", module.num_embeddings, y.shape[-1], False, tuple(x.shape))
     if isinstance(module, (nn.Conv, nnx.Conv)):
@@ -243,6 +312,14 @@ def _token_mask(cfg: _Config, mask) -> jax.Array | None:
     return jnp.broadcast_to(m, cfg.tok_shape).reshape(-1)
 
 
+def _on_output(cfg: _Config, y, f):
+    """``f`` applied to ``y`` laid out as ``(tokens..., features...)`` (Einsum outputs may not be)."""
+    if cfg.out_perm is None:
+        return f(y)
+    inv = tuple(int(i) for i in np.argsort(cfg.out_perm))
+    return jnp.transpose(f(jnp.transpose(y, cfg.out_perm)), inv)
+
+
 # ---------------------------------------------------------------------------------------------
 # The taps: identity on the forward pass; statistics as "gradients" of zero inputs
 
@@ -302,8 +379,12 @@ _kfac_tap.defvjp(_kfac_fwd, _kfac_bwd)
 class Capture(NamedTuple):
     """How to run a user's loss with taps. Build with :func:`linen_capture` / :func:`nnx_capture`.
 
-    ``run(params, batch, tap) -> loss`` calls the user's loss; every call of a supported layer
-    goes through ``tap(path, module, x, y) -> y``.
+    ``run(params, batch, tap, note=None) -> loss`` calls the user's loss; every call of a
+    supported layer goes through ``tap(path, module, x, y) -> y`` (Einsum calls also pass
+    ``einsum_str=``, the string given at call time or ``None``); uses that are seen but not
+    captured call ``note(path, module, reason, captured)``: ``captured=True`` for a use of a
+    layer that is tapped elsewhere (``Embed.attend``), ``False`` for a call that is not tapped
+    at all (Linen layers inside ``nn.scan``/``nn.vmap`` with stacked parameters).
     """
 
     framework: str
@@ -318,14 +399,37 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
     batch axis both qualify).
     """
 
-    def run(params, batch, tap):
+    def run(params, batch, tap, note=None):
+        roots = []  # variables of the enclosing top-level (applied) modules
+
         def interceptor(next_fun, args, kwargs, context):
+            if not roots and not context.module.path:  # the applied (outermost) module
+                roots.append(context.module.variables)
+                try:
+                    return tapped(next_fun, args, kwargs, context)
+                finally:
+                    roots.pop()
+            return tapped(next_fun, args, kwargs, context)
+
+        def tapped(next_fun, args, kwargs, context):
             module = context.module
+            if context.method_name == "attend" and isinstance(module, nn.Embed):
+                if note is not None:
+                    note("/".join(module.path), module, _ATTEND, True)
+                return next_fun(*args, **kwargs)
             if context.method_name != "__call__" or not isinstance(module, _LINEN_TYPES):
                 return next_fun(*args, **kwargs)
             x = args[0] if args else kwargs["inputs"]
             y = next_fun(*args, **kwargs)
-            return tap("/".join(module.path), module, x, y)
+            path = "/".join(module.path)
+            if roots and module.path and _stacked(module, roots[-1]):
+                if note is not None:
+                    note(path, module, _STACKED, False)
+                return y
+            if isinstance(module, nn.Einsum):
+                s = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+                return tap(path, module, x, y, einsum_str=s)
+            return tap(path, module, x, y)
 
         # Entered here, inside the function being traced, so it never leaks into cached traces.
         with nn.intercept_methods(interceptor):
@@ -334,18 +438,47 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
     return Capture("linen", run)
 
 
+def _stacked(module, root_vars) -> bool:
+    """Whether ``module``'s parameters are slices of stacked ones (inside ``nn.scan``/``nn.vmap``)."""
+    tree = root_vars.get("params", {})
+    for name in module.path:
+        if not isinstance(tree, Mapping) or name not in tree:
+            return False
+        tree = tree[name]
+    if not isinstance(tree, Mapping):
+        return False
+    own = module.variables.get("params", {})
+    return any(
+        k in tree and hasattr(tree[k], "shape") and tuple(tree[k].shape) != tuple(v.shape)
+        for k, v in own.items()
+    )
+
+
+_STACKED = ("inside nn.scan/nn.vmap with stacked parameters (one projection would be shared by "
+            "the stacked layers and their gradients summed); not captured")
+_ATTEND = ("Embed.attend (tied read-out) is not captured: the embedding's projected gradient "
+           "holds the lookup part only")
+
+
 class _NNXTap(nnx.Module):
     """Calls the wrapped layer, then the tap. Shares the wrapped layer's Variables."""
 
-    def __init__(self, inner, path: str, tap):
+    def __init__(self, inner, path: str, tap, note):
         self.inner = inner
         self.path = path
         self.tap = tap
+        self.note = note
 
     def __call__(self, x, *args, **kwargs):
-        return self.tap(self.path, self.inner, x, self.inner(x, *args, **kwargs))
+        y = self.inner(x, *args, **kwargs)
+        if isinstance(self.inner, nnx.Einsum):
+            s = args[0] if args else kwargs.get("einsum_str")
+            return self.tap(self.path, self.inner, x, y, einsum_str=s)
+        return self.tap(self.path, self.inner, x, y)
 
     def attend(self, query):  # nnx.Embed's tied read-out: delegated, not captured
+        if self.note is not None:
+            self.note(self.path, self.inner, _ATTEND, True)
         return self.inner.attend(query)
 
 
@@ -359,12 +492,12 @@ def nnx_capture(loss_fn: Callable[[Any, Any], jax.Array], model: nnx.Module) -> 
     """
     graphdef = nnx.graphdef(model)
 
-    def run(state, batch, tap):
+    def run(state, batch, tap, note=None):
         m = nnx.merge(graphdef, state)
 
         def wrap(path, node):
             if isinstance(node, _NNX_TYPES):
-                return _NNXTap(node, "/".join(str(p) for p in path), tap)
+                return _NNXTap(node, "/".join(str(p) for p in path), tap, note)
             return node
 
         return loss_fn(nnx.recursive_map(wrap, m), batch)
@@ -414,24 +547,40 @@ def find_layers(
       ``{path: LayerSpec}`` in call order.
 
     Raises:
-      ValueError: a rule matches no layer, a layer is matched by two rules, or a selected
-        layer's configuration is unsupported (each message names the rule or layer).
+      ValueError: a rule matches no layer, a layer is matched by two rules, or a layer
+        matched by an explicit rule has an unsupported configuration (each message names the
+        rule or layer).
+
+    Warns:
+      UncapturedLayerWarning: with ``select=None``, once per call, naming every layer of a
+        supported type whose configuration is unsupported (skipped: grouped/masked Conv,
+        ``DenseGeneral(batch_dims)``, Einsum equations that are not dense projections, Linen
+        layers inside ``nn.scan``/``nn.vmap`` with stacked parameters); and,
+        with any selection, naming every selected ``Embed`` that the loss also uses through
+        ``Embed.attend`` (captured, but the read-out's part of its gradient is not).
     """
     found: dict[str, tuple] = {}
+    notes: dict[str, str] = {}
 
-    def tap(path, module, x, y):
+    def tap(path, module, x, y, **call):
         if path not in found:
             try:
-                cfg = _config(path, module, x, y)
+                cfg = _config(path, module, x, y, **call)
             except ValueError as e:
                 cfg = e
             found[path] = (module, type(module).__name__, cfg)
         return y
 
-    jax.eval_shape(lambda p, b: capture.run(p, b, tap), params, _first_example(batch))
+    def note(path, module, reason, captured):
+        if captured:
+            notes.setdefault(path, reason)
+        elif path not in found:
+            found[path] = (module, type(module).__name__, ValueError(f"layer {path!r}: {reason}"))
+
+    jax.eval_shape(lambda p, b: capture.run(p, b, tap, note), params, _first_example(batch))
     if not found:
         raise ValueError("find_layers: the loss calls no supported layer (Dense/Linear, "
-                         "DenseGeneral/LinearGeneral, Conv, Embed)")
+                         "DenseGeneral/LinearGeneral, Einsum, Conv, Embed)")
 
     rules = [Select()] if select is None else ([select] if isinstance(select, Select) else list(select))
     chosen: dict[str, tuple[int, Select]] = {}
@@ -454,14 +603,30 @@ def find_layers(
             )
 
     out = {}
+    skipped = []
     for path, (i, rule) in chosen.items():
         module, type_name, cfg = found[path]
         if isinstance(cfg, ValueError):
+            if select is None:  # default selection: skip, and say so below
+                skipped.append(f"{path!r} ({type_name}): {cfg}")
+                continue
             raise cfg
         out[path] = LayerSpec(
             path, cfg.kind, type_name, cfg.n_in, cfg.n_out, cfg.bias,
             int(np.prod(cfg.tok_shape)), rule.k_in, rule.k_out,
         )
+    partly = [f"{p!r}: {r}" for p, r in notes.items() if p in out]
+    if skipped or partly:
+        msg = ["find_layers: some parametrized layer uses are not captured."]
+        if skipped:
+            msg.append("Not captured (skipped by the default selection; an explicit Select "
+                       "rule matching them raises): " + "; ".join(skipped) + ".")
+        if partly:
+            msg.append("Partly captured: " + "; ".join(partly) + ".")
+        warnings.warn(" ".join(msg), UncapturedLayerWarning, stacklevel=2)
+    if not out:
+        raise ValueError("find_layers: no supported layer is selected; not captured: "
+                         + "; ".join(skipped))
     return out
 
 
@@ -516,18 +681,18 @@ def projected_gradients(
     def tap_factory(state, mask):
         bs, projs, seen = state
 
-        def tap(path, module, x, y):
+        def tap(path, module, x, y, **call):
             if path not in bs:
                 return y
             p = projs[path]
-            cfg = _config(path, module, x, y)
+            cfg = _config(path, module, x, y, **call)
             _check_layer(path, cfg, p.p_in.shape[1], p.p_out.shape[1], "its projection")
             seen.add(path)
             pa = _project_inputs(cfg, jax.lax.stop_gradient(x), p.p_in)
             m = _token_mask(cfg, mask)
             if m is not None:
                 pa = pa * m[:, None].astype(pa.dtype)
-            return _logra_tap(y, pa, bs[path], p.p_out)
+            return _on_output(cfg, y, lambda y: _logra_tap(y, pa, bs[path], p.p_out))
 
         return tap
 
@@ -580,17 +745,17 @@ def kfac_batch_sums(
     layers = dict(layers)
 
     def tap_factory(s, mask):
-        def tap(path, module, x, y):
+        def tap(path, module, x, y, **call):
             if path not in s:
                 return y
-            cfg = _config(path, module, x, y)
+            cfg = _config(path, module, x, y, **call)
             spec = layers[path]
             _check_layer(path, cfg, spec.n_in, spec.n_out, "its LayerSpec")
             a = _input_features(cfg, jax.lax.stop_gradient(x)).astype(dtype)
             m = _token_mask(cfg, mask)
             if m is None:
                 m = jnp.ones((a.shape[0],), dtype)
-            return _kfac_tap(y, a, m.astype(dtype), s[path])
+            return _on_output(cfg, y, lambda y: _kfac_tap(y, a, m.astype(dtype), s[path]))
 
         return tap
 

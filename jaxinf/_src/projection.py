@@ -10,7 +10,8 @@ computed from the projected activations, so the ``n_out x n_in`` gradient is nev
 
 Weight layout convention (shared by Linen and NNX layers): the gradient matrix ``G`` of a layer
 is ``kernel_grad.reshape(-1, n_out)`` (Dense/Linear ``[n_in, n_out]``, DenseGeneral kernels
-``[*contracted_axes, *features]``, Conv kernels ``[*window, c_in, c_out]`` i.e. the patch features
+``[*contracted_axes, *features]``, Einsum kernels transposed to (contracted axes in kernel
+order, feature axes in output order), Conv kernels ``[*window, c_in, c_out]`` i.e. the patch features
 ordered ``(window..., c_in)``, Embed tables ``[vocab, features]``). **Bias**: when a layer has a
 bias, a constant-1 input feature is appended as the *last* input feature, so ``n_in`` counts it
 and row ``n_in - 1`` of ``G`` is the bias gradient. Embeddings have no bias.
