@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmlo._src.hypergrad import Unrolled
+from jaxmlo._src.hypergrad import Unrolled, _add, _last, _norm
 from jaxmlo._src.program import Program
 
 __all__ = ["ProgramState", "init", "step", "make_step", "gradients", "total_gradient"]
@@ -72,21 +72,6 @@ def init(program: Program) -> ProgramState:
       opt_states={n: program.problems[n].optimizer.init(params[n]) for n in program.order},
       step=jnp.zeros((), jnp.int32),
       updates={n: jnp.zeros((), jnp.int32) for n in program.order})
-
-
-def _tree_add(a, b):
-  return jax.tree.map(jnp.add, a, b)
-
-
-def _norm(tree):
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros(())
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
-
-
-def _last(batches):
-  return jax.tree.map(lambda x: x[-1], batches)
 
 
 def _call_loss(program, name, params, deps, batch):
@@ -133,10 +118,10 @@ def total_gradient(program: Program, name: str, params, deps: dict, batch, unrol
                                     _last(unrolled[m].batches), acc.pop(m))
     for d in program.deps(m):
       if d == name and (name, m) in u2l:
-        hyper = _tree_add(hyper, r[d])
+        hyper = _add(hyper, r[d])
       elif d in relevant and (d, m) in l2u:
-        acc[d] = r[d] if d not in acc else _tree_add(acc[d], r[d])
-  return loss, _tree_add(g, hyper), hyper, v
+        acc[d] = r[d] if d not in acc else _add(acc[d], r[d])
+  return loss, _add(g, hyper), hyper, v
 
 
 def _program_pass(program: Program, state: ProgramState, batches: dict):

@@ -202,7 +202,17 @@ def _scale(alpha, x):
 
 def _norm(tree):
     leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros(())
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
+
+
+def _first(batches):  # the first of a stacked sequence of batches
+    return jax.tree.map(lambda x: x[0], batches)
+
+
+def _last(batches):  # the last of a stacked sequence of batches
+    return jax.tree.map(lambda x: x[-1], batches)
 
 
 def _all_finite(tree):
@@ -254,7 +264,7 @@ def unroll(loss_fn, optimizer, params, opt_state, deps, batches) -> Unrolled:
     _check_batches(batches)
     _check_opt_state(optimizer, params, opt_state)
     _check_floating("params", params)
-    first = jax.tree.map(lambda x: x[0], batches)
+    first = _first(batches)
     _check_scalar_loss("loss_fn", loss_fn, params, deps, first)
     p, s = _scan_steps(loss_fn, optimizer, params, opt_state, deps, batches)
     return Unrolled(params, opt_state, p, s, batches)
@@ -314,7 +324,7 @@ def itd(checkpoint: bool = False) -> HypergradMethod:
 
     def best_response_vjp(loss_fn, optimizer, unrolled, deps, batch, v):
         del batch  # ITD replays unrolled.batches
-        first = jax.tree.map(lambda x: x[0], unrolled.batches)
+        first = _first(unrolled.batches)
         _check_vjp_inputs(loss_fn, optimizer, unrolled, deps, first, v)
 
         def run(d):
@@ -568,7 +578,7 @@ def meta_step(
     _check_optimizer(meta_optimizer)
     _check_opt_state(meta_optimizer, state.lam, state.meta_opt_state, "state.meta_opt_state")
     un = unroll(base_loss, optimizer, state.params, state.opt_state, state.lam, batches)
-    last = jax.tree.map(lambda x: x[-1], batches)
+    last = _last(batches)
     grad, info = hypergradient(
         method, base_loss, meta_loss, optimizer, un, state.lam, last, meta_batch,
         raise_nonfinite=raise_nonfinite,

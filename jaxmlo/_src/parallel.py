@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmlo._src.engine import ProgramState, total_gradient
-from jaxmlo._src.hypergrad import Unrolled
+from jaxmlo._src.hypergrad import Unrolled, _add, _first, _last, _norm
 from jaxmlo._src.program import Program
 
 __all__ = [
@@ -140,21 +140,6 @@ def _pvary(tree, axis):
     return jax.tree.map(f, tree)
 
 
-def _norm(tree):
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros(())
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
-
-
-def _first(batches):
-    return jax.tree.map(lambda x: x[0], batches)
-
-
-def _last(batches):
-    return jax.tree.map(lambda x: x[-1], batches)
-
-
 def _is_local(program: Program, name: str, local_methods) -> bool:
     return all(getattr(program.problems[m].method, "name", None) in local_methods
                for m in program.path_problems(name))
@@ -182,7 +167,7 @@ def _local_pass(prog: Program, name: str, axis: str, reduction: str, params, opt
         # The one all-reduce of this update: loss, direct gradient, hypergradient and SAMA's
         # nudge travel together (XLA emits a single tuple all-reduce).
         loss, direct, hyper, deltas = red((loss, direct, hyper, deltas), axis)
-        g = jax.tree.map(jnp.add, direct, hyper)
+        g = _add(direct, hyper)
         u, s = prob.optimizer.update(g, s, p)
         return (optax.apply_updates(p, u), s, deltas), (loss, _norm(g), _norm(hyper))
 
@@ -249,7 +234,7 @@ def _program_pass(prog: Program, mesh: Mesh, axis: str, reduction: str, local_me
         if lowers:
             metrics[f"{name}/hypergrad_norm"] = hnorm
         for l, d in deltas.items():  # SAMA's nudge, as a delta (several uppers may nudge)
-            params[l] = jax.tree.map(jnp.add, params[l], d)
+            params[l] = _add(params[l], d)
     return ProgramState(params=params, opt_states=opt_states, step=state.step + 1,
                         updates=updates), metrics
 
