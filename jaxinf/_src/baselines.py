@@ -20,7 +20,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxinf._src.statistics import relative_damping
 
 __all__ = [
     "per_example_grads",
@@ -58,11 +59,13 @@ def per_example_grads(
     Returns:
       A pytree shaped like ``params`` with a leading ``n`` axis on every leaf.
     """
-    n = jax.tree.leaves(batch)[0].shape[0]
-    fn = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))
-    parts = []
-    for s in range(0, n, chunk_size):
-        parts.append(fn(params, jax.tree.map(lambda x: x[s : s + chunk_size], batch)))
+    return _chunked(jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))), params, batch, chunk_size)
+
+
+def _chunked(fn, params, data, chunk_size: int):
+    """``fn(params, chunk)`` over chunks of ``data``'s leading axis, outputs concatenated."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    parts = [fn(params, jax.tree.map(lambda x: x[s : s + chunk_size], data)) for s in range(0, n, chunk_size)]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
 
@@ -127,7 +130,7 @@ def damped_inverse_apply(fisher_rows, vectors, *, damping_ratio: float = 0.1, da
     n, p = g.shape
     if v.shape[1] != p:
         raise ValueError(f"vectors have {v.shape[1]} columns but fisher_rows have {p}")
-    lam = damping if damping is not None else damping_ratio * jnp.sum(g * g) / (n * p)
+    lam = damping if damping is not None else relative_damping(damping_ratio, jnp.sum(g * g) / n, p)
     lam = jnp.asarray(lam, g.dtype)
     if p <= n:
         f = g.T @ g / n + lam * jnp.eye(p, dtype=g.dtype)
@@ -273,12 +276,7 @@ def dense_activations(
         return d, inter
 
     fn = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    parts = [
-        fn(params, jax.tree.map(lambda v: v[s : s + chunk_size], inputs), jax.tree.map(lambda v: v[s : s + chunk_size], targets))
-        for s in range(0, n, chunk_size)
-    ]
-    d_tree, a_tree = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+    d_tree, a_tree = _chunked(lambda p, xy: fn(p, *xy), params, (inputs, targets), chunk_size)
 
     out = {}
 
@@ -366,7 +364,7 @@ def kfac_influence(test_acts: dict, train_acts: dict, *, eigenbasis: KFACEigenba
     total = None
     for layer in sorted(test_acts):
         qa, qs, lam = eigenbasis.q_in[layer], eigenbasis.q_out[layer], eigenbasis.eigenvalues[layer]
-        damp = damping_ratio * jnp.mean(lam)
+        damp = relative_damping(damping_ratio, jnp.sum(lam), lam.size)
         rte = jnp.einsum("ij,nio,ok->njk", qa, layer_grads_from_activations({layer: test_acts[layer]})[layer], qs)
         rtr = jnp.einsum("ij,nio,ok->njk", qa, layer_grads_from_activations({layer: train_acts[layer]})[layer], qs)
         s = jnp.einsum("mjk,njk->mn", rte / (lam + damp), rtr)

@@ -31,26 +31,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-# One mesh helper and one HLO collective counter for both libraries (jaxmlo's public API).
+# One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
+# libraries (jaxmlo is the home).
 from jaxmlo import count_collectives, data_mesh
+from jaxmlo._src.parallel import _axis_size, _cast_floats
 
 from jaxinf._src import query as _query
 from jaxinf._src import store as _store
 from jaxinf._src.capture import kfac_batch_sums, projected_gradients
 from jaxinf._src.statistics import KFACFactors
-
-
-def _cast_floats(tree, dtype):
-    if dtype is None:
-        return tree
-    return jax.tree.map(
-        lambda v: v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v, tree)
-
-
-def _axis_size(mesh: Mesh, axis: str) -> int:
-    if axis not in mesh.axis_names:
-        raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
-    return mesh.shape[axis]
 
 
 # ---------------------------------------------------------------------------------------------

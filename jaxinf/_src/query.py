@@ -27,7 +27,7 @@ import tensorstore as ts
 from tqdm.auto import tqdm
 
 from jaxinf._src import store as _store
-from jaxinf._src.statistics import projected_covariance
+from jaxinf._src.statistics import projected_covariance, relative_damping
 
 MODES = ("dot", "cosine", "relatif", "self")
 # ~8 MiB reads: larger fresh buffers are mmap-ed (and page-faulted) by malloc on every read,
@@ -68,7 +68,7 @@ def preconditioner(statistics: Mapping[str, Any], layers: Sequence, *, damping_r
             evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
         evals = np.maximum(np.asarray(evals, np.float64), 0.0)  # round-off can leave tiny negatives
         if damping is None:
-            lam = damping_ratio * float(evals.mean())
+            lam = float(relative_damping(damping_ratio, evals.sum(), evals.size))
         elif isinstance(damping, Mapping):
             if l.path not in damping:
                 raise ValueError(f"damping has no entry for layer {l.path!r}")

@@ -30,6 +30,15 @@ class CovarianceState(NamedTuple):
     count: jax.Array  # []: number of examples seen
 
 
+def relative_damping(damping_ratio, trace, dim):
+    """Damping ``λ = damping_ratio × mean eigenvalue = damping_ratio × trace / dim`` (thesis C.2).
+
+    The one definition of relative damping for every influence in jaxinf (``preconditioner``,
+    ``damped_inverse_apply``, ``kfac_influence``); works on host floats and on traced arrays.
+    """
+    return damping_ratio * (trace / dim)
+
+
 def _flat_rows(x: jax.Array) -> jax.Array:
     """[batch, ...] -> [batch, D]."""
     return x.reshape(x.shape[0], -1)

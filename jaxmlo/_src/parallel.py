@@ -69,6 +69,14 @@ def data_mesh(devices: Sequence | None = None, *, axis: str = "data") -> Mesh:
     return Mesh(np.asarray(devices), (axis,))
 
 
+def _cast_floats(tree, dtype):
+    """Floating leaves of ``tree`` cast to ``dtype`` (others kept); ``dtype=None``: unchanged."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(
+        lambda v: v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v, tree)
+
+
 def _axis_size(mesh: Mesh, axis: str) -> int:
     if axis not in mesh.axis_names:
         raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
@@ -104,9 +112,7 @@ def mixed_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_deps:
     """
 
     def cast(tree):
-        return jax.tree.map(
-            lambda v: v.astype(compute_dtype)
-            if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v, tree)
+        return _cast_floats(tree, compute_dtype)
 
     def wrapped(params, deps, batch):
         out = loss_fn(cast(params), cast(deps) if cast_deps else deps,
