@@ -12,7 +12,6 @@ loss after removal (k = 0 is the unremoved baseline). Random scores are the cont
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinf  # noqa: E402
+from benchmarks._common import write_json  # noqa: E402
 from jaxinf._src import examples  # noqa: E402
 from lds import logra_grads  # noqa: E402
 
@@ -87,9 +87,7 @@ def main(argv=None):
             print(f"{name:18s} flip fraction at k={ks}: {np.round(r.flip_fraction, 2).tolist()}  "
                   f"mean margin {np.round(r.mean_output, 2).tolist()}", flush=True)
     out["total_s"] = time.perf_counter() - t_all
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(args.out, out)
     print(f"wrote {args.out} ({out['total_s']:.0f} s)")
 
 

@@ -9,14 +9,13 @@ network R(x) weights pretraining examples (finite_difference), mean +- std over 
   python -m benchmarks.domain_digits --out benchmarks/results/domain_digits_cpu.json
 """
 import argparse
-import json
-import platform
 import time
 
 import jax
 import numpy as np
 
 import jaxmlo
+from benchmarks._common import run_record, write_json
 from jaxmlo.examples import digits as dg
 
 
@@ -67,10 +66,7 @@ def main(argv=None):
     results.append(row)
     print(f"{v:<28} {100 * row['mean']:.2f} +- {100 * row['std']:.2f}  "
           f"({row['seconds']:.0f}s) {extras[0]}", flush=True)
-  out = {"benchmark": "domain_digits", "args": vars(args), "backend": jax.default_backend(),
-         "platform": platform.platform(), "jax": jax.__version__, "results": results}
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
+  write_json(args.out, run_record("domain_digits", args, results))
 
 
 if __name__ == "__main__":

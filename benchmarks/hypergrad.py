@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jaxmlo as J  # noqa: E402
+from benchmarks._common import write_json  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -356,9 +356,7 @@ def main(argv=None):
     for model_name in args.models.split(","):
         out["models"][model_name] = run_model(model_name, methods, args.batch, args.unroll, args.repeats, args.small)
     out["betty"] = betty_result(args.batch, args.repeats) if not args.no_betty else {"available": None, "reason": "--no-betty"}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(args.out, out, indent=2)
     print("wrote", args.out)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinf  # noqa: E402
+from benchmarks._common import write_json  # noqa: E402
 
 SIZES = {
     # name: (mlp_batch, mlp_width, lm_layers, lm_width, lm_heads, lm_seq, lm_batch, vocab, rank)
@@ -326,9 +327,7 @@ def main():
         "logix": logix_result,
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print("wrote", args.out)
 
 

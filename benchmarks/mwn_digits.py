@@ -6,14 +6,13 @@ Balanced test accuracy of plain training vs MWN reweighting with ``finite_differ
   python -m benchmarks.mwn_digits --out benchmarks/results/mwn_digits_cpu.json
 """
 import argparse
-import json
-import platform
 import time
 
 import jax
 import numpy as np
 
 import jaxmlo
+from benchmarks._common import run_record, write_json
 from jaxmlo.examples import digits as dg
 
 # "plain+meta": plain training on the training set plus the (balanced) meta set -- the
@@ -61,10 +60,7 @@ def main(argv=None):
       results.append(row)
       print(f"IF {imb:>4g}  {m:<18} {100 * row['mean']:.2f} +- {100 * row['std']:.2f}  "
             f"({row['seconds']:.0f}s)", flush=True)
-  out = {"benchmark": "mwn_digits", "args": vars(args), "backend": jax.default_backend(),
-         "platform": platform.platform(), "jax": jax.__version__, "results": results}
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
+  write_json(args.out, run_record("mwn_digits", args, results))
 
 
 if __name__ == "__main__":

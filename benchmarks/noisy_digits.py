@@ -8,14 +8,13 @@ over seeds.
   python -m benchmarks.noisy_digits --out benchmarks/results/noisy_digits_cpu.json
 """
 import argparse
-import json
-import platform
 import time
 
 import jax
 import numpy as np
 
 import jaxmlo
+from benchmarks._common import run_record, write_json
 from jaxmlo.examples import digits as dg
 
 VARIANTS = {"plain": dict(reweight=False, correct=False),
@@ -64,10 +63,7 @@ def main(argv=None):
     results.append(row)
     print(f"noise {args.noise:g}  {v:<18} {100 * row['mean']:.2f} +- {100 * row['std']:.2f}  "
           f"({row['seconds']:.0f}s)", flush=True)
-  out = {"benchmark": "noisy_digits", "args": vars(args), "backend": jax.default_backend(),
-         "platform": platform.platform(), "jax": jax.__version__, "results": results}
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
+  write_json(args.out, run_record("noisy_digits", args, results))
 
 
 if __name__ == "__main__":

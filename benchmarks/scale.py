@@ -38,6 +38,7 @@ import optax
 
 import jaxinf
 import jaxmlo
+from benchmarks._common import write_json
 
 SIZES = {
     "small": dict(
@@ -391,9 +392,7 @@ def main():
     finally:
         if args.tmp is None:
             shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print("wrote", args.out)
 
 

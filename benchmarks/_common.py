@@ -1,0 +1,19 @@
+"""Helpers shared by the benchmark scripts (``run_all`` skips files starting with ``_``)."""
+import json
+import os
+import platform
+
+import jax
+
+
+def write_json(path: str, obj, *, indent: int = 1) -> None:
+    """Write ``obj`` as JSON to ``path``, creating its folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+def run_record(benchmark: str, args, results) -> dict:
+    """The record the digits benchmarks write: name, arguments, machine, results."""
+    return {"benchmark": benchmark, "args": vars(args), "backend": jax.default_backend(),
+            "platform": platform.platform(), "jax": jax.__version__, "results": results}
