@@ -35,7 +35,8 @@ def start_script(name: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish_script(name: str, proc: subprocess.Popen, timeout: int = 400) -> dict:
+def wait_script(name: str, proc: subprocess.Popen, timeout: int = 400) -> str:
+    """Wait for a check script; fail the test on a timeout or non-zero exit. Returns stdout."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -43,7 +44,12 @@ def finish_script(name: str, proc: subprocess.Popen, timeout: int = 400) -> dict
         out, err = proc.communicate()
         pytest.fail(f"{name} timed out after {timeout} s:\n{err[-3000:]}")
     assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}\n{err[-6000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+    return out
+
+
+def finish_script(name: str, proc: subprocess.Popen, timeout: int = 400) -> dict:
+    """Wait for a check script and return the JSON it printed last."""
+    return json.loads(wait_script(name, proc, timeout).strip().splitlines()[-1])
 
 
 def free_port() -> int:
@@ -78,18 +84,8 @@ def jaxmlo_results(procs):
 
 @pytest.fixture(scope="module")
 def multiprocess_results(procs):
-    finish_script_rc("multiprocess_check.py (process 1)", procs["multiprocess_1"])
+    wait_script("multiprocess_check.py (process 1)", procs["multiprocess_1"])
     return finish_script("multiprocess_check.py (process 0)", procs["multiprocess_0"])
-
-
-def finish_script_rc(name: str, proc: subprocess.Popen, timeout: int = 400) -> None:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"{name} timed out after {timeout} s:\n{err[-3000:]}")
-    assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}\n{err[-6000:]}"
 
 
 @pytest.mark.multidevice
