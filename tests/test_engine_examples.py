@@ -32,27 +32,12 @@ def test_application_programs_step():
   d = dg.long_tailed_digits(10, 0)
   prog = dg.reweighting_program(jaxmlo.sama(), key=key, hidden=16)
   assert prog.paths("reweight", "classifier") == (("classifier",),)
-
-  n = dg.noisy_digits(0.4, 0)
-  prog = dg.noisy_label_program(jaxmlo.finite_difference(), key=key, hidden=16)
-  assert prog.order[0] == "classifier" and prog.lowers("correct") == ("classifier",)
-  assert prog.deps("classifier") == ("correct", "reweight")
-
-  # The three-level program takes compiled steps (the benchmarks run all three).
-  dd = dg.domain_digits(0)
-  assert len(dd["finetune"].y) == 50 and 0.05 < dd["pretrain_is_target"].mean() < 0.15
-
-
-def test_application_programs_step():
-  key = jax.random.PRNGKey(0)
-  d = dg.long_tailed_digits(10, 0)
-  prog = dg.reweighting_program(jaxmlo.sama(), key=key, hidden=16)
-  assert prog.paths("reweight", "classifier") == (("classifier",),)
   _run(prog, {"classifier": dg.sampler(d["train"], 16, 0), "reweight": dg.sampler(d["meta"], 16, 1)})
 
   n = dg.noisy_digits(0.4, 0)
   prog = dg.noisy_label_program(jaxmlo.finite_difference(), key=key, hidden=16)
   assert prog.order[0] == "classifier" and prog.lowers("correct") == ("classifier",)
+  assert prog.deps("classifier") == ("correct", "reweight")
   _run(prog, {"classifier": dg.sampler(n["train"], 16, 0), "reweight": dg.sampler(n["meta"], 16, 1),
               "correct": dg.sampler(n["meta"], 16, 2)})
 
