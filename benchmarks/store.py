@@ -51,6 +51,16 @@ def _raw_read(path: str, rows: int, chunk_rows: int, in_flight: int) -> float:
     return time.perf_counter() - t
 
 
+def _write_rows(writer, pool, rows, batch):
+    """Append ``rows`` rows in batches, cycling through the pre-generated gradient ``pool``."""
+    for i, a in enumerate(range(0, rows, batch)):
+        b = min(batch, rows - a)
+        g = pool[i % len(pool)]
+        if b < batch:
+            g = {k: v[:b] for k, v in g.items()}
+        writer.write_async(g, np.arange(a, a + b))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=200_000)
@@ -97,12 +107,7 @@ def main():
             w.write_async(pool[0], np.arange(args.batch))
         t = time.perf_counter()
         with jaxinf.LogWriter(log_path, proj, dtype=args.dtype) as w:
-            for i, a in enumerate(range(0, args.rows, args.batch)):
-                b = min(args.batch, args.rows - a)
-                g = pool[i % len(pool)]
-                if b < args.batch:
-                    g = {k: v[:b] for k, v in g.items()}
-                w.write_async(g, np.arange(a, a + b))
+            _write_rows(w, pool, args.rows, args.batch)
         t_write = time.perf_counter() - t
         log = jaxinf.open_log(log_path)
         assert log.num_rows == args.rows
@@ -117,12 +122,7 @@ def main():
         other = os.path.join(args.tmp, "log_nostats")
         t = time.perf_counter()
         with jaxinf.LogWriter(other, proj, dtype=args.dtype, statistics=False) as w:
-            for i, a in enumerate(range(0, args.rows, args.batch)):
-                b = min(args.batch, args.rows - a)
-                g = pool[i % len(pool)]
-                if b < args.batch:
-                    g = {k: v[:b] for k, v in g.items()}
-                w.write_async(g, np.arange(a, a + b))
+            _write_rows(w, pool, args.rows, args.batch)
         s = time.perf_counter() - t
         result["write_without_statistics"] = {"seconds": s, "rows_per_s": args.rows / s,
                                               "MB_per_s": nbytes / s / 1e6}
