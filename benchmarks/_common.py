@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts (``run_all`` skips files starting with ``_``)."""
+
 import json
 import os
 import platform
@@ -15,5 +16,11 @@ def write_json(path: str, obj, *, indent: int = 1) -> None:
 
 def run_record(benchmark: str, args, results) -> dict:
     """The record the digits benchmarks write: name, arguments, machine, results."""
-    return {"benchmark": benchmark, "args": vars(args), "backend": jax.default_backend(),
-            "platform": platform.platform(), "jax": jax.__version__, "results": results}
+    return {
+        "benchmark": benchmark,
+        "args": vars(args),
+        "backend": jax.default_backend(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "results": results,
+    }

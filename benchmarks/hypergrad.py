@@ -19,6 +19,7 @@ Usage::
     python benchmarks/hypergrad.py --out benchmarks/results/hypergrad_cpu.json
     python benchmarks/hypergrad.py --small   # CI-sized smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,13 +77,20 @@ def _n_params(tree):
 
 def _memory(compiled):
     m = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+    )
     out = {f: int(getattr(m, f)) for f in fields}
     out["xla_peak_memory_in_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
     # XLA:CPU's peak_memory_in_bytes leaves out temporaries; arguments + outputs + temporaries
     # - aliased bytes is the compiled program's footprint on every backend.
     out["peak_bytes"] = (
-        out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
+        out["argument_size_in_bytes"]
+        + out["output_size_in_bytes"]
+        + out["temp_size_in_bytes"]
         - out["alias_size_in_bytes"]
     )
     return out
@@ -162,7 +170,9 @@ def run_model(model_name, methods, batch, unroll, repeats, small):
     state = J.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
     for name, method in methods.items():
         step = jax.jit(
-            lambda s, b, mb, method=method: J.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
+            lambda s, b, mb, method=method: J.meta_step(
+                method, base_loss, meta_loss, opt, meta_opt, s, b, mb
+            )
         )
         mem = _memory(step.lower(state, batches, meta_batch).compile())
         t = _time_pair(plain, args, step, (state, batches, meta_batch), repeats)
@@ -181,10 +191,14 @@ def run_model(model_name, methods, batch, unroll, repeats, small):
         }
         print(
             f"{model_name:12s} {name:18s} {1e3 * mn:8.2f} ms (plain {1e3 * pmn:6.2f} ms)  "
-            f"time x{mn / pmn:5.2f} (median x{med / pmed:5.2f})  memory x{mem['peak_bytes'] / plain_mem['peak_bytes']:5.2f}",
+            f"time x{mn / pmn:5.2f} (median x{med / pmed:5.2f})  "
+            f"memory x{mem['peak_bytes'] / plain_mem['peak_bytes']:5.2f}",
             flush=True,
         )
-    print(f"{model_name:12s} {result['params']} params, plain step peak {plain_mem['peak_bytes']} bytes", flush=True)
+    print(
+        f"{model_name:12s} {result['params']} params, plain step peak {plain_mem['peak_bytes']} bytes",
+        flush=True,
+    )
     return result
 
 
@@ -218,7 +232,10 @@ def betty_side_by_side(batch, iters, warmup=5, cg_iterations=10):
 
     def mlp():
         return torch.nn.Sequential(
-            torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+            torch.nn.Linear(128, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
             torch.nn.Linear(256, 10),
         )
 
@@ -284,7 +301,8 @@ def betty_side_by_side(batch, iters, warmup=5, cg_iterations=10):
         for n in (warmup, warmup + iters):
             m, base = Meta(name="meta", config=Config()), Base(name="base", config=Config(**cfg))
             engine = Engine(
-                config=EngineConfig(train_iters=n, valid_step=10**9), problems=[m, base],
+                config=EngineConfig(train_iters=n, valid_step=10**9),
+                problems=[m, base],
                 dependencies={"u2l": {m: [base]}, "l2u": {base: [m]}},
             )
             t = time.perf_counter()
@@ -292,7 +310,10 @@ def betty_side_by_side(batch, iters, warmup=5, cg_iterations=10):
             runs.append(time.perf_counter() - t)
         s = (runs[1] - runs[0]) / iters
         out["methods"][kind] = {"time_ms": 1e3 * s, "time_ratio_to_plain": s / plain_s}
-        print(f"betty mlp    {kind:18s} {1e3 * s:8.2f} ms (plain {1e3 * plain_s:6.2f} ms)  time x{s / plain_s:5.2f}", flush=True)
+        print(
+            f"betty mlp    {kind:18s} {1e3 * s:8.2f} ms (plain {1e3 * plain_s:6.2f} ms)  time x{s / plain_s:5.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -323,7 +344,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--models", default="mlp,transformer")
     ap.add_argument("--no-betty", action="store_true", help="skip the Betty side-by-side run")
-    ap.add_argument("--small", action="store_true", help="tiny transformer, few repeats (smoke run)")
+    ap.add_argument(
+        "--small", action="store_true", help="tiny transformer, few repeats (smoke run)"
+    )
     args = ap.parse_args(argv)
     if args.small:
         args.repeats = min(args.repeats, 3)
@@ -337,8 +360,9 @@ def main(argv=None):
     }
     out = {
         "benchmark": "hypergrad",
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python "
+        + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "device": str(jax.devices()[0].device_kind),
@@ -348,14 +372,23 @@ def main(argv=None):
         "setup": "data reweighting: base = mean(sigmoid(lam[idx]) * CE) with Adam(1e-3); "
         "meta = mean CE on a clean batch with Adam(1e-2); one meta step = meta_step(...) "
         "(unroll + hypergradient + meta update) vs one plain Adam step",
-        "methods_config": {k: v.name for k, v in methods.items()} | {
-            "cg": "cg(maxiter=10)", "neumann": "neumann(steps=10, lr=1e-3)", "sama": "sama(alpha=1.0, nudge=True)"
+        "methods_config": {k: v.name for k, v in methods.items()}
+        | {
+            "cg": "cg(maxiter=10)",
+            "neumann": "neumann(steps=10, lr=1e-3)",
+            "sama": "sama(alpha=1.0, nudge=True)",
         },
         "models": {},
     }
     for model_name in args.models.split(","):
-        out["models"][model_name] = run_model(model_name, methods, args.batch, args.unroll, args.repeats, args.small)
-    out["betty"] = betty_result(args.batch, args.repeats) if not args.no_betty else {"available": None, "reason": "--no-betty"}
+        out["models"][model_name] = run_model(
+            model_name, methods, args.batch, args.unroll, args.repeats, args.small
+        )
+    out["betty"] = (
+        betty_result(args.batch, args.repeats)
+        if not args.no_betty
+        else {"available": None, "reason": "--no-betty"}
+    )
     write_json(args.out, out, indent=2)
     print("wrote", args.out)
 

@@ -21,6 +21,7 @@ the models (thesis 4.4.1, appendix C.2), e.g.::
 ``--methods`` (method families, e.g. ``grad_dot,ekfac,logra,trak``) and ``--sizes`` (LoGra ``k``)
 restrict what is run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,16 @@ from jaxinf._src import examples  # noqa: E402
 
 
 def _block(x):
-    return jax.tree.map(lambda v: v.block_until_ready() if hasattr(v, "block_until_ready") else v, x)
+    return jax.tree.map(
+        lambda v: v.block_until_ready() if hasattr(v, "block_until_ready") else v, x
+    )
 
 
 def logra_grads(task, params, k, init, *, seed=0, chunk=256):
     """LoGra projected grads of train and test sets with per-layer k (clipped to the layer size)."""
-    cap = jaxinf.linen_capture(lambda p, b: jnp.mean(jax.vmap(lambda x, y: task.example_loss(p, (x, y)))(*b)))
+    cap = jaxinf.linen_capture(
+        lambda p, b: jnp.mean(jax.vmap(lambda x, y: task.example_loss(p, (x, y)))(*b))
+    )
     batch = (task.x_train, task.y_train)
     layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("dense",)))
     layers = {p: s._replace(k_in=min(k, s.n_in), k_out=min(k, s.n_out)) for p, s in layers.items()}
@@ -56,12 +61,14 @@ def logra_grads(task, params, k, init, *, seed=0, chunk=256):
         acc = jaxinf.kfac_factors(cap, layers)
         st = acc.init(None)
         for s in range(0, batch[0].shape[0], chunk):
-            st = acc.update(st, (params, (batch[0][s:s + chunk], batch[1][s:s + chunk])))
+            st = acc.update(st, (params, (batch[0][s : s + chunk], batch[1][s : s + chunk])))
         projs = jaxinf.pca_projections(acc.finalize(st), layers=layers)
     fn = jaxinf.projected_gradients(cap, projs)
 
     def run(x, y):
-        parts = [fn(params, (x[s:s + chunk], y[s:s + chunk])) for s in range(0, x.shape[0], chunk)]
+        parts = [
+            fn(params, (x[s : s + chunk], y[s : s + chunk])) for s in range(0, x.shape[0], chunk)
+        ]
         return {l: jnp.concatenate([p[l] for p in parts]) for l in parts[0]}
 
     tr, te = run(*batch), run(task.x_test, task.y_test)
@@ -69,7 +76,16 @@ def logra_grads(task, params, k, init, *, seed=0, chunk=256):
     return tr, te, nbytes
 
 
-METHOD_FAMILIES = ("grad_dot", "grad_cosine", "exact_influence", "kfac", "ekfac", "representation_sim", "logra", "trak")
+METHOD_FAMILIES = (
+    "grad_dot",
+    "grad_cosine",
+    "exact_influence",
+    "kfac",
+    "ekfac",
+    "representation_sim",
+    "logra",
+    "trak",
+)
 
 
 def model_seed(seed, k):
@@ -79,7 +95,6 @@ def model_seed(seed, k):
 
 def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMILIES):
     """Yields ``(method, scores [n_test, n_train], seconds, bytes_per_example, extra)`` for one model."""
-    n_train = task.x_train.shape[0]
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
     want = set(methods)
 
@@ -88,8 +103,12 @@ def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMI
     t_grads = 0.0
     if want & {"grad_dot", "grad_cosine", "exact_influence", "trak"}:
         t0 = time.perf_counter()
-        g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_train, task.y_train)))
-        g_te = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test)))
+        g_tr = jaxinf.flatten_per_example(
+            jaxinf.per_example_grads(task.example_loss, params, (task.x_train, task.y_train))
+        )
+        g_te = jaxinf.flatten_per_example(
+            jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test))
+        )
         _block(g_tr)
         t_grads = time.perf_counter() - t0
     full_bytes = n_params * 4
@@ -106,15 +125,33 @@ def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMI
 
     if want & {"kfac", "ekfac"}:
         t0 = time.perf_counter()
-        acts_tr = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_train if name != "lm" else task.x_train[:, :-1], task.y_train)
-        acts_te = jaxinf.dense_activations(task.model, params, task.out_loss, task.x_test if name != "lm" else task.x_test[:, :-1], task.y_test)
+        acts_tr = jaxinf.dense_activations(
+            task.model,
+            params,
+            task.out_loss,
+            task.x_train if name != "lm" else task.x_train[:, :-1],
+            task.y_train,
+        )
+        acts_te = jaxinf.dense_activations(
+            task.model,
+            params,
+            task.out_loss,
+            task.x_test if name != "lm" else task.x_test[:, :-1],
+            task.y_test,
+        )
         t_acts = time.perf_counter() - t0
         dense_params = sum(a.shape[-1] * d.shape[-1] for a, d in acts_tr.values())
         for method, ek in [("kfac", False), ("ekfac", True)]:
             if method in want:
                 t0 = time.perf_counter()
                 s = _block(jaxinf.kfac_influence(acts_te, acts_tr, ekfac=ek))
-                yield method, s, t_acts + time.perf_counter() - t0, dense_params * 4, {"note": "dense layers only"}
+                yield (
+                    method,
+                    s,
+                    t_acts + time.perf_counter() - t0,
+                    dense_params * 4,
+                    {"note": "dense layers only"},
+                )
 
     if "representation_sim" in want:
         t0 = time.perf_counter()
@@ -137,11 +174,28 @@ def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMI
             if dim <= 4 * n_params:
                 t0 = time.perf_counter()
                 s = _block(jaxinf.trak(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)))
-                yield f"trak_{dim}", s, t_grads + time.perf_counter() - t0, dim * 4, {"matches": f"logra {k}x{k}"}
+                yield (
+                    f"trak_{dim}",
+                    s,
+                    t_grads + time.perf_counter() - t0,
+                    dim * 4,
+                    {"matches": f"logra {k}x{k}"},
+                )
 
 
-def run_task(name, task, *, num_subsets, num_seeds, sizes, exact, seed=0, progress=True, models=1,
-             methods=METHOD_FAMILIES):
+def run_task(
+    name,
+    task,
+    *,
+    num_subsets,
+    num_seeds,
+    sizes,
+    exact,
+    seed=0,
+    progress=True,
+    models=1,
+    methods=METHOD_FAMILIES,
+):
     """Ground truth from retraining on random subsets, then every method's LDS.
 
     With ``models=1`` one model is trained on the full training set and each method's entry holds
@@ -151,39 +205,64 @@ def run_task(name, task, *, num_subsets, num_seeds, sizes, exact, seed=0, progre
     ``ci_per_model`` (:func:`jaxinf.lds_models`); ``time_s`` is the mean per model.
     """
     n_train = task.x_train.shape[0]
-    res = {"task": name, "n_train": int(n_train), "n_test": int(task.x_test.shape[0]),
-           "num_subsets": num_subsets, "num_seeds": num_seeds, "train_steps": task.info["steps"],
-           "methods": {}}
+    res = {
+        "task": name,
+        "n_train": int(n_train),
+        "n_test": int(task.x_test.shape[0]),
+        "num_subsets": num_subsets,
+        "num_seeds": num_seeds,
+        "train_steps": task.info["steps"],
+        "methods": {},
+    }
     if models > 1:
         res["models"] = models
         res["model_seeds"] = [model_seed(seed, k) for k in range(models)]
     masks = jaxinf.random_subsets(n_train, num_subsets, seed=seed)
     t0 = time.perf_counter()
-    outputs = jaxinf.retrain(task.init_fn, task.train_fn, task.output_fn, masks, num_seeds=num_seeds,
-                             seed=seed + 1, chunk_size=max(1, 64 // num_seeds), progress=progress)
+    outputs = jaxinf.retrain(
+        task.init_fn,
+        task.train_fn,
+        task.output_fn,
+        masks,
+        num_seeds=num_seeds,
+        seed=seed + 1,
+        chunk_size=max(1, 64 // num_seeds),
+        progress=progress,
+    )
     res["retrain_s"] = time.perf_counter() - t0
     # Noise ceiling: how well one seed's outputs predict another's (Spearman over subsets).
     if num_seeds >= 2:
-        res["seed_to_seed_spearman"] = float(np.nanmean(jaxinf.spearman(outputs[:, 0], outputs[:, 1], axis=0)))
+        res["seed_to_seed_spearman"] = float(
+            np.nanmean(jaxinf.spearman(outputs[:, 0], outputs[:, 1], axis=0))
+        )
 
     collected = {}  # method -> {"scores": [...], "time_s": [...], "nbytes": int, "extra": dict}
     train_s, mean_out = [], []
     for k in range(models):
         ms = model_seed(seed, k)
         t0 = time.perf_counter()
-        params = jax.jit(task.train_fn)(task.init_fn(jax.random.PRNGKey(10_000 + ms)),
-                                        jnp.ones(n_train, jnp.float32), jax.random.PRNGKey(20_000 + ms))
+        params = jax.jit(task.train_fn)(
+            task.init_fn(jax.random.PRNGKey(10_000 + ms)),
+            jnp.ones(n_train, jnp.float32),
+            jax.random.PRNGKey(20_000 + ms),
+        )
         _block(params)
         train_s.append(time.perf_counter() - t0)
         mean_out.append(float(np.mean(np.asarray(task.output_fn(params)))))
         res["n_params"] = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-        for method, scores, seconds, nbytes, extra in method_scores(name, task, params, sizes=sizes, exact=exact,
-                                                                    seed=ms, methods=methods):
+        for method, scores, seconds, nbytes, extra in method_scores(
+            name, task, params, sizes=sizes, exact=exact, seed=ms, methods=methods
+        ):
             r = jaxinf.lds(np.asarray(scores, np.float64), masks, outputs, seed=seed)
             tag = f"model {k} " if models > 1 else ""
-            print(f"  {name:5s} {tag}{method:22s} LDS {r.score:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
-                  f"{nbytes:8d} B/ex  {seconds:6.2f} s", flush=True)
-            c = collected.setdefault(method, {"scores": [], "time_s": [], "nbytes": int(nbytes), "extra": extra})
+            print(
+                f"  {name:5s} {tag}{method:22s} LDS {r.score:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
+                f"{nbytes:8d} B/ex  {seconds:6.2f} s",
+                flush=True,
+            )
+            c = collected.setdefault(
+                method, {"scores": [], "time_s": [], "nbytes": int(nbytes), "extra": extra}
+            )
             c["scores"].append(np.asarray(scores, np.float64))
             c["time_s"].append(seconds)
 
@@ -196,31 +275,53 @@ def run_task(name, task, *, num_subsets, num_seeds, sizes, exact, seed=0, progre
     for method, c in collected.items():
         if models == 1:
             r = jaxinf.lds(c["scores"][0], masks, outputs, seed=seed)
-            res["methods"][method] = {"lds": r.score, "ci": [r.ci_low, r.ci_high], "bytes_per_example": c["nbytes"],
-                                      "time_s": round(c["time_s"][0], 3), **c["extra"]}
+            res["methods"][method] = {
+                "lds": r.score,
+                "ci": [r.ci_low, r.ci_high],
+                "bytes_per_example": c["nbytes"],
+                "time_s": round(c["time_s"][0], 3),
+                **c["extra"],
+            }
             continue
         if len(c["scores"]) != models:  # e.g. TRAK skipped for one model only: never expected
             raise RuntimeError(f"{method}: scored {len(c['scores'])} of {models} models")
         r = jaxinf.lds_models(c["scores"], masks, outputs, seed=seed)
-        res["methods"][method] = {"lds": r.mean, "lds_std": r.std, "lds_per_model": r.per_model.tolist(),
-                                  "ci_per_model": [[x.ci_low, x.ci_high] for x in r.results],
-                                  "bytes_per_example": c["nbytes"], "time_s": round(float(np.mean(c["time_s"])), 3),
-                                  **c["extra"]}
-        print(f"  {name:5s} {method:22s} LDS over {models} models {r.mean:+.3f} ± {r.std:.3f}  "
-              f"({', '.join(f'{x:+.3f}' for x in r.per_model)})", flush=True)
+        res["methods"][method] = {
+            "lds": r.mean,
+            "lds_std": r.std,
+            "lds_per_model": r.per_model.tolist(),
+            "ci_per_model": [[x.ci_low, x.ci_high] for x in r.results],
+            "bytes_per_example": c["nbytes"],
+            "time_s": round(float(np.mean(c["time_s"])), 3),
+            **c["extra"],
+        }
+        print(
+            f"  {name:5s} {method:22s} LDS over {models} models {r.mean:+.3f} ± {r.std:.3f}  "
+            f"({', '.join(f'{x:+.3f}' for x in r.per_model)})",
+            flush=True,
+        )
     return res
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="benchmarks/results/lds_cpu.json")
     ap.add_argument("--tasks", default="mlp,cnn,lm")
     ap.add_argument("--small", action="store_true", help="tiny smoke-test sizes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", type=int, default=1,
-                    help="attribution models trained from different seeds; K > 1 reports LDS mean ± std over them")
-    ap.add_argument("--methods", default=",".join(METHOD_FAMILIES),
-                    help="comma list of method families: " + ",".join(METHOD_FAMILIES))
+    ap.add_argument(
+        "--models",
+        type=int,
+        default=1,
+        help="attribution models trained from different seeds; K > 1 reports LDS mean ± std over them",
+    )
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHOD_FAMILIES),
+        help="comma list of method families: " + ",".join(METHOD_FAMILIES),
+    )
     ap.add_argument("--sizes", default=None, help="comma list of LoGra k (default: the task's)")
     args = ap.parse_args(argv)
     if args.models < 1:
@@ -232,31 +333,74 @@ def main(argv=None):
 
     small = args.small
     cfg = {
-        "mlp": dict(make=lambda: examples.digits_task("mlp", n_train=200 if small else 1000, n_test=50 if small else 100,
-                                                      steps=100 if small else 200),
-                    num_subsets=16 if small else 48, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16, 32),
-                    exact=True),
-        "cnn": dict(make=lambda: examples.digits_task("cnn", n_train=200 if small else 1000, n_test=50 if small else 100,
-                                                      steps=100 if small else 200),
-                    num_subsets=16 if small else 32, num_seeds=2, sizes=(4, 8) if small else (4, 8, 16, 32), exact=True),
-        "lm": dict(make=lambda: examples.lm_task(n_train=64 if small else 128, n_test=16 if small else 32,
-                                                 steps=50 if small else 100),
-                   num_subsets=8 if small else 24, num_seeds=2, sizes=(4,) if small else (4, 8, 16), exact=True),
+        "mlp": dict(
+            make=lambda: examples.digits_task(
+                "mlp",
+                n_train=200 if small else 1000,
+                n_test=50 if small else 100,
+                steps=100 if small else 200,
+            ),
+            num_subsets=16 if small else 48,
+            num_seeds=2,
+            sizes=(4, 8) if small else (4, 8, 16, 32),
+            exact=True,
+        ),
+        "cnn": dict(
+            make=lambda: examples.digits_task(
+                "cnn",
+                n_train=200 if small else 1000,
+                n_test=50 if small else 100,
+                steps=100 if small else 200,
+            ),
+            num_subsets=16 if small else 32,
+            num_seeds=2,
+            sizes=(4, 8) if small else (4, 8, 16, 32),
+            exact=True,
+        ),
+        "lm": dict(
+            make=lambda: examples.lm_task(
+                n_train=64 if small else 128, n_test=16 if small else 32, steps=50 if small else 100
+            ),
+            num_subsets=8 if small else 24,
+            num_seeds=2,
+            sizes=(4,) if small else (4, 8, 16),
+            exact=True,
+        ),
     }
-    results = {"command": "python benchmarks/lds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "backend": jax.default_backend(), "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
-               "platform": platform.platform(), "jax": jax.__version__, "tasks": {}}
+    results = {
+        "command": "python benchmarks/lds.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "tasks": {},
+    }
     t_all = time.perf_counter()
     for name in args.tasks.split(","):
         c = cfg[name]
         print(f"[{name}]", flush=True)
         t0 = time.perf_counter()
         sizes = tuple(int(k) for k in args.sizes.split(",")) if args.sizes else c["sizes"]
-        r = run_task(name, c["make"](), num_subsets=c["num_subsets"], num_seeds=c["num_seeds"], sizes=sizes,
-                     exact=c["exact"], seed=args.seed, models=args.models, methods=methods)
+        r = run_task(
+            name,
+            c["make"](),
+            num_subsets=c["num_subsets"],
+            num_seeds=c["num_seeds"],
+            sizes=sizes,
+            exact=c["exact"],
+            seed=args.seed,
+            models=args.models,
+            methods=methods,
+        )
         r["total_s"] = time.perf_counter() - t0
-        print(f"  retrain {r['retrain_s']:.1f} s, seed-to-seed Spearman {r.get('seed_to_seed_spearman', float('nan')):.3f}, "
-              f"task total {r['total_s']:.1f} s", flush=True)
+        print(
+            f"  retrain {r['retrain_s']:.1f} s, "
+            f"seed-to-seed Spearman {r.get('seed_to_seed_spearman', float('nan')):.3f}, "
+            f"task total {r['total_s']:.1f} s",
+            flush=True,
+        )
         results["tasks"][name] = r
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

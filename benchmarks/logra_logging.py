@@ -8,6 +8,7 @@ is importable (it is not a dependency). Writes JSON (``--out``).
 
     python benchmarks/logra_logging.py --size small --out benchmarks/results/logging_cpu.json
 """
+
 import os
 import sys
 
@@ -29,10 +30,28 @@ from benchmarks._common import write_json  # noqa: E402
 
 SIZES = {
     # name: (mlp_batch, mlp_width, lm_layers, lm_width, lm_heads, lm_seq, lm_batch, vocab, rank)
-    "small": dict(mlp_batch=128, mlp_width=128, layers=2, width=64, heads=4, seq=32, lm_batch=8,
-                  vocab=256, rank=16),
-    "full": dict(mlp_batch=256, mlp_width=256, layers=4, width=256, heads=4, seq=128, lm_batch=8,
-                 vocab=1024, rank=64),
+    "small": dict(
+        mlp_batch=128,
+        mlp_width=128,
+        layers=2,
+        width=64,
+        heads=4,
+        seq=32,
+        lm_batch=8,
+        vocab=256,
+        rank=16,
+    ),
+    "full": dict(
+        mlp_batch=256,
+        mlp_width=256,
+        layers=4,
+        width=256,
+        heads=4,
+        seq=128,
+        lm_batch=8,
+        vocab=1024,
+        rank=64,
+    ),
 }
 
 
@@ -57,7 +76,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask):
-        attn_mask = nn.combine_masks(nn.make_attention_mask(mask > 0, mask > 0), nn.make_causal_mask(mask))
+        attn_mask = nn.combine_masks(
+            nn.make_attention_mask(mask > 0, mask > 0), nn.make_causal_mask(mask)
+        )
         h = nn.LayerNorm()(x)
         x = x + nn.MultiHeadDotProductAttention(self.heads)(h, h, mask=attn_mask)
         h = nn.LayerNorm()(x)
@@ -99,22 +120,33 @@ def memory(jitted, *args):
         "temp_bytes": int(m.temp_size_in_bytes),
         "argument_bytes": int(m.argument_size_in_bytes),
         "output_bytes": int(m.output_size_in_bytes),
-        "peak_bytes": int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-                          - m.alias_size_in_bytes),
+        "peak_bytes": int(
+            m.temp_size_in_bytes
+            + m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+        ),
     }
 
 
-def compare(name, loss_fn, params, batch, n_examples, n_tokens, select, rank, repeats, mask_fn=None):
+def compare(
+    name, loss_fn, params, batch, n_examples, n_tokens, select, rank, repeats, mask_fn=None
+):
     """Time and size a plain grad step and LoGra extraction on the same model and batch."""
     plain = jax.jit(jax.grad(loss_fn))
     cap = jaxinf.linen_capture(loss_fn)
     layers = jaxinf.find_layers(cap, params, batch, select=select)
     # Rank per layer, clipped for small layers (a projection larger than its layer is an error).
-    layers = {p: s._replace(k_in=min(rank, s.n_in), k_out=min(rank, s.n_out)) for p, s in layers.items()}
+    layers = {
+        p: s._replace(k_in=min(rank, s.n_in), k_out=min(rank, s.n_out)) for p, s in layers.items()
+    }
     projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=rank, k_out=rank)
     extract = jaxinf.projected_gradients(cap, projs, mask_fn=mask_fn)
-    t_plain, t_log = time_pair(lambda: jax.block_until_ready(plain(params, batch)),
-                               lambda: jax.block_until_ready(extract(params, batch)), repeats)
+    t_plain, t_log = time_pair(
+        lambda: jax.block_until_ready(plain(params, batch)),
+        lambda: jax.block_until_ready(extract(params, batch)),
+        repeats,
+    )
     mem_plain = memory(plain, params, batch)
     mem_log = memory(extract.jitted, params, batch, projs)
     row = {
@@ -135,7 +167,8 @@ def compare(name, loss_fn, params, batch, n_examples, n_tokens, select, rank, re
         "memory_plain": mem_plain,
         "memory_logging": mem_log,
         "peak_memory_ratio": (mem_log["peak_bytes"] / mem_plain["peak_bytes"])
-        if mem_plain and mem_log else None,
+        if mem_plain and mem_log
+        else None,
     }
     print(json.dumps({k: v for k, v in row.items() if not k.startswith("memory")}, indent=1))
     return row
@@ -160,8 +193,11 @@ def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
     class TMLP(torch.nn.Module):
         def __init__(self, width):
             super().__init__()
-            self.l0, self.l1, self.l2 = (torch.nn.Linear(64, width), torch.nn.Linear(width, width),
-                                         torch.nn.Linear(width, 10))
+            self.l0, self.l1, self.l2 = (
+                torch.nn.Linear(64, width),
+                torch.nn.Linear(width, width),
+                torch.nn.Linear(width, 10),
+            )
 
         def forward(self, x):
             return self.l2(torch.relu(self.l1(torch.relu(self.l0(x)))))
@@ -177,7 +213,9 @@ def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
         def forward(self, x, mask):
             b, t, d = x.shape
             h = self.ln1(x)
-            q, k, v = (f(h).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            q, k, v = (
+                f(h).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v)
+            )
             allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & mask[:, None, None, :].bool()
             a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
             x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
@@ -223,18 +261,34 @@ def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
             t_plain, t_log = time_pair(plain, logged, repeats)
             n_layers = len(logged())
         return {
-            "model": name, "layers_logged": n_layers, "rank": rank, "batch": n_examples,
-            "tokens_per_batch": n_tokens, "plain_step_s": t_plain, "logging_step_s": t_log,
-            "plain_examples_per_s": n_examples / t_plain, "logging_examples_per_s": n_examples / t_log,
-            "plain_tokens_per_s": n_tokens / t_plain, "logging_tokens_per_s": n_tokens / t_log,
+            "model": name,
+            "layers_logged": n_layers,
+            "rank": rank,
+            "batch": n_examples,
+            "tokens_per_batch": n_tokens,
+            "plain_step_s": t_plain,
+            "logging_step_s": t_log,
+            "plain_examples_per_s": n_examples / t_plain,
+            "logging_examples_per_s": n_examples / t_log,
+            "plain_tokens_per_s": n_tokens / t_plain,
+            "logging_tokens_per_s": n_tokens / t_log,
             "time_ratio_logging_over_plain": t_log / t_plain,
         }
 
     x = torch.tensor(np.asarray(mlp_batch["x"]))
     y = torch.tensor(np.asarray(mlp_batch["y"])).long()
     n = x.shape[0]
-    rows = [one("digits_mlp", lambda: TMLP(cfg["mlp_width"]), (x,),
-                lambda out: torch.nn.functional.cross_entropy(out, y, reduction="sum"), n, n, None)]
+    rows = [
+        one(
+            "digits_mlp",
+            lambda: TMLP(cfg["mlp_width"]),
+            (x,),
+            lambda out: torch.nn.functional.cross_entropy(out, y, reduction="sum"),
+            n,
+            n,
+            None,
+        )
+    ]
     ids = torch.tensor(np.asarray(lm_batch["ids"])).long()
     mask = torch.tensor(np.asarray(lm_batch["mask"]))
     w = (mask[:, 1:] * mask[:, :-1]).float()
@@ -243,18 +297,27 @@ def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         return -(lp * w).sum()
 
-    rows.append(one(
-        f"transformer_lm_{cfg['layers']}x{cfg['width']}_seq{cfg['seq']}",
-        lambda: TLM(cfg["vocab"], cfg["width"], cfg["heads"], cfg["layers"], cfg["seq"]),
-        (ids, mask), lm_loss, ids.shape[0], int(mask.sum()), mask,
-    ))
+    rows.append(
+        one(
+            f"transformer_lm_{cfg['layers']}x{cfg['width']}_seq{cfg['seq']}",
+            lambda: TLM(cfg["vocab"], cfg["width"], cfg["heads"], cfg["layers"], cfg["seq"]),
+            (ids, mask),
+            lm_loss,
+            ids.shape[0],
+            int(mask.sum()),
+            mask,
+        )
+    )
     for r in rows:
         print("logix", json.dumps(r))
-    return {"version": logix.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "notes": "LogIX LoGra (add_lora, random init) with setup({'grad': ['log']}), log kept "
-                     "in memory (no save); per-example loss summed; plain = torch fwd+bwd",
-            "results": rows}
+    return {
+        "version": logix.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "notes": "LogIX LoGra (add_lora, random init) with setup({'grad': ['log']}), log kept "
+        "in memory (no save); per-example loss summed; plain = torch fwd+bwd",
+        "results": rows,
+    }
 
 
 def main():
@@ -297,11 +360,20 @@ def main():
         w = bt["mask"][:, 1:] * bt["mask"][:, :-1]
         return xent(logits[:, :-1], bt["ids"][:, 1:], w) / jnp.maximum(jnp.sum(w), 1)
 
-    rows.append(compare(
-        f"transformer_lm_{cfg['layers']}x{cfg['width']}_seq{t}", lm_loss, lm_params, lm_batch, b,
-        int(mask.sum()), jaxinf.Select(types=("dense",)), rank, args.repeats,
-        mask_fn=lambda bt: bt["mask"],
-    ))
+    rows.append(
+        compare(
+            f"transformer_lm_{cfg['layers']}x{cfg['width']}_seq{t}",
+            lm_loss,
+            lm_params,
+            lm_batch,
+            b,
+            int(mask.sum()),
+            jaxinf.Select(types=("dense",)),
+            rank,
+            args.repeats,
+            mask_fn=lambda bt: bt["mask"],
+        )
+    )
 
     try:
         import logix  # noqa: F401
@@ -320,10 +392,11 @@ def main():
         "jax": jax.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "notes": "median of --repeats calls after one warm-up call, plain and logging calls interleaved; tokens = real (unpadded) tokens "
-                 "for the LM; LoGra layers: all Dense (MLP) / all Dense+DenseGeneral (LM, no "
-                 "embeddings); peak_bytes = temp + arguments + outputs - aliased from XLA's "
-                 "compiled memory analysis",
+        "notes": "median of --repeats calls after one warm-up call, plain and logging calls interleaved; "
+        "tokens = real (unpadded) tokens "
+        "for the LM; LoGra layers: all Dense (MLP) / all Dense+DenseGeneral (LM, no "
+        "embeddings); peak_bytes = temp + arguments + outputs - aliased from XLA's "
+        "compiled memory analysis",
         "logix": logix_result,
         "results": rows,
     }

@@ -7,6 +7,7 @@ over seeds.
 
   python -m benchmarks.noisy_digits --out benchmarks/results/noisy_digits_cpu.json
 """
+
 import argparse
 import time
 
@@ -17,54 +18,70 @@ import jaxmlo
 from benchmarks._common import run_record, write_json
 from jaxmlo.examples import digits as dg
 
-VARIANTS = {"plain": dict(reweight=False, correct=False),
-            "plain+meta": dict(reweight=False, correct=False),
-            "reweight": dict(reweight=True, correct=False),
-            "reweight+correct": dict(reweight=True, correct=True)}
+VARIANTS = {
+    "plain": dict(reweight=False, correct=False),
+    "plain+meta": dict(reweight=False, correct=False),
+    "reweight": dict(reweight=True, correct=False),
+    "reweight+correct": dict(reweight=True, correct=True),
+}
 
 
 def train_one(variant, noise, seed, steps, batch, method):
-  data = dg.noisy_digits(noise, seed)
-  train = data["train"]
-  if variant == "plain+meta":  # control: the clean meta set simply added to training
-    train = dg.Split(np.concatenate([train.x, data["meta"].x]),
-                     np.concatenate([train.y, data["meta"].y]))
-  prog = dg.noisy_label_program(method, key=jax.random.PRNGKey(seed), steps=steps,
-                                **VARIANTS[variant])
-  sources = {"classifier": dg.sampler(train, batch, seed)}
-  for i, n in enumerate(("reweight", "correct")):
-    if n in prog.problems:
-      sources[n] = dg.sampler(data["meta"], batch, 10_000 * (i + 1) + seed)
-  res = jaxmlo.run(prog, sources, steps, log_every=0, progress=False)
-  return dg.accuracy(res.state.params["classifier"], data["test"]), res.state
+    data = dg.noisy_digits(noise, seed)
+    train = data["train"]
+    if variant == "plain+meta":  # control: the clean meta set simply added to training
+        train = dg.Split(
+            np.concatenate([train.x, data["meta"].x]), np.concatenate([train.y, data["meta"].y])
+        )
+    prog = dg.noisy_label_program(
+        method, key=jax.random.PRNGKey(seed), steps=steps, **VARIANTS[variant]
+    )
+    sources = {"classifier": dg.sampler(train, batch, seed)}
+    for i, n in enumerate(("reweight", "correct")):
+        if n in prog.problems:
+            sources[n] = dg.sampler(data["meta"], batch, 10_000 * (i + 1) + seed)
+    res = jaxmlo.run(prog, sources, steps, log_every=0, progress=False)
+    return dg.accuracy(res.state.params["classifier"], data["test"]), res.state
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--noise", type=float, default=0.4)
-  ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-  ap.add_argument("--method", default="finite_difference",
-                  choices=["finite_difference", "sama", "cg"])
-  ap.add_argument("--seeds", type=int, default=3)
-  ap.add_argument("--steps", type=int, default=1000)
-  ap.add_argument("--batch", type=int, default=64)
-  ap.add_argument("--out", default="benchmarks/results/noisy_digits_cpu.json")
-  args = ap.parse_args(argv)
-  method = {"finite_difference": jaxmlo.finite_difference(), "sama": jaxmlo.sama(),
-            "cg": jaxmlo.cg(maxiter=10)}[args.method]
-  results = []
-  for v in args.variants:
-    accs, t0 = [], time.perf_counter()
-    for seed in range(args.seeds):
-      accs.append(train_one(v, args.noise, seed, args.steps, args.batch, method)[0])
-    row = {"variant": v, "method": args.method if v not in ("plain", "plain+meta") else None,
-           "test_acc": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
-           "seconds": time.perf_counter() - t0}
-    results.append(row)
-    print(f"noise {args.noise:g}  {v:<18} {100 * row['mean']:.2f} +- {100 * row['std']:.2f}  "
-          f"({row['seconds']:.0f}s)", flush=True)
-  write_json(args.out, run_record("noisy_digits", args, results))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--noise", type=float, default=0.4)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument(
+        "--method", default="finite_difference", choices=["finite_difference", "sama", "cg"]
+    )
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results/noisy_digits_cpu.json")
+    args = ap.parse_args(argv)
+    method = {
+        "finite_difference": jaxmlo.finite_difference(),
+        "sama": jaxmlo.sama(),
+        "cg": jaxmlo.cg(maxiter=10),
+    }[args.method]
+    results = []
+    for v in args.variants:
+        accs, t0 = [], time.perf_counter()
+        for seed in range(args.seeds):
+            accs.append(train_one(v, args.noise, seed, args.steps, args.batch, method)[0])
+        row = {
+            "variant": v,
+            "method": args.method if v not in ("plain", "plain+meta") else None,
+            "test_acc": accs,
+            "mean": float(np.mean(accs)),
+            "std": float(np.std(accs)),
+            "seconds": time.perf_counter() - t0,
+        }
+        results.append(row)
+        print(
+            f"noise {args.noise:g}  {v:<18} {100 * row['mean']:.2f} +- {100 * row['std']:.2f}  "
+            f"({row['seconds']:.0f}s)",
+            flush=True,
+        )
+    write_json(args.out, run_record("noisy_digits", args, results))
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -11,6 +11,7 @@ sizes. Absent scripts are listed as absent. The combined file is
 ``benchmarks/results/run_all_<size>_<machine>_<date>.json`` (machine = accelerator kind and count
 plus host name), holding each script's command, wall time, exit code and its own JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,27 @@ ROOT = os.path.dirname(HERE)
 FLAGS = {
     "hypergrad": {"small": ["--small"], "large": []},
     "logra_logging": {"small": ["--size", "small", "--repeats", "2"], "large": ["--size", "full"]},
-    "store": {"small": ["--rows", "20000", "--reps", "1", "--logix-rows", "0"],
-              "large": ["--rows", "1048576", "--layers", "16", "--k-out", "16", "--k-in", "16",
-                        "--queries", "1,64,256"]},
+    "store": {
+        "small": ["--rows", "20000", "--reps", "1", "--logix-rows", "0"],
+        "large": [
+            "--rows",
+            "1048576",
+            "--layers",
+            "16",
+            "--k-out",
+            "16",
+            "--k-in",
+            "16",
+            "--queries",
+            "1,64,256",
+        ],
+    },
     "lds": {"small": ["--small"], "large": []},
     "brittleness": {"small": ["--small"], "large": []},
-    "mwn_speed": {"small": ["--hidden", "64", "--batch", "64", "--iters", "10", "--repeats", "1"],
-                  "large": ["--hidden", "1024", "--batch", "256", "--iters", "200"]},
+    "mwn_speed": {
+        "small": ["--hidden", "64", "--batch", "64", "--iters", "10", "--repeats", "1"],
+        "large": ["--hidden", "1024", "--batch", "256", "--iters", "200"],
+    },
     "mwn_digits": {"small": ["--seeds", "1", "--steps", "100"], "large": []},
     "noisy_digits": {"small": ["--seeds", "1", "--steps", "100"], "large": []},
     "domain_digits": {"small": ["--seeds", "1", "--steps", "100"], "large": []},
@@ -45,14 +60,27 @@ FLAGS = {
 }
 SKIP = {"run_all"}
 # Run order: issue 7's scale-out benchmarks first, so a time budget cuts the least important.
-PRIORITY = ["scale", "logra_logging", "store", "hypergrad", "mwn_speed", "lds", "mwn_digits",
-            "noisy_digits", "domain_digits", "brittleness"]
+PRIORITY = [
+    "scale",
+    "logra_logging",
+    "store",
+    "hypergrad",
+    "mwn_speed",
+    "lds",
+    "mwn_digits",
+    "noisy_digits",
+    "domain_digits",
+    "brittleness",
+]
 TIMEOUT = {"small": 600, "large": 3600}
 
 
 def discover() -> list[str]:
-    names = [f[:-3] for f in sorted(os.listdir(HERE))
-             if f.endswith(".py") and not f.startswith("_") and f[:-3] not in SKIP]
+    names = [
+        f[:-3]
+        for f in sorted(os.listdir(HERE))
+        if f.endswith(".py") and not f.startswith("_") and f[:-3] not in SKIP
+    ]
     rank = {n: i for i, n in enumerate(PRIORITY)}
     return sorted(names, key=lambda n: (rank.get(n, len(PRIORITY)), n))
 
@@ -65,16 +93,23 @@ def _env() -> dict:
 
 def machine() -> dict:
     """Accelerator kind/count from a child process (the parent never initialises a GPU)."""
-    code = ("import jax, json; d = jax.devices(); print(json.dumps({'backend': "
-            "jax.default_backend(), 'device_kind': d[0].device_kind, 'device_count': len(d), "
-            "'jax': jax.__version__}))")
+    code = (
+        "import jax, json; d = jax.devices(); print(json.dumps({'backend': "
+        "jax.default_backend(), 'device_kind': d[0].device_kind, 'device_count': len(d), "
+        "'jax': jax.__version__}))"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), text=True,
-                             capture_output=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=_env(),
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
         info = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as e:  # still write a result
-        info = {"backend": "unknown", "device_kind": "unknown", "device_count": 0,
-                "error": repr(e)}
+        info = {"backend": "unknown", "device_kind": "unknown", "device_count": 0, "error": repr(e)}
     info["host"] = platform.node()
     info["cpus"] = os.cpu_count()
     return info
@@ -114,16 +149,20 @@ def run_one(name: str, size: str, scratch: str, timeout: float) -> dict:
     t0 = time.perf_counter()
     rec = {"command": shown, "dropped_flags": dropped, "known": name in FLAGS}
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), text=True, capture_output=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=_env(), text=True, capture_output=True, timeout=timeout
+        )
         rec["returncode"] = proc.returncode
         if proc.returncode != 0:
             rec["stderr_tail"] = proc.stderr[-3000:]
     except subprocess.TimeoutExpired as e:
         rec["returncode"] = None
         rec["error"] = f"timed out after {timeout:.0f} s"
-        rec["stderr_tail"] = (e.stderr or b"")[-3000:].decode(errors="replace") \
-            if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:]
+        rec["stderr_tail"] = (
+            (e.stderr or b"")[-3000:].decode(errors="replace")
+            if isinstance(e.stderr, bytes)
+            else (e.stderr or "")[-3000:]
+        )
     rec["wall_s"] = time.perf_counter() - t0
     if os.path.exists(out):
         with open(out) as f:
@@ -150,35 +189,54 @@ def main():
     ap.add_argument("--size", choices=("small", "large"), default="small")
     ap.add_argument("--only", default=None, help="comma-separated benchmark names")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting benchmarks after this many seconds; a running one is cut "
-                         "at the budget (for time-limited GPU sessions)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting benchmarks after this many seconds; a running one is cut "
+        "at the budget (for time-limited GPU sessions)",
+    )
     args = ap.parse_args()
     present = discover()
     names = present if args.only is None else [n for n in args.only.split(",") if n in present]
     info = machine()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{info['device_kind']}-x{info['device_count']}"
-                 f"-{info['host']}").strip("-")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    tag = re.sub(
+        r"[^A-Za-z0-9]+", "-", f"{info['device_kind']}-x{info['device_count']}-{info['host']}"
+    ).strip("-")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, text=True,
-                                    capture_output=True).stdout.strip())
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, capture_output=True
+            ).stdout.strip()
+            or None
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=ROOT, text=True, capture_output=True
+            ).stdout.strip()
+        )
     except OSError:
         commit, dirty = None, None
-    result = {"size": args.size, "date": date, "machine": info, "git_commit": commit,
-              "git_dirty": dirty,
-              "command": "python -m benchmarks.run_all " + " ".join(sys.argv[1:]),
-              "present": present,
-              "absent": sorted(set(FLAGS) - set(present)),
-              "benchmarks": {}}
+    result = {
+        "size": args.size,
+        "date": date,
+        "machine": info,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "command": "python -m benchmarks.run_all " + " ".join(sys.argv[1:]),
+        "present": present,
+        "absent": sorted(set(FLAGS) - set(present)),
+        "benchmarks": {},
+    }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="run_all_") as scratch:
         for name in names:
             left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t0)
             if left is not None and left < 30:
-                result["benchmarks"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+                result["benchmarks"][name] = {
+                    "skipped": f"time budget of {args.budget_s:.0f} s spent"
+                }
                 print(f"[run_all] {name}: skipped (budget)", flush=True)
                 continue
             timeout = TIMEOUT[args.size] if left is None else min(TIMEOUT[args.size], left)
@@ -188,8 +246,11 @@ def main():
     result["total_wall_s"] = time.perf_counter() - t0
     path = _write(result, args, tag, date)
     print(f"[run_all] wrote {path} ({result['total_wall_s']:.0f} s)")
-    failed = [n for n, r in result["benchmarks"].items()
-              if "skipped" not in r and r.get("returncode") != 0]
+    failed = [
+        n
+        for n, r in result["benchmarks"].items()
+        if "skipped" not in r and r.get("returncode") != 0
+    ]
     if failed:
         print(f"[run_all] failed: {failed}")
 

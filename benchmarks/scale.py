@@ -19,6 +19,7 @@ query over 1M logged rows of 4096 values.
 
     python -m benchmarks.scale --size small --out benchmarks/results/scale_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,17 +43,28 @@ from benchmarks._common import write_json
 
 SIZES = {
     "small": dict(
-        lm=dict(vocab=256, width=64, heads=4, mlp=128, layers=2, seq=64, batch=4, rank=4,
-                log_batches=4),
+        lm=dict(
+            vocab=256, width=64, heads=4, mlp=128, layers=2, seq=64, batch=4, rank=4, log_batches=4
+        ),
         clf=dict(vocab=256, width=32, heads=2, mlp=64, layers=1, seq=16, batch=16, classes=4),
         query=dict(rows=65_536, layers=8, k=8, n_test=64, chunk_rows=4096),
         iters=5,
     ),
     "large": dict(
-        lm=dict(vocab=32000, width=768, heads=12, mlp=2048, layers=12, seq=512, batch=8, rank=8,
-                log_batches=20),
-        clf=dict(vocab=30522, width=768, heads=12, mlp=3072, layers=12, seq=128, batch=32,
-                 classes=4),
+        lm=dict(
+            vocab=32000,
+            width=768,
+            heads=12,
+            mlp=2048,
+            layers=12,
+            seq=512,
+            batch=8,
+            rank=8,
+            log_batches=20,
+        ),
+        clf=dict(
+            vocab=30522, width=768, heads=12, mlp=3072, layers=12, seq=128, batch=32, classes=4
+        ),
         query=dict(rows=1_048_576, layers=16, k=16, n_test=64, chunk_rows=8192),
         iters=20,
     ),
@@ -103,13 +115,15 @@ def n_params(tree) -> int:
 
 
 def xent(logits, y):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), y[..., None],
-                                -1)[..., 0]
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), y[..., None], -1)[
+        ..., 0
+    ]
 
 
 def cast(tree, dtype):
-    return jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v,
-                        tree)
+    return jax.tree.map(
+        lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree
+    )
 
 
 def timed(fn, args_fn, iters):
@@ -131,11 +145,17 @@ def memory(compiled) -> dict:
     m = compiled.memory_analysis()
     if m is None:
         return {}
-    return {"argument_bytes": int(m.argument_size_in_bytes),
-            "output_bytes": int(m.output_size_in_bytes),
-            "temp_bytes": int(m.temp_size_in_bytes),
-            "peak_estimate_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes
-                                       + m.temp_size_in_bytes - m.alias_size_in_bytes)}
+    return {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "peak_estimate_bytes": int(
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - m.alias_size_in_bytes
+        ),
+    }
 
 
 def device_peak() -> int | None:
@@ -156,8 +176,10 @@ def bench_logging(cfg, iters, mesh, compute_dtype, tmp):
     key = jax.random.key(0)
     ids = jax.random.randint(key, (B, c["seq"] + 1), 0, c["vocab"])
     params = jax.jit(model.init)(key, ids[:1, :-1])["params"]
-    batches = [{"ids": jax.random.randint(jax.random.key(i), (B, c["seq"] + 1), 0, c["vocab"])}
-               for i in range(4)]
+    batches = [
+        {"ids": jax.random.randint(jax.random.key(i), (B, c["seq"] + 1), 0, c["vocab"])}
+        for i in range(4)
+    ]
     tokens = B * c["seq"]
 
     def loss_fn(p, b):  # per-example sum over tokens; capture runs it on one example
@@ -166,7 +188,9 @@ def bench_logging(cfg, iters, mesh, compute_dtype, tmp):
 
     # plain training step, data-parallel by XLA's partitioner over the same mesh
     opt = optax.adamw(1e-4)
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.device_put(params, rep)
     batches = [jax.device_put(b, dat) for b in batches]
@@ -175,7 +199,8 @@ def bench_logging(cfg, iters, mesh, compute_dtype, tmp):
     @jax.jit
     def plain(p, s, b):
         loss, g = jax.value_and_grad(
-            lambda q: loss_fn(cast(q, compute_dtype) if compute_dtype else q, b) / B)(p)
+            lambda q: loss_fn(cast(q, compute_dtype) if compute_dtype else q, b) / B
+        )(p)
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
@@ -184,21 +209,24 @@ def bench_logging(cfg, iters, mesh, compute_dtype, tmp):
 
     cap = jaxinf.linen_capture(loss_fn)
     layers = jaxinf.find_layers(cap, params, batches[0], select=jaxinf.Select(types=("dense",)))
-    projs = jaxinf.random_projections(layers, key=jax.random.key(1), k_in=c["rank"],
-                                      k_out=c["rank"])
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(1), k_in=c["rank"], k_out=c["rank"]
+    )
     meta = jaxinf.projection_metadata(projs, init="random", seed=1, model="benchmark-lm")
     logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, compute_dtype=compute_dtype)
     state = logging.init()
     log_c = logging.step.lower(state, params, batches[0]).compile()
-    t_log, _ = timed(lambda s, b: logging.step(s, params, b), lambda i: (state, batches[i % 4]),
-                     iters)
+    t_log, _ = timed(
+        lambda s, b: logging.step(s, params, b), lambda i: (state, batches[i % 4]), iters
+    )
 
     # end to end: capture + covariance + rows written (bf16 storage) + the final reduction
     path = os.path.join(tmp, "lm_log")
     n_log = c["log_batches"]
     with jaxinf.LogWriter(path, meta, dtype="bfloat16", statistics=False) as w:
-        jaxinf.log_sharded(logging, params, batches[:1], w, progress=False,
-                           ids_fn=lambda b: list(range(-B, 0)))  # warm-up (ids < 0)
+        jaxinf.log_sharded(
+            logging, params, batches[:1], w, progress=False, ids_fn=lambda b: list(range(-B, 0))
+        )  # warm-up (ids < 0)
         t0 = time.perf_counter()
         counter = [0]
 
@@ -206,19 +234,30 @@ def bench_logging(cfg, iters, mesh, compute_dtype, tmp):
             i, counter[0] = counter[0], counter[0] + 1
             return list(range(i * B, (i + 1) * B))
 
-        jaxinf.log_sharded(logging, params, (batches[i % 4] for i in range(n_log)), w,
-                           ids_fn=ids_fn, progress=False)
+        jaxinf.log_sharded(
+            logging,
+            params,
+            (batches[i % 4] for i in range(n_log)),
+            w,
+            ids_fn=ids_fn,
+            progress=False,
+        )
         t_e2e = time.perf_counter() - t0
     return {
-        "params": n_params(params), "layers_logged": len(layers), "rank": c["rank"],
+        "params": n_params(params),
+        "layers_logged": len(layers),
+        "rank": c["rank"],
         "row_dim": sum(p.p_in.shape[0] * p.p_out.shape[0] for p in projs.values()),
-        "devices": n_dev, "global_batch": B, "seq": c["seq"],
+        "devices": n_dev,
+        "global_batch": B,
+        "seq": c["seq"],
         "compute_dtype": str(jnp.dtype(compute_dtype)) if compute_dtype else "float32",
         "plain_tokens_per_s": tokens / t_plain,
         "logging_tokens_per_s": tokens / t_log,
         "logging_over_plain_time": t_log / t_plain,
         "logging_write_tokens_per_s": n_log * tokens / t_e2e,
-        "plain_memory": memory(plain_c), "logging_memory": memory(log_c),
+        "plain_memory": memory(plain_c),
+        "logging_memory": memory(log_c),
         "device_peak_bytes": device_peak(),
     }
 
@@ -230,14 +269,18 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
     c = cfg["clf"]
     n_dev = mesh.shape["data"]
     B = max(c["batch"] // n_dev, 1) * n_dev  # global batch, split over the mesh
-    model = Transformer(c["vocab"], c["width"], c["heads"], c["mlp"], c["layers"], c["classes"],
-                        False)
+    model = Transformer(
+        c["vocab"], c["width"], c["heads"], c["mlp"], c["layers"], c["classes"], False
+    )
     key = jax.random.key(0)
     ids = jax.random.randint(key, (B, c["seq"]), 0, c["vocab"])
     params = jax.jit(model.init)(key, ids[:1])["params"]
     k = jax.random.split(key, 3)
-    meta = {"a": jax.random.normal(k[0], (1, 64)), "c": jnp.zeros(64),
-            "o": 0.1 * jax.random.normal(k[1], (64, 1))}
+    meta = {
+        "a": jax.random.normal(k[0], (1, 64)),
+        "c": jnp.zeros(64),
+        "o": 0.1 * jax.random.normal(k[1], (64, 1)),
+    }
 
     def losses(p, b):
         return xent(model.apply({"params": p}, b[0]), b[1])
@@ -259,40 +302,64 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
 
     def batches(i):
         kk = jax.random.split(jax.random.key(100 + i), 4)
-        return {"base": (jax.random.randint(kk[0], (1, B, c["seq"]), 0, c["vocab"]),
-                         jax.random.randint(kk[1], (1, B), 0, c["classes"])),
-                "meta": (jax.random.randint(kk[2], (1, B, c["seq"]), 0, c["vocab"]),
-                         jax.random.randint(kk[3], (1, B), 0, c["classes"]))}
+        return {
+            "base": (
+                jax.random.randint(kk[0], (1, B, c["seq"]), 0, c["vocab"]),
+                jax.random.randint(kk[1], (1, B), 0, c["classes"]),
+            ),
+            "meta": (
+                jax.random.randint(kk[2], (1, B, c["seq"]), 0, c["vocab"]),
+                jax.random.randint(kk[3], (1, B), 0, c["classes"]),
+            ),
+        }
 
     data = [jaxmlo.shard_batches(batches(i), mesh) for i in range(3)]
     rows = {}
-    variants = {"plain": None, "sama": jaxmlo.sama(), "cg": jaxmlo.cg(maxiter=5, damping=0.1),
-                "neumann": jaxmlo.neumann(steps=5, lr=0.01)}
+    variants = {
+        "plain": None,
+        "sama": jaxmlo.sama(),
+        "cg": jaxmlo.cg(maxiter=5, damping=0.1),
+        "neumann": jaxmlo.neumann(steps=5, lr=0.01),
+    }
     for name, method in variants.items():
         if method is None:
             prog = jaxmlo.Program([jaxmlo.Problem("base", mp(plain_loss), params, opt)])
             data_v = [{"base": d["base"]} for d in data]
         else:
             prog = jaxmlo.Program(
-                [jaxmlo.Problem("base", mp(base_loss), params, opt, method=method),
-                 jaxmlo.Problem("meta", mp(meta_loss), meta, optax.adam(1e-3))],
-                u2l={"meta": ["base"]}, l2u={"base": ["meta"]})
+                [
+                    jaxmlo.Problem("base", mp(base_loss), params, opt, method=method),
+                    jaxmlo.Problem("meta", mp(meta_loss), meta, optax.adam(1e-3)),
+                ],
+                u2l={"meta": ["base"]},
+                l2u={"base": ["meta"]},
+            )
             data_v = data
         state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
         step = jaxmlo.parallel_step(prog, mesh)
         compiled = step.lower(state, data_v[0]).compile()
-        t, _ = timed(compiled, lambda i: (state, data_v[i % 3]), iters)
-        rows[name] = {"samples_per_s": B / t, "step_s": t, "memory": memory(compiled),
-                      "all_reduce": jaxmlo.count_collectives(compiled.as_text())["all-reduce"]}
+        t, _ = timed(compiled, lambda i, state=state: (state, data_v[i % 3]), iters)
+        rows[name] = {
+            "samples_per_s": B / t,
+            "step_s": t,
+            "memory": memory(compiled),
+            "all_reduce": jaxmlo.count_collectives(compiled.as_text())["all-reduce"],
+        }
         del state, compiled
     for name in ("sama", "cg", "neumann"):
         rows[name]["time_over_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
         pm = rows["plain"]["memory"].get("peak_estimate_bytes")
         if pm:
             rows[name]["memory_over_plain"] = rows[name]["memory"]["peak_estimate_bytes"] / pm
-    return {"params": n_params(params), "devices": n_dev, "global_batch": B, "seq": c["seq"],
-            "compute_dtype": str(jnp.dtype(compute_dtype)) if compute_dtype else "float32",
-            "variants": rows, "device_peak_bytes": device_peak()}
+    return {
+        "params": n_params(params),
+        "devices": n_dev,
+        "global_batch": B,
+        "seq": c["seq"],
+        "compute_dtype": str(jnp.dtype(compute_dtype)) if compute_dtype else "float32",
+        "variants": rows,
+        "device_peak_bytes": device_peak(),
+    }
 
 
 # ------------------------------------------------------------------------------------- query
@@ -326,11 +393,12 @@ def bench_query(cfg, mesh, tmp):
 
     # raw read bandwidth: every chunk, 16 reads in flight
     import collections
+
     s = log.shards[0]
     t0 = time.perf_counter()
     pending = collections.deque()
     for a in range(0, s.rows, c["chunk_rows"]):
-        pending.append(s.grads[a:a + c["chunk_rows"]].read())
+        pending.append(s.grads[a : a + c["chunk_rows"]].read())
         if len(pending) >= 16:
             pending.popleft().result()
     for f in pending:
@@ -347,21 +415,32 @@ def bench_query(cfg, mesh, tmp):
     jaxinf.sharded_query(log, test, meta, mesh=mesh, top_k=10, progress=False)
     t_sq = time.perf_counter() - t0
     pairs = n * c["n_test"]
-    return {"rows": n, "dim": dim, "n_test": c["n_test"], "log_bytes": nbytes,
-            "write_GB_per_s": nbytes / t_write / 1e9,
-            "raw_read_GB_per_s": nbytes / t_raw / 1e9,
-            "query_pairs_per_s": pairs / t_q, "query_GB_per_s": nbytes / t_q / 1e9,
-            "query_fraction_of_raw_read": t_raw / t_q,
-            "sharded_query_pairs_per_s": pairs / t_sq,
-            "sharded_query_GB_per_s": nbytes / t_sq / 1e9, "devices": mesh.shape["data"]}
+    return {
+        "rows": n,
+        "dim": dim,
+        "n_test": c["n_test"],
+        "log_bytes": nbytes,
+        "write_GB_per_s": nbytes / t_write / 1e9,
+        "raw_read_GB_per_s": nbytes / t_raw / 1e9,
+        "query_pairs_per_s": pairs / t_q,
+        "query_GB_per_s": nbytes / t_q / 1e9,
+        "query_fraction_of_raw_read": t_raw / t_q,
+        "sharded_query_pairs_per_s": pairs / t_sq,
+        "sharded_query_GB_per_s": nbytes / t_sq / 1e9,
+        "devices": mesh.shape["data"],
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--parts", default="logging,reweighting,query")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bfloat16 compute (default: on for --size large)")
+    ap.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 compute (default: on for --size large)",
+    )
     ap.add_argument("--tmp", default=None, help="directory for the logs (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results/scale_cpu.json")
     args = ap.parse_args()
@@ -371,11 +450,16 @@ def main():
     mesh = jaxinf.data_mesh()
     tmp = args.tmp or tempfile.mkdtemp(prefix="jaxmlo_scale_bench_")
     os.makedirs(tmp, exist_ok=True)
-    result = {"benchmark": "scale", "size": args.size,
-              "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
-              "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-              "backend": jax.default_backend(), "jax": jax.__version__,
-              "machine": platform.node(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    result = {
+        "benchmark": "scale",
+        "size": args.size,
+        "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
+        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "machine": platform.node(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
     try:
         for part in args.parts.split(","):
             t0 = time.perf_counter()

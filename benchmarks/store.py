@@ -16,6 +16,7 @@ The log was just written, so reads are served from the page cache for both the r
 the query alike (the comparison is like for like; disk-cold numbers would be lower for both).
 The temporary log is deleted at the end. LogIX is compared only where ``logix`` is importable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def _raw_read(path: str, rows: int, chunk_rows: int, in_flight: int) -> float:
     t = time.perf_counter()
     pending, total = [], 0
     for a in range(0, rows, chunk_rows):
-        pending.append(arr[a:min(a + chunk_rows, rows)].read())
+        pending.append(arr[a : min(a + chunk_rows, rows)].read())
         if len(pending) >= in_flight:
             total += pending.pop(0).result().nbytes
     for p in pending:
@@ -62,7 +63,9 @@ def _write_rows(writer, pool, rows, batch):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--k-out", type=int, default=8)
@@ -72,35 +75,62 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--in-flight", type=int, default=16, help="reads in flight, raw-read variant")
     p.add_argument("--prefetch", type=int, default=2, help="query reads in flight")
-    p.add_argument("--reps", type=int, default=3, help="rounds of raw reads and queries (best kept)")
+    p.add_argument(
+        "--reps", type=int, default=3, help="rounds of raw reads and queries (best kept)"
+    )
     p.add_argument("--tmp", default="/tmp/jaxinf_store_bench")
-    p.add_argument("--logix-rows", type=int, default=5000,
-                   help="rows of the LogIX side-by-side log (its query is slow: ~20k pairs/s on CPU)")
+    p.add_argument(
+        "--logix-rows",
+        type=int,
+        default=5000,
+        help="rows of the LogIX side-by-side log (its query is slow: ~20k pairs/s on CPU)",
+    )
     p.add_argument("--out", default="benchmarks/results/store_cpu.json")
     args = p.parse_args()
 
     layers = [f"blocks/{i}/mlp" for i in range(args.layers)]
     dim = args.layers * args.k_out * args.k_in
-    proj = {"layers": {l: {"k_in": args.k_in, "k_out": args.k_out, "n_in": 768, "n_out": 2048}
-                       for l in layers}, "init": "random", "seed": 0, "fingerprint": "bench"}
+    proj = {
+        "layers": {
+            l: {"k_in": args.k_in, "k_out": args.k_out, "n_in": 768, "n_out": 2048} for l in layers
+        },
+        "init": "random",
+        "seed": 0,
+        "fingerprint": "bench",
+    }
     key = jax.random.PRNGKey(0)
     # a pool of device batches reused with fresh ids: the benchmark measures the store, not RNG
     pool = []
     for j in range(4):
         ks = jax.random.split(jax.random.fold_in(key, j), args.layers)
-        pool.append({l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
-                     for l, k in zip(layers, ks)})
+        pool.append(
+            {
+                l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
+                for l, k in zip(layers, ks)
+            }
+        )
     jax.block_until_ready(pool)
     shutil.rmtree(args.tmp, ignore_errors=True)
     os.makedirs(args.tmp)
     log_path = os.path.join(args.tmp, "log")
-    result = {"benchmark": "store", "rows": args.rows, "dim": dim, "layers": args.layers,
-              "k_out": args.k_out, "k_in": args.k_in, "dtype": args.dtype, "batch": args.batch,
-              "queries": args.queries, "backend": jax.default_backend(),
-              "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "jax": jax.__version__,
-              "command": "python benchmarks/store.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
+    result = {
+        "benchmark": "store",
+        "rows": args.rows,
+        "dim": dim,
+        "layers": args.layers,
+        "k_out": args.k_out,
+        "k_in": args.k_in,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "queries": args.queries,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "command": "python benchmarks/store.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+    }
     try:
         # ---- write (after compiling the writer's jitted pack/statistics on a throwaway log)
         with jaxinf.LogWriter(os.path.join(args.tmp, "warmup"), proj, dtype=args.dtype) as w:
@@ -114,8 +144,11 @@ def main():
         nbytes = args.rows * dim * np.dtype(log.meta["storage_dtype"]).itemsize
         result["log_bytes"] = nbytes
         result["log_chunk_rows"] = log.chunk_rows
-        result["write"] = {"seconds": t_write, "rows_per_s": args.rows / t_write,
-                           "MB_per_s": nbytes / t_write / 1e6}
+        result["write"] = {
+            "seconds": t_write,
+            "rows_per_s": args.rows / t_write,
+            "MB_per_s": nbytes / t_write / 1e6,
+        }
 
         # the same rows without the running empirical Fisher (on CPU that matmul is most of the
         # cost), and tensorstore alone writing the same bytes (no ids, no checks, no commits)
@@ -124,8 +157,11 @@ def main():
         with jaxinf.LogWriter(other, proj, dtype=args.dtype, statistics=False) as w:
             _write_rows(w, pool, args.rows, args.batch)
         s = time.perf_counter() - t
-        result["write_without_statistics"] = {"seconds": s, "rows_per_s": args.rows / s,
-                                              "MB_per_s": nbytes / s / 1e6}
+        result["write_without_statistics"] = {
+            "seconds": s,
+            "rows_per_s": args.rows / s,
+            "MB_per_s": nbytes / s / 1e6,
+        }
         shutil.rmtree(other)
         result["raw_tensorstore_write"] = _raw_write(os.path.join(args.tmp, "raw"), log, args)
         shutil.rmtree(os.path.join(args.tmp, "raw"))
@@ -138,13 +174,19 @@ def main():
         # --reps rounds each) so that load from other processes hits both alike
         grads_path = os.path.join(log_path, "shards", "0", "grads")
         _raw_read(grads_path, args.rows, log.chunk_rows, args.in_flight)  # warm the page cache
-        raw_cfg = {"one_chunk_at_a_time": 1, "2_in_flight": 2, f"{args.in_flight}_in_flight": args.in_flight}
+        raw_cfg = {
+            "one_chunk_at_a_time": 1,
+            "2_in_flight": 2,
+            f"{args.in_flight}_in_flight": args.in_flight,
+        }
         queries = [int(q) for q in args.queries.split(",")]
         kt = jax.random.split(jax.random.fold_in(key, 99), args.layers)
         q_cfg = {}
         for nq in queries:
-            test = {l: np.asarray(jax.random.normal(k, (nq, args.k_out, args.k_in), jnp.float32))
-                    for l, k in zip(layers, kt)}
+            test = {
+                l: np.asarray(jax.random.normal(k, (nq, args.k_out, args.k_in), jnp.float32))
+                for l, k in zip(layers, kt)
+            }
             for mode in ("dot", "relatif") if nq == max(queries) else ("dot",):
                 q_cfg[f"{mode}_{nq}q"] = (nq, mode, test)
                 jaxinf.query(log, test, proj, mode=mode, top_k=10, progress=False)  # compile
@@ -153,30 +195,58 @@ def main():
         for _ in range(args.reps):
             for name, (nq, mode, _) in q_cfg.items():
                 r = _score_in_memory(log, nq, mode)
-                if name not in in_memory or r["seconds_per_chunk"] < in_memory[name]["seconds_per_chunk"]:
+                if (
+                    name not in in_memory
+                    or r["seconds_per_chunk"] < in_memory[name]["seconds_per_chunk"]
+                ):
                     in_memory[name] = r
             for name, inflight in raw_cfg.items():
-                best[name] = min(best[name], _raw_read(grads_path, args.rows, log.chunk_rows, inflight))
-            for name, (nq, mode, test) in q_cfg.items():
-                best[name] = min(best[name], _timed(lambda: jaxinf.query(
-                    log, test, proj, mode=mode, top_k=10, prefetch=args.prefetch, progress=False)))
-        result["raw_read"] = {k: {"seconds": best[k], "GB_per_s": nbytes / best[k] / 1e9} for k in raw_cfg}
+                best[name] = min(
+                    best[name], _raw_read(grads_path, args.rows, log.chunk_rows, inflight)
+                )
+            for name, (_nq, mode, test) in q_cfg.items():
+                best[name] = min(
+                    best[name],
+                    _timed(
+                        lambda: jaxinf.query(
+                            log,
+                            test,
+                            proj,
+                            mode=mode,
+                            top_k=10,
+                            prefetch=args.prefetch,
+                            progress=False,
+                        )
+                    ),
+                )
+        result["raw_read"] = {
+            k: {"seconds": best[k], "GB_per_s": nbytes / best[k] / 1e9} for k in raw_cfg
+        }
         best_raw = max(v["GB_per_s"] for v in result["raw_read"].values())
         result["query"] = {}
         result["score_in_memory"] = {}
         for name, (nq, mode, _) in q_cfg.items():
             s = best[name]
             gbps = nbytes / s / 1e9
-            result["query"][name] = {"queries": nq, "mode": mode, "seconds": s,
-                                     "pairs_per_s": args.rows * nq / s, "GB_per_s": gbps,
-                                     "fraction_of_raw_read": gbps / best_raw}
+            result["query"][name] = {
+                "queries": nq,
+                "mode": mode,
+                "seconds": s,
+                "pairs_per_s": args.rows * nq / s,
+                "GB_per_s": gbps,
+                "fraction_of_raw_read": gbps / best_raw,
+            }
             result["score_in_memory"][name] = in_memory[name]
             ceiling = min(best_raw, result["score_in_memory"][name]["GB_per_s"])
             # 1.0 = the query is as fast as the slower of reading and scoring alone
             result["query"][name]["fraction_of_bound"] = gbps / ceiling
-        result["goal"] = ("query >= 50% of the raw tensorstore read bandwidth of the same bytes "
-                          "(best of the raw-read variants)")
-        result["goal_met"] = {k: v["fraction_of_raw_read"] >= 0.5 for k, v in result["query"].items()}
+        result["goal"] = (
+            "query >= 50% of the raw tensorstore read bandwidth of the same bytes "
+            "(best of the raw-read variants)"
+        )
+        result["goal_met"] = {
+            k: v["fraction_of_raw_read"] >= 0.5 for k, v in result["query"].items()
+        }
         try:
             import logix  # noqa: F401
         except ImportError:
@@ -186,7 +256,9 @@ def main():
                 nq = max(queries)
                 result["logix"] = _logix(args, layers, nq, os.path.join(args.tmp, "logix"))
                 ours = result["query"][f"dot_{nq}q"]["pairs_per_s"]
-                result["logix"]["ours_over_logix_pairs_per_s"] = ours / result["logix"]["pairs_per_s"]
+                result["logix"]["ours_over_logix_pairs_per_s"] = (
+                    ours / result["logix"]["pairs_per_s"]
+                )
             else:
                 result["logix"] = "skipped: --logix-rows 0"
     finally:
@@ -201,9 +273,13 @@ def _raw_write(path: str, log, args) -> dict:
     """tensorstore alone writing the log's bytes: whole chunks, ``--in-flight`` writes outstanding."""
     from jaxinf._src.store import _create_array
 
-    arr = _create_array(path, (args.rows, log.dim), (log.chunk_rows, log.dim), log.meta["storage_dtype"])
-    block = np.asarray(np.random.default_rng(0).normal(size=(log.chunk_rows, log.dim)),
-                       np.dtype(log.meta["storage_dtype"]))
+    arr = _create_array(
+        path, (args.rows, log.dim), (log.chunk_rows, log.dim), log.meta["storage_dtype"]
+    )
+    block = np.asarray(
+        np.random.default_rng(0).normal(size=(log.chunk_rows, log.dim)),
+        np.dtype(log.meta["storage_dtype"]),
+    )
     t = time.perf_counter()
     pending = []
     for a in range(0, args.rows, log.chunk_rows):
@@ -229,8 +305,12 @@ def _score_in_memory(log, nq: int, mode: str) -> dict:
     w = [jnp.eye(l.dim, dtype=jnp.float32) for l in log.layers]
     ste = jnp.ones((nq,), jnp.float32)
     idx = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-    st = q_mod._TopK(jnp.full((nq, 10), -jnp.inf), jnp.full((nq, 10), -1, idx),
-                     jnp.full((nq, 10), -jnp.inf), jnp.full((nq, 10), -1, idx))
+    st = q_mod._TopK(
+        jnp.full((nq, 10), -jnp.inf),
+        jnp.full((nq, 10), -1, idx),
+        jnp.full((nq, 10), -jnp.inf),
+        jnp.full((nq, 10), -1, idx),
+    )
     jax.block_until_ready(step(st, x, 0, c, q, w, ste))
     reps = 10
     t = time.perf_counter()
@@ -238,8 +318,12 @@ def _score_in_memory(log, nq: int, mode: str) -> dict:
         st, _ = step(st, x, i * c, c, q, w, ste)
     jax.block_until_ready(st)
     s = (time.perf_counter() - t) / reps
-    return {"chunk_rows": c, "seconds_per_chunk": s, "pairs_per_s": c * nq / s,
-            "GB_per_s": c * log.dim * 4 / s / 1e9}
+    return {
+        "chunk_rows": c,
+        "seconds_per_chunk": s,
+        "pairs_per_s": c * nq / s,
+        "GB_per_s": c * log.dim * 4 / s / 1e9,
+    }
 
 
 def _logix(args, layers, nq: int, path: str) -> dict:
@@ -251,11 +335,11 @@ def _logix(args, layers, nq: int, path: str) -> dict:
     so only the streaming and scoring are timed, as for ours.
     """
     import torch
-    from torch.utils.data import DataLoader
     from logix.analysis.influence_function import InfluenceFunction
     from logix.logging.log_loader import LogDataset
     from logix.logging.log_loader_utils import collate_nested_dicts
     from logix.logging.mmap import MemoryMapHandler
+    from torch.utils.data import DataLoader
 
     os.makedirs(path)
     rng = np.random.default_rng(0)
@@ -263,23 +347,41 @@ def _logix(args, layers, nq: int, path: str) -> dict:
     for c, a in enumerate(range(0, args.logix_rows, 8192)):
         n = min(8192, args.logix_rows - a)
         block = rng.standard_normal((n, len(layers), args.k_out, args.k_in), dtype=np.float32)
-        buf = [(str(a + i), {l: {"grad": block[i, j]} for j, l in enumerate(layers)}) for i in range(n)]
+        buf = [
+            (str(a + i), {l: {"grad": block[i, j]} for j, l in enumerate(layers)}) for i in range(n)
+        ]
         MemoryMapHandler.write(path, f"log_rank_0_chunk_{c}.mmap", buf, order)
-    loader = DataLoader(LogDataset(path, flatten=False), batch_size=64, shuffle=False,
-                        collate_fn=collate_nested_dicts)
-    src = ([f"q{i}" for i in range(nq)],
-           {l: {"grad": torch.randn(nq, args.k_out, args.k_in)} for l in layers})
+    loader = DataLoader(
+        LogDataset(path, flatten=False),
+        batch_size=64,
+        shuffle=False,
+        collate_fn=collate_nested_dicts,
+    )
+    src = (
+        [f"q{i}" for i in range(nq)],
+        {l: {"grad": torch.randn(nq, args.k_out, args.k_in)} for l in layers},
+    )
     t = time.perf_counter()
-    res = InfluenceFunction(state=None).compute_influence_all(src, loader, mode="dot",
-                                                              precondition=False)
+    res = InfluenceFunction(state=None).compute_influence_all(
+        src, loader, mode="dot", precondition=False
+    )
     s = time.perf_counter() - t
     assert tuple(res["influence"].shape) == (nq, args.logix_rows)
     import logix
-    return {"version": getattr(logix, "__version__", "?"), "rows": args.logix_rows, "queries": nq,
-            "mode": "dot", "seconds": s, "pairs_per_s": args.logix_rows * nq / s,
-            "note": ("measured on --logix-rows rows, not --rows: LogIX's per-row Python loading "
-                     "and its growing torch.cat of results make a 200k-row run take many minutes "
-                     "here; its rate can only fall with more rows")}
+
+    return {
+        "version": getattr(logix, "__version__", "?"),
+        "rows": args.logix_rows,
+        "queries": nq,
+        "mode": "dot",
+        "seconds": s,
+        "pairs_per_s": args.logix_rows * nq / s,
+        "note": (
+            "measured on --logix-rows rows, not --rows: LogIX's per-row Python loading "
+            "and its growing torch.cat of results make a 200k-row run take many minutes "
+            "here; its rate can only fall with more rows"
+        ),
+    }
 
 
 def _timed(fn) -> float:

@@ -1,6 +1,7 @@
 """jaxinf: training-data attribution (influence functions) at scale in JAX."""
 
 from jaxinf._src.baselines import (
+    KFACEigenbasis,
     block_influence,
     damped_inverse_apply,
     dense_activations,
@@ -11,7 +12,6 @@ from jaxinf._src.baselines import (
     grad_dot,
     kfac_eigenbasis,
     kfac_influence,
-    KFACEigenbasis,
     layer_grads_from_activations,
     per_example_grads,
     representation_similarity,
@@ -19,24 +19,24 @@ from jaxinf._src.baselines import (
 )
 from jaxinf._src.capture import (
     Capture,
+    LayerSpec,
+    LoGra,
+    Select,
+    UncapturedLayerWarning,
     find_layers,
     kfac_batch_sums,
-    LayerSpec,
     linen_capture,
-    LoGra,
     logra,
     nnx_capture,
     projected_gradients,
-    Select,
-    UncapturedLayerWarning,
 )
 from jaxinf._src.evaluate import (
-    brittleness,
     BrittlenessResult,
-    lds,
-    lds_models,
     LDSModelsResult,
     LDSResult,
+    brittleness,
+    lds,
+    lds_models,
     random_subsets,
     rankdata,
     retrain,
@@ -44,49 +44,49 @@ from jaxinf._src.evaluate import (
     subset_predictions,
 )
 from jaxinf._src.parallel import (
+    LoggingState,
+    LoggingStatistics,
+    ShardedLogging,
     count_collectives,
     data_mesh,
     log_sharded,
-    LoggingState,
-    LoggingStatistics,
     save_shard_statistics,
     sharded_logging,
     sharded_query,
-    ShardedLogging,
     write_sharded,
 )
 from jaxinf._src.projection import (
+    Projection,
     gradient_matrix,
     pca_projections,
     project_gradient,
-    Projection,
     projection_metadata,
     random_projections,
     top_eigenvectors,
 )
 from jaxinf._src.query import (
+    Preconditioner,
+    QueryResult,
+    SelfInfluence,
     influence_scores,
     merge_results,
-    Preconditioner,
     preconditioner,
     query,
-    QueryResult,
     self_influence,
-    SelfInfluence,
 )
 from jaxinf._src.statistics import (
     Accumulator,
-    kfac_factors,
     KFACFactors,
     KFACState,
+    kfac_factors,
     projected_covariance,
 )
 from jaxinf._src.store import (
     LayerStatistics,
     Log,
     LogWriter,
-    open_log,
     WriteHandle,
+    open_log,
 )
 
 __version__ = "0.1.0"

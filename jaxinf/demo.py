@@ -12,6 +12,7 @@
 
 Runs in well under 2 minutes on 2 CPU cores. No downloads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,14 @@ import time
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="jaxinf end-to-end influence demo on digits")
-    ap.add_argument("--out", default="runs/demo", help="output directory (log, figure, summary.json)")
+    ap.add_argument(
+        "--out", default="runs/demo", help="output directory (log, figure, summary.json)"
+    )
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--flip", type=int, default=50, help="training labels flipped on purpose")
-    ap.add_argument("--k", type=int, default=16, help="LoGra projection size per side (clipped per layer)")
+    ap.add_argument(
+        "--k", type=int, default=16, help="LoGra projection size per side (clipped per layer)"
+    )
     ap.add_argument("--init", choices=("pca", "random"), default="pca")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--num-queries", type=int, default=4)
@@ -42,30 +47,40 @@ def main(argv=None) -> dict:
 
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    task = examples.digits_task("mlp", n_train=args.n_train, n_test=200, seed=args.seed, flip=args.flip,
-                                steps=args.steps)
+    task = examples.digits_task(
+        "mlp", n_train=args.n_train, n_test=200, seed=args.seed, flip=args.flip, steps=args.steps
+    )
     flipped = task.info["flipped"]
     n = task.x_train.shape[0]
 
     # 1. Train on all (partly mislabeled) data.
-    params = jax.jit(task.train_fn)(task.init_fn(jax.random.PRNGKey(args.seed)), jnp.ones(n),
-                                    jax.random.PRNGKey(args.seed + 1))
+    params = jax.jit(task.train_fn)(
+        task.init_fn(jax.random.PRNGKey(args.seed)), jnp.ones(n), jax.random.PRNGKey(args.seed + 1)
+    )
     logits = jax.vmap(lambda x: task.model.apply({"params": params}, x))(task.x_test)
     test_acc = float(jnp.mean(jnp.argmax(logits, -1) == task.y_test))
     t_train = time.perf_counter() - t_start
-    print(f"trained MLP on {n} digits ({len(flipped)} labels flipped): test accuracy {test_acc:.3f} "
-          f"[{t_train:.1f} s]")
+    print(
+        f"trained MLP on {n} digits ({len(flipped)} labels flipped): test accuracy {test_acc:.3f} "
+        f"[{t_train:.1f} s]"
+    )
 
     # 2. LoGra capture -> tensorstore log.
     t0 = time.perf_counter()
     cap = jaxinf.linen_capture(
-        lambda p, b: jnp.mean(jax.vmap(lambda x, y: task.example_loss(p, (x, y)))(*b)))
+        lambda p, b: jnp.mean(jax.vmap(lambda x, y: task.example_loss(p, (x, y)))(*b))
+    )
     batch = (task.x_train, task.y_train)
     layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("dense",)))
-    layers = {p: s._replace(k_in=min(args.k, s.n_in), k_out=min(args.k, s.n_out)) for p, s in layers.items()}
+    layers = {
+        p: s._replace(k_in=min(args.k, s.n_in), k_out=min(args.k, s.n_out))
+        for p, s in layers.items()
+    }
     if args.init == "pca":
         acc = jaxinf.kfac_factors(cap, layers)
-        projs = jaxinf.pca_projections(acc.finalize(acc.update(acc.init(None), (params, batch))), layers=layers)
+        projs = jaxinf.pca_projections(
+            acc.finalize(acc.update(acc.init(None), (params, batch))), layers=layers
+        )
         meta = jaxinf.projection_metadata(projs, init="pca", model="digits-mlp")
     else:
         projs = jaxinf.random_projections(layers, key=jax.random.PRNGKey(args.seed))
@@ -76,12 +91,16 @@ def main(argv=None) -> dict:
     bs = 250
     with jaxinf.LogWriter(log_dir, meta) as w:
         for s in range(0, n, bs):
-            w.write_async(grads_fn(params, (task.x_train[s:s + bs], task.y_train[s:s + bs])),
-                          ids=np.arange(s, min(s + bs, n)))
+            w.write_async(
+                grads_fn(params, (task.x_train[s : s + bs], task.y_train[s : s + bs])),
+                ids=np.arange(s, min(s + bs, n)),
+            )
     log = jaxinf.open_log(log_dir)
     bytes_per_row = sum(l["k_in"] * l["k_out"] for l in meta["layers"].values()) * 4
     t_log = time.perf_counter() - t0
-    print(f"logged {log.num_rows} rows x {bytes_per_row} B to {log_dir} ({args.init}, k={args.k}) [{t_log:.1f} s]")
+    print(
+        f"logged {log.num_rows} rows x {bytes_per_row} B to {log_dir} ({args.init}, k={args.k}) [{t_log:.1f} s]"
+    )
 
     # 3. Query a few correctly classified test predictions.
     t0 = time.perf_counter()
@@ -97,8 +116,10 @@ def main(argv=None) -> dict:
     top = si.ids[np.argsort(-si.scores)[: int(round(0.05 * n))]]
     found = int(np.isin(flipped, top).sum())
     t_self = time.perf_counter() - t0
-    print(f"self-influence: {found} of {len(flipped)} flipped labels are in the top 5% "
-          f"({len(top)} examples; a random ranking finds ~{0.05 * len(flipped):.1f}) [{t_self:.1f} s]")
+    print(
+        f"self-influence: {found} of {len(flipped)} flipped labels are in the top 5% "
+        f"({len(top)} examples; a random ranking finds ~{0.05 * len(flipped):.1f}) [{t_self:.1f} s]"
+    )
 
     fig_path = os.path.join(args.out, "influence.png")
     _figure(fig_path, task, q_idx, res, set(flipped.tolist()))
@@ -106,18 +127,35 @@ def main(argv=None) -> dict:
     for r, i in enumerate(q_idx):
         helpful = [int(j) for j in res.top_ids[r]]
         harmful = [int(j) for j in res.bottom_ids[r]]
-        print(f"test #{i} (label {int(task.y_test[i])}): helpful labels "
-              f"{[int(task.y_train[j]) for j in helpful]}, harmful labels "
-              f"{[int(task.y_train[j]) for j in harmful]} "
-              f"(flipped among harmful: {sum(j in flipped_set for j in harmful)})")
+        print(
+            f"test #{i} (label {int(task.y_test[i])}): helpful labels "
+            f"{[int(task.y_train[j]) for j in helpful]}, harmful labels "
+            f"{[int(task.y_train[j]) for j in harmful]} "
+            f"(flipped among harmful: {sum(j in flipped_set for j in harmful)})"
+        )
     total = time.perf_counter() - t_start
     summary = {
-        "n_train": n, "flipped": len(flipped), "test_accuracy": test_acc, "projection": args.init, "k": args.k,
-        "bytes_per_example": bytes_per_row, "flipped_found_in_top5pct": found, "top5pct_size": len(top),
-        "random_expectation": 0.05 * len(flipped), "queries": q_idx.tolist(),
-        "helpful_ids": res.top_ids.tolist(), "harmful_ids": res.bottom_ids.tolist(),
-        "seconds": {"train": t_train, "log": t_log, "query": t_query, "self_influence": t_self, "total": total},
-        "figure": fig_path, "log": log_dir,
+        "n_train": n,
+        "flipped": len(flipped),
+        "test_accuracy": test_acc,
+        "projection": args.init,
+        "k": args.k,
+        "bytes_per_example": bytes_per_row,
+        "flipped_found_in_top5pct": found,
+        "top5pct_size": len(top),
+        "random_expectation": 0.05 * len(flipped),
+        "queries": q_idx.tolist(),
+        "helpful_ids": res.top_ids.tolist(),
+        "harmful_ids": res.bottom_ids.tolist(),
+        "seconds": {
+            "train": t_train,
+            "log": t_log,
+            "query": t_query,
+            "self_influence": t_self,
+            "total": total,
+        },
+        "figure": fig_path,
+        "log": log_dir,
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -133,7 +171,9 @@ def _figure(path, task, q_idx, res, flipped):
     import numpy as np
 
     k = res.top_ids.shape[1]
-    fig, axes = plt.subplots(len(q_idx), 2 * k + 1, figsize=(1.1 * (2 * k + 1), 1.35 * len(q_idx)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(q_idx), 2 * k + 1, figsize=(1.1 * (2 * k + 1), 1.35 * len(q_idx)), squeeze=False
+    )
     for r, i in enumerate(q_idx):
         row = axes[r]
         row[0].imshow(np.asarray(task.x_test[i]).reshape(8, 8), cmap="gray_r")
@@ -141,15 +181,22 @@ def _figure(path, task, q_idx, res, flipped):
         for c, j in enumerate(res.top_ids[r]):
             ax = row[1 + c]
             ax.imshow(np.asarray(task.x_train[int(j)]).reshape(8, 8), cmap="Greens")
-            ax.set_title(f"+ y={int(task.y_train[int(j)])}" + ("*" if int(j) in flipped else ""), fontsize=7)
+            ax.set_title(
+                f"+ y={int(task.y_train[int(j)])}" + ("*" if int(j) in flipped else ""), fontsize=7
+            )
         for c, j in enumerate(res.bottom_ids[r]):
             ax = row[1 + k + c]
             ax.imshow(np.asarray(task.x_train[int(j)]).reshape(8, 8), cmap="Reds")
-            ax.set_title(f"- y={int(task.y_train[int(j)])}" + ("*" if int(j) in flipped else ""), fontsize=7)
+            ax.set_title(
+                f"- y={int(task.y_train[int(j)])}" + ("*" if int(j) in flipped else ""), fontsize=7
+            )
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("most helpful (+, green) and most harmful (-, red) training images; * = flipped label", fontsize=9)
+    fig.suptitle(
+        "most helpful (+, green) and most harmful (-, red) training images; * = flipped label",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,33 +1,33 @@
 """jaxmlo: multi-level gradient-based optimization in JAX."""
 
 from jaxmlo._src.driver import (
+    RunResult,
     restore_checkpoint,
     run,
-    RunResult,
     save_checkpoint,
 )
 from jaxmlo._src.engine import (
+    ProgramState,
     gradients,
     init,
     make_step,
-    ProgramState,
     step,
     total_gradient,
 )
 from jaxmlo._src.hypergrad import (
     BilevelState,
+    HypergradInfo,
+    HypergradMethod,
+    Unrolled,
     cg,
     finite_difference,
     hypergradient,
-    HypergradInfo,
-    HypergradMethod,
     itd,
     meta_step,
     neumann,
     sama,
     sama_adaptation,
     unroll,
-    Unrolled,
 )
 from jaxmlo._src.parallel import (
     count_collectives,

@@ -10,6 +10,7 @@ L2RW-style reweighting). Run::
 It prints test accuracy without and with reweighting and how well the learned weights separate
 noisy from clean examples.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -142,8 +143,12 @@ def main(argv=None):
         "noisy_precision_of_lowest": precision,
         "skipped_steps": skipped,
     }
-    print(f"digits, {noisy.mean():.0%} label noise, {n} training / {len(meta[0])} clean meta examples")
-    print(f"method={method.name}  meta steps={args.steps} x unroll {args.unroll}  ({seconds:.1f} s)")
+    print(
+        f"digits, {noisy.mean():.0%} label noise, {n} training / {len(meta[0])} clean meta examples"
+    )
+    print(
+        f"method={method.name}  meta steps={args.steps} x unroll {args.unroll}  ({seconds:.1f} s)"
+    )
     if skipped:
         print(f"warning: {skipped} meta steps had a non-finite hypergradient and were skipped")
     print(f"test accuracy  plain training:      {result['plain_accuracy']:.3f}")

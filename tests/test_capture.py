@@ -1,7 +1,8 @@
 """jaxinf capture + LoGra projection, checked in float64 against vmap(grad) references."""
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +15,9 @@ RTOL = 1e-6
 
 
 def f64(tree):
-    return jax.tree.map(lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+    return jax.tree.map(
+        lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree
+    )
 
 
 def init_params(model, *args, seed=0):
@@ -77,7 +80,9 @@ def test_mlp_projected_gradients_match_full_per_example_gradients(mlp):
     layers = jaxinf.find_layers(cap, params, batch)
     assert list(layers) == ["Dense_0", "head"]
     assert (layers["Dense_0"].n_in, layers["Dense_0"].n_out, layers["Dense_0"].bias) == (7, 5, True)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=3, k_out=2, dtype=jnp.float64)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(0), k_in=3, k_out=2, dtype=jnp.float64
+    )
     got = jaxinf.projected_gradients(cap, projs)(params, batch)
     full = per_example_grads(loss_fn, params, batch)
     assert_matches_full(got, projs, {p: (full[p]["kernel"], full[p]["bias"]) for p in layers})
@@ -127,7 +132,9 @@ def test_projection_metadata_is_json_and_fingerprints_projections(mlp):
     assert m0 == jaxinf.projection_metadata(p0, init="random", seed=0)
     assert m0["fingerprint"] != jaxinf.projection_metadata(p1, init="random", seed=1)["fingerprint"]
     # A layer's projection depends only on the key and its own path.
-    only_head = jaxinf.random_projections({"head": layers["head"]}, key=jax.random.key(0), k_in=3, k_out=2)
+    only_head = jaxinf.random_projections(
+        {"head": layers["head"]}, key=jax.random.key(0), k_in=3, k_out=2
+    )
     np.testing.assert_array_equal(only_head["head"].p_in, p0["head"].p_in)
 
 
@@ -139,8 +146,17 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="conv1")(x))
-        x = nn.tanh(nn.Conv(3, (2, 2), strides=2, kernel_dilation=(1, 2), padding="VALID",
-                            use_bias=False, name="conv2")(x))
+        x = nn.tanh(
+            nn.Conv(
+                3,
+                (2, 2),
+                strides=2,
+                kernel_dilation=(1, 2),
+                padding="VALID",
+                use_bias=False,
+                name="conv2",
+            )(x)
+        )
         return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
 
 
@@ -157,8 +173,18 @@ def cnn():
 
     cap = jaxinf.linen_capture(loss_fn)
     layers = jaxinf.find_layers(cap, params, batch)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(3), k_in=3, k_out=2, dtype=jnp.float64)
-    return params, batch, loss_fn, cap, layers, projs, jaxinf.projected_gradients(cap, projs)(params, batch)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(3), k_in=3, k_out=2, dtype=jnp.float64
+    )
+    return (
+        params,
+        batch,
+        loss_fn,
+        cap,
+        layers,
+        projs,
+        jaxinf.projected_gradients(cap, projs)(params, batch),
+    )
 
 
 def test_cnn_projected_gradients_match_full_per_example_gradients(cnn):
@@ -168,11 +194,15 @@ def test_cnn_projected_gradients_match_full_per_example_gradients(cnn):
     assert (convs["conv1"].n_in, convs["conv1"].tokens) == (3 * 3 * 2 + 1, 36)
     assert (convs["conv2"].n_in, convs["conv2"].bias) == (2 * 2 * 4, False)
     full = per_example_grads(loss_fn, params, batch)
-    assert_matches_full(got, projs, {
-        "conv1": (full["conv1"]["kernel"], full["conv1"]["bias"]),
-        "conv2": (full["conv2"]["kernel"], None),
-        "head": (full["head"]["kernel"], full["head"]["bias"]),
-    })
+    assert_matches_full(
+        got,
+        projs,
+        {
+            "conv1": (full["conv1"]["kernel"], full["conv1"]["bias"]),
+            "conv2": (full["conv2"]["kernel"], None),
+            "head": (full["head"]["kernel"], full["head"]["bias"]),
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +236,9 @@ class NNXLM(nnx.Module):
         self.query, self.key, self.value = (
             nnx.LinearGeneral(D, (H, D // H), param_dtype=jnp.float64, rngs=rngs) for _ in range(3)
         )
-        self.out = nnx.LinearGeneral((H, D // H), D, axis=(-2, -1), param_dtype=jnp.float64, rngs=rngs)
+        self.out = nnx.LinearGeneral(
+            (H, D // H), D, axis=(-2, -1), param_dtype=jnp.float64, rngs=rngs
+        )
         self.mlp = nnx.Linear(D, D, param_dtype=jnp.float64, rngs=rngs)
         self.head = nnx.Linear(D, V, param_dtype=jnp.float64, rngs=rngs)
 
@@ -244,7 +276,9 @@ def lm_logra(lm):
     params, batch, loss_fn = lm
     cap = jaxinf.linen_capture(loss_fn)
     layers = jaxinf.find_layers(cap, params, batch)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(6), k_in=4, k_out=3, dtype=jnp.float64)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(6), k_in=4, k_out=3, dtype=jnp.float64
+    )
     fn = jaxinf.projected_gradients(cap, projs, mask_fn=lambda b: b["mask"], with_loss=True)
     losses, got = fn(params, batch)
     return cap, layers, projs, losses, got
@@ -258,10 +292,16 @@ def test_transformer_with_padding_mask_matches_full_per_example_gradients(lm, lm
     assert (layers["out"].n_in, layers["out"].n_out) == (D + 1, D)
     assert (layers["query"].n_out, layers["query"].tokens) == (D, T)
     full = per_example_grads(loss_fn, params, batch)
-    assert_matches_full(got, projs, {
-        p: (full[p]["embedding"], None) if p in ("tok", "pos") else (full[p]["kernel"], full[p]["bias"])
-        for p in layers
-    })
+    assert_matches_full(
+        got,
+        projs,
+        {
+            p: (full[p]["embedding"], None)
+            if p in ("tok", "pos")
+            else (full[p]["kernel"], full[p]["bias"])
+            for p in layers
+        },
+    )
 
 
 def copy_linen_to_nnx(params, model):
@@ -286,11 +326,16 @@ def test_linen_and_nnx_give_the_same_projected_gradients(lm, lm_logra):
     assert list(layers_n) == list(layers_l)
     for p in layers_l:
         assert (layers_l[p].n_in, layers_l[p].n_out, layers_l[p].kind) == (
-            layers_n[p].n_in, layers_n[p].n_out, layers_n[p].kind), p
+            layers_n[p].n_in,
+            layers_n[p].n_out,
+            layers_n[p].kind,
+        ), p
     got_n = jaxinf.projected_gradients(cap_n, projs, mask_fn=lambda b: b["mask"])(state, batch)
     for p in layers_l:
         # Same float64 operations in both frameworks up to op order.
-        np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
+        np.testing.assert_allclose(
+            got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p
+        )
     # The user's NNX model is left untouched (no wrappers leaked into it).
     assert type(model.query) is nnx.LinearGeneral
 
@@ -310,6 +355,7 @@ def test_kfac_factors_are_token_normalised_under_masks(lm):
     np.testing.assert_allclose(np.diag(fac["tok"].forward), np.bincount(ids, minlength=V) / n_real)
     pos = np.nonzero(m)[1]
     np.testing.assert_allclose(np.diag(fac["pos"].forward), np.bincount(pos, minlength=T) / n_real)
+
     # Backward factor of `mlp`: d_t = dloss/d(mlp output) = dloss/d(residual stream), the same as
     # the gradient w.r.t. the head input; get it from a vjp with a zero perturbation there.
     def d_of(example):
@@ -317,8 +363,10 @@ def test_kfac_factors_are_token_normalised_under_masks(lm):
             def icpt(next_fun, args, kwargs, ctx):
                 y = next_fun(*args, **kwargs)
                 return y + eps if ctx.module.path == ("mlp",) else y
+
             with nn.intercept_methods(icpt):
                 return loss_fn(params, jax.tree.map(lambda v: v[None], example))
+
         return jax.grad(f)(jnp.zeros((1, T, D)))[0]
 
     d = jax.jit(jax.vmap(d_of))(batch)[m]  # [real tokens, D]
@@ -339,10 +387,15 @@ def test_pca_projections_are_top_eigenvectors_of_kfac_factors(mlp):
     fac = acc.finalize(acc.update(acc.init(), (params, batch)))
     projs = jaxinf.pca_projections(fac, k_in=3, k_out=2, dtype=jnp.float64)
     for p in layers:
-        for got, cov, k in ((projs[p].p_in, fac[p].forward, 3), (projs[p].p_out, fac[p].backward, 2)):
+        for got, cov, k in (
+            (projs[p].p_in, fac[p].forward, 3),
+            (projs[p].p_out, fac[p].backward, 2),
+        ):
             w, v = np.linalg.eigh(np.asarray(cov))
             ref = v[:, ::-1][:, :k].T
-            assert np.all(np.diff(w[::-1][: k + 1]) < -1e-8)  # distinct eigenvalues: unique up to sign
+            assert np.all(
+                np.diff(w[::-1][: k + 1]) < -1e-8
+            )  # distinct eigenvalues: unique up to sign
             # Up to sign: |<got_i, ref_i>| = 1 for unit vectors.
             np.testing.assert_allclose(np.abs(np.sum(got * ref, axis=1)), 1.0, rtol=1e-8)
             np.testing.assert_allclose(got @ got.T, np.eye(k), atol=1e-10)
@@ -366,14 +419,19 @@ def test_capture_does_not_change_loss_or_parameter_gradients(lm, lm_logra):
             pa = _project_inputs(cfg, x, projs[path].p_in)
             b = jnp.zeros((projs[path].p_out.shape[0], pa.shape[1]))
             return _logra_tap(y, pa, b, projs[path].p_out)
+
         return cap.run(p, batch, tap)
 
-    both = jax.jit(lambda p: (jax.value_and_grad(loss_fn)(p, batch), jax.value_and_grad(tapped_loss)(p)))
+    both = jax.jit(
+        lambda p: (jax.value_and_grad(loss_fn)(p, batch), jax.value_and_grad(tapped_loss)(p))
+    )
     (l0, g0), (l1, g1) = both(params)
     assert l1 == l0  # exactly: the tap is the identity on the forward pass
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g1, g0)
     # The per-example losses returned beside the projected gradients are the plain ones.
-    per_ex = jax.jit(jax.vmap(loss_fn, in_axes=(None, 0)))(params, jax.tree.map(lambda v: v[:, None], batch))
+    per_ex = jax.jit(jax.vmap(loss_fn, in_axes=(None, 0)))(
+        params, jax.tree.map(lambda v: v[:, None], batch)
+    )
     np.testing.assert_allclose(losses, per_ex, rtol=1e-12)
 
 
@@ -388,7 +446,9 @@ def test_no_retracing_across_batches_of_the_same_shape(mlp):
     cap = jaxinf.linen_capture(loss_fn)
     layers = jaxinf.find_layers(cap, params, batch)
     traces.clear()
-    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=2, dtype=jnp.float64)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(0), k_in=2, k_out=2, dtype=jnp.float64
+    )
     fn = jaxinf.projected_gradients(cap, projs)
     out0 = fn(params, batch)
     n = len(traces)
@@ -407,15 +467,29 @@ def test_errors_name_the_layer_or_rule(mlp):
     _, params, batch, loss_fn = mlp
     cap = jaxinf.linen_capture(loss_fn)
     with pytest.raises(ValueError, match="'head' is selected twice"):
-        jaxinf.find_layers(cap, params, batch, select=[jaxinf.Select(types=(nn.Dense,)), jaxinf.Select(pattern="he.*")])
+        jaxinf.find_layers(
+            cap,
+            params,
+            batch,
+            select=[jaxinf.Select(types=(nn.Dense,)), jaxinf.Select(pattern="he.*")],
+        )
     with pytest.raises(ValueError, match="matches no layer"):
-        jaxinf.find_layers(cap, params, batch, select=[jaxinf.Select(pattern="Dense_0"), jaxinf.Select(pattern="nope")])
+        jaxinf.find_layers(
+            cap,
+            params,
+            batch,
+            select=[jaxinf.Select(pattern="Dense_0"), jaxinf.Select(pattern="nope")],
+        )
     with pytest.raises(ValueError, match="matches no layer"):
         jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=(nn.Conv,)))
     layers = jaxinf.find_layers(cap, params, batch)
-    with pytest.raises(ValueError, match="'Dense_0'.*k_in=8 is larger than the layer's input size 7"):
+    with pytest.raises(
+        ValueError, match="'Dense_0'.*k_in=8 is larger than the layer's input size 7"
+    ):
         jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=2)
-    with pytest.raises(ValueError, match="'head'.*k_out=4 is larger than the layer's output size 3"):
+    with pytest.raises(
+        ValueError, match="'head'.*k_out=4 is larger than the layer's output size 3"
+    ):
         jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=4)
     # Per-rule sizes override the defaults, and are checked the same way.
     sel = [jaxinf.Select(pattern="Dense_0", k_in=7, k_out=5), jaxinf.Select(pattern="head")]
@@ -434,8 +508,9 @@ class NNXCNN(nnx.Module):
     def __init__(self, rngs):
         f = dict(param_dtype=jnp.float64, rngs=rngs)
         self.conv1 = nnx.Conv(2, 4, (3, 3), padding="SAME", **f)
-        self.conv2 = nnx.Conv(4, 3, (2, 2), strides=2, kernel_dilation=(1, 2), padding="VALID",
-                              use_bias=False, **f)
+        self.conv2 = nnx.Conv(
+            4, 3, (2, 2), strides=2, kernel_dilation=(1, 2), padding="VALID", use_bias=False, **f
+        )
         self.head = nnx.Linear(3, 3, **f)
 
     def __call__(self, x):
@@ -451,11 +526,16 @@ def test_nnx_cnn_matches_linen_cnn(cnn):
     cap_n = jaxinf.nnx_capture(lambda m, b: xent(m(b["x"]), b["y"]), model)
     layers = jaxinf.find_layers(cap_n, nnx.state(model), batch)
     assert [(p, s.kind, s.n_in) for p, s in layers.items()] == [
-        ("conv1", "conv", 19), ("conv2", "conv", 16), ("head", "dense", 4)]
+        ("conv1", "conv", 19),
+        ("conv2", "conv", 16),
+        ("head", "dense", 4),
+    ]
     got_n = jaxinf.projected_gradients(cap_n, projs)(nnx.state(model), batch)
     for p in layers:
         # Same float64 operations in both frameworks up to op order.
-        np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
+        np.testing.assert_allclose(
+            got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p
+        )
 
 
 class RematMLP(nn.Module):
@@ -478,10 +558,17 @@ def test_layers_inside_nn_remat_and_shared_layers_are_captured():
     lg = jaxinf.logra(loss_fn, params, batch, seed=1, k_in=2, k_out=2, dtype=jnp.float64)
     assert list(lg.layers) == ["inner/Dense_0", "inner/head", "shared", "top"]
     full = per_example_grads(loss_fn, params, batch)
-    leaves = {"inner/Dense_0": full["inner"]["Dense_0"], "inner/head": full["inner"]["head"],
-              "shared": full["shared"], "top": full["top"]}
-    assert_matches_full(lg.fn(params, batch), lg.projections,
-                        {p: (g["kernel"], g["bias"]) for p, g in leaves.items()})
+    leaves = {
+        "inner/Dense_0": full["inner"]["Dense_0"],
+        "inner/head": full["inner"]["head"],
+        "shared": full["shared"],
+        "top": full["top"],
+    }
+    assert_matches_full(
+        lg.fn(params, batch),
+        lg.projections,
+        {p: (g["kernel"], g["bias"]) for p, g in leaves.items()},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,8 +582,12 @@ class LinenEinsumNet(nn.Module):
     def __call__(self, x):  # x: [b, ET, ED]
         h = jnp.tanh(nn.Einsum((ED, EH, EK), "btd,dhk->bthk", name="qkv")(x))  # bias [EH, EK]
         # Per-head kernel axis h is an input, kernel and output axis: not a dense projection.
-        h = jnp.tanh(h + nn.Einsum((EH, EK, EK), "bthk,hkj->bthj", use_bias=False, name="per_head")(h))
-        z = nn.Einsum((EH, EK, ED), use_bias=False, name="merge")(h, "...hk,hkd->...d")  # at call time
+        h = jnp.tanh(
+            h + nn.Einsum((EH, EK, EK), "bthk,hkj->bthj", use_bias=False, name="per_head")(h)
+        )
+        z = nn.Einsum((EH, EK, ED), use_bias=False, name="merge")(
+            h, "...hk,hkd->...d"
+        )  # at call time
         z = jnp.tanh(z + x)
         # Kernel [o, d] (contracted axis last) and feature axis between token axes in the output.
         return nn.Einsum((EO, ED), "btd,od->bot", name="head")(z).mean(-1)
@@ -538,17 +629,25 @@ def test_einsum_layers_match_full_per_example_gradients(einsum_net):
         layers = jaxinf.find_layers(cap, params, batch)
     assert list(layers) == ["qkv", "merge", "head"]
     assert [(s.kind, s.n_in, s.n_out, s.bias, s.tokens) for s in layers.values()] == [
-        ("dense", ED + 1, EH * EK, True, ET), ("dense", EH * EK, ED, False, ET),
-        ("dense", ED + 1, EO, True, ET)]
-    projs = jaxinf.random_projections(layers, key=jax.random.key(13), k_in=3, k_out=2, dtype=jnp.float64)
+        ("dense", ED + 1, EH * EK, True, ET),
+        ("dense", EH * EK, ED, False, ET),
+        ("dense", ED + 1, EO, True, ET),
+    ]
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(13), k_in=3, k_out=2, dtype=jnp.float64
+    )
     got = jaxinf.projected_gradients(cap, projs)(params, batch)
     full = per_example_grads(loss_fn, params, batch)
     # G = kernel gradient with (contracted axes in kernel order, feature axes in output order).
-    assert_matches_full(got, projs, {
-        "qkv": (full["qkv"]["kernel"], full["qkv"]["bias"]),
-        "merge": (full["merge"]["kernel"], None),
-        "head": (jnp.swapaxes(full["head"]["kernel"], 1, 2), full["head"]["bias"]),
-    })
+    assert_matches_full(
+        got,
+        projs,
+        {
+            "qkv": (full["qkv"]["kernel"], full["qkv"]["bias"]),
+            "merge": (full["merge"]["kernel"], None),
+            "head": (jnp.swapaxes(full["head"]["kernel"], 1, 2), full["head"]["bias"]),
+        },
+    )
     # KFAC statistics go through the same (transposed) output layout.
     acc = jaxinf.kfac_factors(cap, layers, dtype=jnp.float64)
     fac = acc.finalize(acc.update(acc.init(), (params, batch)))
@@ -563,7 +662,9 @@ def test_nnx_einsum_matches_linen_einsum(einsum_net):
     cap_l = jaxinf.linen_capture(loss_fn)
     sel = jaxinf.Select(pattern="qkv|merge|head")
     layers = jaxinf.find_layers(cap_l, params, batch, select=sel)
-    projs = jaxinf.random_projections(layers, key=jax.random.key(14), k_in=3, k_out=2, dtype=jnp.float64)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(14), k_in=3, k_out=2, dtype=jnp.float64
+    )
     got_l = jaxinf.projected_gradients(cap_l, projs)(params, batch)
     model = NNXEinsumNet(nnx.Rngs(0))
     copy_linen_to_nnx(params, model)
@@ -571,10 +672,13 @@ def test_nnx_einsum_matches_linen_einsum(einsum_net):
     with pytest.warns(jaxinf.UncapturedLayerWarning, match="'per_head'"):
         layers_n = jaxinf.find_layers(cap_n, nnx.state(model), batch)
     assert [(p, s.n_in, s.n_out) for p, s in layers_n.items()] == [
-        (p, s.n_in, s.n_out) for p, s in layers.items()]
+        (p, s.n_in, s.n_out) for p, s in layers.items()
+    ]
     got_n = jaxinf.projected_gradients(cap_n, projs)(nnx.state(model), batch)
     for p in layers:
-        np.testing.assert_allclose(got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p)
+        np.testing.assert_allclose(
+            got_n[p], got_l[p], rtol=0, atol=1e-10 * np.abs(got_l[p]).max(), err_msg=p
+        )
 
 
 class LinenTied(nn.Module):
@@ -607,6 +711,7 @@ def test_embed_attend_is_reported():
         assert list(jaxinf.find_layers(cap_n, nnx.state(nmodel), batch)) == ["tok", "mlp"]
     # Not selecting the tied embedding: nothing to report.
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(pattern="mlp"))
@@ -631,7 +736,9 @@ def test_nnx_no_retracing_across_batches_of_the_same_shape(mlp):
         return xent(m(b["x"]), b["y"])
 
     state = nnx.state(model)
-    lg = jaxinf.logra(loss_fn, state, batch, model=model, seed=0, k_in=2, k_out=2, dtype=jnp.float64)
+    lg = jaxinf.logra(
+        loss_fn, state, batch, model=model, seed=0, k_in=2, k_out=2, dtype=jnp.float64
+    )
     out0 = lg.fn(state, batch)
     n = len(traces)
     batch2 = {"x": batch["x"] + 1.0, "y": batch["y"][::-1]}
@@ -652,8 +759,9 @@ class ScanBlock(nn.Module):
 class ScannedMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=2)(name="blocks")(x, None)
+        x, _ = nn.scan(
+            ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
+        )(name="blocks")(x, None)
         return nn.Dense(3, name="head")(x)
 
 
@@ -685,7 +793,9 @@ def test_unsupported_configurations_warn_by_default_and_raise_when_selected():
     batch = {"x": x, "y": jnp.array([0, 1])}
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     cap = jaxinf.linen_capture(lambda p, b: xent(model.apply({"params": p}, b["x"]), b["y"]))
-    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'grouped' \\(Conv\\).*feature_group_count"):
+    with pytest.warns(
+        jaxinf.UncapturedLayerWarning, match="'grouped' \\(Conv\\).*feature_group_count"
+    ):
         assert list(jaxinf.find_layers(cap, params, batch)) == ["head"]
     with pytest.raises(ValueError, match="'grouped'.*feature_group_count"):
         jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("conv",)))

@@ -18,7 +18,9 @@ def test_exact_influence_matches_direct_damped_solve(n, p):
     rng = np.random.default_rng(0)
     tr, te = rng.normal(size=(n, p)), rng.normal(size=(4, p))
     # Well-conditioned (damped) float64 solves: agreement to ~1e-10.
-    np.testing.assert_allclose(bl.exact_influence(te, tr), _direct(te, tr, tr), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(
+        bl.exact_influence(te, tr), _direct(te, tr, tr), rtol=1e-9, atol=1e-10
+    )
     blocks = bl.block_influence({"a": te}, {"a": tr})
     np.testing.assert_allclose(blocks, _direct(te, tr, tr), rtol=1e-9, atol=1e-10)
 
@@ -27,13 +29,19 @@ def test_dot_cosine_and_trak_reductions():
     rng = np.random.default_rng(1)
     tr, te = rng.normal(size=(15, 6)), rng.normal(size=(3, 6))
     np.testing.assert_allclose(bl.grad_dot(te, tr), te @ tr.T, rtol=1e-12)
-    cos = (te / np.linalg.norm(te, axis=1, keepdims=True)) @ (tr / np.linalg.norm(tr, axis=1, keepdims=True)).T
+    cos = (te / np.linalg.norm(te, axis=1, keepdims=True)) @ (
+        tr / np.linalg.norm(tr, axis=1, keepdims=True)
+    ).T
     np.testing.assert_allclose(bl.grad_cosine(te, tr), cos, rtol=1e-10)
     # Identity projection, no preconditioning: exactly the gradient dot product.
-    np.testing.assert_allclose(bl.trak(te, tr, projection=np.eye(6), precondition=False), te @ tr.T, rtol=1e-12)
+    np.testing.assert_allclose(
+        bl.trak(te, tr, projection=np.eye(6), precondition=False), te @ tr.T, rtol=1e-12
+    )
     # An orthogonal projection keeps the Fisher spectrum, so preconditioned TRAK = exact influence.
     q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    np.testing.assert_allclose(bl.trak(te, tr, projection=q), _direct(te, tr, tr), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(
+        bl.trak(te, tr, projection=q), _direct(te, tr, tr), rtol=1e-9, atol=1e-10
+    )
     # A wide Gaussian projection approximately preserves dot products (E[P P^T] = I).
     s = bl.trak(te, tr, dim=4000, key=jax.random.PRNGKey(0), precondition=False)
     assert np.corrcoef(np.ravel(s), np.ravel(te @ tr.T))[0, 1] > 0.95
@@ -46,13 +54,17 @@ def test_kfac_and_ekfac_equal_exact_influence_when_fisher_is_kronecker():
     a = np.repeat(a_set, 4, axis=0)[:, None, :]
     d = np.tile(d_set, (5, 1))[:, None, :]
     train = {"layer": (jnp.asarray(a), jnp.asarray(d))}
-    test = {"layer": (jnp.asarray(rng.normal(size=(3, 1, 3))), jnp.asarray(rng.normal(size=(3, 1, 2))))}
+    test = {
+        "layer": (jnp.asarray(rng.normal(size=(3, 1, 3))), jnp.asarray(rng.normal(size=(3, 1, 2))))
+    }
     g_tr = np.einsum("nti,nto->nio", a, d).reshape(20, -1)
     g_te = np.asarray(bl.layer_grads_from_activations(test)["layer"]).reshape(3, -1)
     ref = _direct(g_te, g_tr, g_tr)
     # Eigendecompositions of 2x2 / 3x3 factors in float64: agreement to ~1e-10.
     np.testing.assert_allclose(bl.kfac_influence(test, train), ref, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(bl.kfac_influence(test, train, ekfac=True), ref, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        bl.kfac_influence(test, train, ekfac=True), ref, rtol=1e-8, atol=1e-10
+    )
 
 
 class _Net(nn.Module):
@@ -68,24 +80,34 @@ def test_dense_activations_reproduce_per_example_gradients():
     net = _Net()
     x = jnp.asarray(rng.normal(size=(5, 2, 3)))
     y = jnp.asarray(rng.integers(0, 2, size=5))
-    params = jax.tree.map(lambda v: v.astype(jnp.float64), net.init(jax.random.PRNGKey(0), x[0])["params"])
+    params = jax.tree.map(
+        lambda v: v.astype(jnp.float64), net.init(jax.random.PRNGKey(0), x[0])["params"]
+    )
 
     def out_loss(out, t):
         return -jax.nn.log_softmax(out)[t]
 
     acts = bl.dense_activations(net, params, out_loss, x, y, chunk_size=2)
     assert set(acts) == {"Dense_0", "head"}
-    grads = bl.per_example_grads(lambda p, ex: out_loss(net.apply({"params": p}, ex[0]), ex[1]), params, (x, y), chunk_size=3)
+    grads = bl.per_example_grads(
+        lambda p, ex: out_loss(net.apply({"params": p}, ex[0]), ex[1]), params, (x, y), chunk_size=3
+    )
     g = bl.layer_grads_from_activations(acts)
     # Same derivatives by a different route (outer products vs autodiff): float64 rounding.
-    np.testing.assert_allclose(g["Dense_0"][:, :-1], grads["Dense_0"]["kernel"], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(g["Dense_0"][:, -1], grads["Dense_0"]["bias"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        g["Dense_0"][:, :-1], grads["Dense_0"]["kernel"], rtol=1e-10, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        g["Dense_0"][:, -1], grads["Dense_0"]["bias"], rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_allclose(g["head"], grads["head"]["kernel"], rtol=1e-10, atol=1e-12)
     flat = bl.flatten_per_example(grads)
     assert flat.shape == (5, 3 * 4 + 4 + 4 * 2)
 
 
-@pytest.mark.parametrize("name", ["grad_dot", "grad_cosine", "exact_influence", "trak", "representation_similarity"])
+@pytest.mark.parametrize(
+    "name", ["grad_dot", "grad_cosine", "exact_influence", "trak", "representation_similarity"]
+)
 def test_every_flat_baseline_is_jittable_shaped_and_finite(name):
     rng = np.random.default_rng(4)
     te, tr = jnp.asarray(rng.normal(size=(3, 7))), jnp.asarray(rng.normal(size=(9, 7)))

@@ -39,7 +39,9 @@ def test_lds_of_perfect_linear_datamodel_is_one_and_of_random_scores_is_near_zer
     assert res.score == pytest.approx(1.0, abs=1e-12)
     assert res.ci_low == pytest.approx(1.0, abs=1e-12)
     # Seed axis is averaged: a [M, S, n_test] input with identical seeds gives the same.
-    assert ev.lds(scores, masks, np.stack([outputs, outputs], 1)).score == pytest.approx(1.0, abs=1e-12)
+    assert ev.lds(scores, masks, np.stack([outputs, outputs], 1)).score == pytest.approx(
+        1.0, abs=1e-12
+    )
     rand = ev.lds(rng.normal(size=(n_test, n_train)), masks, outputs)
     # Per-test rho of independent rankings has sd ~ 1/sqrt(M) = 0.07; the mean of 30 ~ 0.013.
     assert abs(rand.score) < 0.06
@@ -58,12 +60,18 @@ def test_lds_models_gives_per_model_lds_mean_and_std_of_additive_models():
     np.testing.assert_allclose(res.per_model, [1.0, -1.0, 1.0], atol=1e-12)
     assert res.mean == pytest.approx(1.0 / 3.0, abs=1e-12)
     assert res.std == pytest.approx(np.sqrt(4.0 / 3.0), abs=1e-12)  # sample std (ddof=1)
-    assert ev.lds_models(stack, masks, outputs, ddof=0).std == pytest.approx(np.sqrt(8.0 / 9.0), abs=1e-12)
+    assert ev.lds_models(stack, masks, outputs, ddof=0).std == pytest.approx(
+        np.sqrt(8.0 / 9.0), abs=1e-12
+    )
     # Noisy models: each per-model LDS equals lds() on that model and a SciPy reference.
     noisy = [true + s * rng.normal(size=true.shape) for s in (0.5, 1.0, 2.0, 4.0)]
     res = ev.lds_models(noisy, masks, np.stack([outputs, outputs + 1.0], 1))
-    ref = [np.mean([scipy.stats.spearmanr(masks @ s[i], outputs[:, i]).statistic for i in range(n_test)])
-           for s in noisy]
+    ref = [
+        np.mean(
+            [scipy.stats.spearmanr(masks @ s[i], outputs[:, i]).statistic for i in range(n_test)]
+        )
+        for s in noisy
+    ]
     np.testing.assert_allclose(res.per_model, ref, rtol=1e-12)
     for r, s in zip(res.results, noisy):
         assert r.score == ev.lds(s, masks, outputs).score
@@ -100,7 +108,9 @@ def test_retrain_vmaps_over_masks_and_seeds_reproducibly():
     masks = ev.random_subsets(n, 5, seed=0)
     out = ev.retrain(init_fn, train_fn, output_fn, masks, num_seeds=2, seed=7, progress=False)
     assert out.shape == (5, 2, 4)
-    again = ev.retrain(init_fn, train_fn, output_fn, masks, num_seeds=2, seed=7, chunk_size=2, progress=False)
+    again = ev.retrain(
+        init_fn, train_fn, output_fn, masks, num_seeds=2, seed=7, chunk_size=2, progress=False
+    )
     # Keys depend only on (seed, mask index, seed index), not on chunking.
     np.testing.assert_allclose(out, again, rtol=1e-10, atol=1e-12)
     for mi in range(5):
@@ -116,7 +126,9 @@ def test_brittleness_counts_flips_of_an_additive_model():
     rng = np.random.default_rng(3)
     n_train, n_test = 20, 6
     contrib = rng.uniform(0.0, 1.0, size=(n_test, n_train))
-    thresh = contrib.sum(1) - 2.5  # output = sum of kept contributions - thresh: flips once > 2.5 removed
+    thresh = (
+        contrib.sum(1) - 2.5
+    )  # output = sum of kept contributions - thresh: flips once > 2.5 removed
     c, t = jnp.asarray(contrib), jnp.asarray(thresh)
 
     def init_fn(key):
@@ -128,8 +140,16 @@ def test_brittleness_counts_flips_of_an_additive_model():
     def output_fn(p):
         return c @ p - t
 
-    res = ev.brittleness(contrib, [0, 2, 5], [0, 3, 10], init_fn=init_fn, train_fn=train_fn,
-                         output_fn=output_fn, num_seeds=2, progress=False)
+    res = ev.brittleness(
+        contrib,
+        [0, 2, 5],
+        [0, 3, 10],
+        init_fn=init_fn,
+        train_fn=train_fn,
+        output_fn=output_fn,
+        num_seeds=2,
+        progress=False,
+    )
     top = -np.sort(-contrib[[0, 2, 5]], axis=1)
     expect = np.stack([2.5 - top[:, :k].sum(1) for k in (0, 3, 10)])
     np.testing.assert_allclose(res.outputs[..., 0], expect, rtol=1e-12)

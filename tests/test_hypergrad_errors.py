@@ -1,5 +1,6 @@
 """Bad inputs raise at trace time naming the argument; non-finite hypergradients are reported,
 can be made to raise under jit, and are never applied by meta_step."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,9 @@ def test_optimizer_state_from_another_optimizer():
 
 def test_optimizer_state_for_other_params():
     with pytest.raises(ValueError, match="opt_state"):
-        J.unroll(loss, optax.adam(0.1), PARAMS, optax.adam(0.1).init({"w": jnp.ones(4)}), LAM, BATCHES)
+        J.unroll(
+            loss, optax.adam(0.1), PARAMS, optax.adam(0.1).init({"w": jnp.ones(4)}), LAM, BATCHES
+        )
 
 
 def test_not_an_optimizer():
@@ -56,10 +59,19 @@ def test_non_scalar_meta_loss():
 
 def test_batches_without_common_leading_axis():
     with pytest.raises(ValueError, match="batches"):
-        J.unroll(lambda p, l, b: loss(p, l, b[0]), OPT, PARAMS, OPT.init(PARAMS), LAM, (jnp.ones((2, 3)), jnp.ones((3, 3))))
+        J.unroll(
+            lambda p, l, b: loss(p, l, b[0]),
+            OPT,
+            PARAMS,
+            OPT.init(PARAMS),
+            LAM,
+            (jnp.ones((2, 3)), jnp.ones((3, 3))),
+        )
 
 
-@pytest.mark.parametrize("method", [J.itd(), J.cg(), J.neumann(), J.finite_difference(), J.sama()], ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "method", [J.itd(), J.cg(), J.neumann(), J.finite_difference(), J.sama()], ids=lambda m: m.name
+)
 def test_mismatched_vector_tree(method):
     with pytest.raises(ValueError, match="^v "):
         method.best_response_vjp(loss, OPT, _unrolled(), LAM, BATCHES[-1], {"w": jnp.ones(4)})
@@ -69,7 +81,9 @@ def test_mismatched_vector_tree(method):
 
 def test_integer_deps():
     with pytest.raises(TypeError, match="deps"):
-        J.cg().best_response_vjp(loss, OPT, _unrolled(), jnp.zeros(3, jnp.int32), BATCHES[-1], PARAMS)
+        J.cg().best_response_vjp(
+            loss, OPT, _unrolled(), jnp.zeros(3, jnp.int32), BATCHES[-1], PARAMS
+        )
 
 
 def test_bad_method_and_factory_arguments():
@@ -92,7 +106,9 @@ def nan_meta(params, lam, batch):
 
 def test_nonfinite_is_reported_and_can_raise_under_jit():
     un = _unrolled()
-    f = jax.jit(lambda un, lam: J.hypergradient(J.cg(), loss, nan_meta, OPT, un, lam, BATCHES[-1], None))
+    f = jax.jit(
+        lambda un, lam: J.hypergradient(J.cg(), loss, nan_meta, OPT, un, lam, BATCHES[-1], None)
+    )
     g, info = f(un, LAM)
     assert not bool(info.finite)
     # The SAMA nudge (here identity) is never applied with a non-finite vector.
@@ -109,7 +125,9 @@ def test_nonfinite_is_reported_and_can_raise_under_jit():
 def test_meta_step_skips_nonfinite_update():
     meta_opt = optax.adam(0.1)
     state = J.BilevelState(PARAMS, OPT.init(PARAMS), LAM, meta_opt.init(LAM))
-    new, info = jax.jit(lambda s: J.meta_step(J.sama(), loss, nan_meta, OPT, meta_opt, s, BATCHES, None))(state)
+    new, info = jax.jit(
+        lambda s: J.meta_step(J.sama(), loss, nan_meta, OPT, meta_opt, s, BATCHES, None)
+    )(state)
     assert not bool(info.finite)
     np.testing.assert_array_equal(new.lam, LAM)
     for a, b in zip(jax.tree.leaves(new.meta_opt_state), jax.tree.leaves(state.meta_opt_state)):

@@ -1,5 +1,6 @@
 """Synthetic hyperparameter optimization (thesis 2.5.5): a weight decay per parameter of a
 logistic regression, tuned on validation loss by every method in a plain JAX loop."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +47,9 @@ def val_at_convergence():
     def f(lam):
         w0 = jnp.zeros(D)
         un = J.unroll(base_loss, opt, w0, opt.init(w0), lam, _repeat(TRAIN, 2000))
-        return val_loss(un.params, lam, VAL), jnp.linalg.norm(jax.grad(base_loss)(un.params, lam, TRAIN))
+        return val_loss(un.params, lam, VAL), jnp.linalg.norm(
+            jax.grad(base_loss)(un.params, lam, TRAIN)
+        )
 
     return f
 

@@ -1,5 +1,6 @@
 """Hypergradient methods against closed forms (thesis 3.3.1), analytic optimizer Jacobians,
 and one contract test over every method.  float64 via tests/conftest.py."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,13 +71,19 @@ def converged():
 
 
 def _hypergrad(method, opt, un):
-    fn = jax.jit(lambda un, lam: J.hypergradient(method, base_loss, meta_loss, opt, un, lam, (X, Y), (XP, YP)))
+    fn = jax.jit(
+        lambda un, lam: J.hypergradient(
+            method, base_loss, meta_loss, opt, un, lam, (X, Y), (XP, YP)
+        )
+    )
     g, info = fn(un, jnp.asarray(LAM0))
     assert bool(info.finite)
     return np.asarray(g)
 
 
-@pytest.mark.parametrize("method", [J.cg(maxiter=50, tol=1e-12), J.neumann(steps=300, lr=ETA)], ids=["cg", "neumann"])
+@pytest.mark.parametrize(
+    "method", [J.cg(maxiter=50, tol=1e-12), J.neumann(steps=300, lr=ETA)], ids=["cg", "neumann"]
+)
 def test_converged_implicit_methods_match_closed_form(converged, method):
     opt, un = converged
     # CG on a 5-dim SPD system and a 300-term Neumann series at contraction 1 - 1/κ ≈ 0.65 are
@@ -84,7 +91,9 @@ def test_converged_implicit_methods_match_closed_form(converged, method):
     np.testing.assert_allclose(_hypergrad(method, opt, un), g_true(LAM0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", [J.finite_difference(), J.sama()], ids=["finite_difference", "sama"])
+@pytest.mark.parametrize(
+    "method", [J.finite_difference(), J.sama()], ids=["finite_difference", "sama"]
+)
 def test_identity_hessian_methods_align_with_closed_form(converged, method):
     opt, un = converged
     g = _hypergrad(method, opt, un)
@@ -110,7 +119,9 @@ def test_itd_equals_grad_through_the_unrolled_loop():
     for method in (J.itd(), J.itd(checkpoint=True)):
         un = J.unroll(base_loss, opt, w0, opt.init(w0), lam, batches)
         g, _ = jax.jit(
-            lambda un, lam: J.hypergradient(method, base_loss, meta_loss, opt, un, lam, None, (XP, YP))
+            lambda un, lam: J.hypergradient(
+                method, base_loss, meta_loss, opt, un, lam, None, (XP, YP)
+            )
         )(un, lam)
         # The same float64 computation in a different association order.
         np.testing.assert_allclose(g, reference, rtol=1e-10, atol=1e-14)
@@ -127,7 +138,9 @@ ALL_METHODS = {
 }
 
 
-@pytest.mark.parametrize("name", ["itd", "cg", "neumann", "finite_difference", "sama", "sama_no_nudge"])
+@pytest.mark.parametrize(
+    "name", ["itd", "cg", "neumann", "finite_difference", "sama", "sama_no_nudge"]
+)
 def test_meta_optimization_reaches_lambda_star(name):
     method = ALL_METHODS[name]
     opt = optax.sgd(ETA)
@@ -221,7 +234,11 @@ def tree_loss(params, deps, batch):
     x, y = batch
     pred = jnp.tanh(x @ params["w"]) @ params["v"] + params["b"]
     decay = jax.nn.softplus(deps["decay"])
-    return jnp.mean((pred - y) ** 2) + jnp.sum(decay * params["w"] ** 2) + 0.5 * jnp.sum(params["v"] ** 2)
+    return (
+        jnp.mean((pred - y) ** 2)
+        + jnp.sum(decay * params["w"] ** 2)
+        + 0.5 * jnp.sum(params["v"] ** 2)
+    )
 
 
 def tree_meta_loss(params, deps, batch):
@@ -236,7 +253,11 @@ def test_contract_every_method(name, dtype):
     method = ALL_METHODS[name]
     rng = np.random.default_rng(3)
     cast = lambda x: jnp.asarray(x, dtype)
-    params = {"w": cast(rng.normal(size=(3, 4)) * 0.5), "v": cast(rng.normal(size=4)), "b": cast(0.1)}
+    params = {
+        "w": cast(rng.normal(size=(3, 4)) * 0.5),
+        "v": cast(rng.normal(size=4)),
+        "b": cast(0.1),
+    }
     deps = {"decay": cast(rng.normal(size=(3, 4))), "unused": cast(np.ones(2))}
     batches = (cast(rng.normal(size=(3, 8, 3))), cast(rng.normal(size=(3, 8))))
     meta_batch = (cast(rng.normal(size=(8, 3))), cast(rng.normal(size=8)))

@@ -1,4 +1,5 @@
 """Every notebook under notebooks/ runs end to end at a small size (JAXMLO_SMALL=1)."""
+
 import os
 import pathlib
 

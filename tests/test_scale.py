@@ -5,6 +5,7 @@ set before jax is imported (the flag must never reach this pytest process, whose
 initialised with one device). The scripts under ``tests/scale_scripts/`` compute both sides and
 print one JSON line of measured errors and collective counts; the assertions live here.
 """
+
 import json
 import os
 import socket
@@ -27,12 +28,20 @@ BF16_RTOL = 5e-2
 
 def start_script(name: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("JAX_ENABLE_X64", None)  # float32, the dtype the tolerances are about
-    return subprocess.Popen([sys.executable, os.path.join(SCRIPTS, name), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, name), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_script(name: str, proc: subprocess.Popen, timeout: int = 400) -> str:
@@ -260,7 +269,9 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
     model = nn.Dense(3)
     x = jax.random.normal(jax.random.key(0), (6, 4), jnp.float64)
     y = jnp.array([0, 1, 2, 0, 1, 2])
-    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x)["params"])
+    params = jax.tree.map(
+        lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x)["params"]
+    )
 
     def loss_fn(p, b):
         logits = model.apply({"params": p}, b["x"])
@@ -268,15 +279,17 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
 
     cap = jaxinf.linen_capture(loss_fn)
     layers = jaxinf.find_layers(cap, params, {"x": x, "y": y})
-    projs = jaxinf.random_projections(layers, key=jax.random.key(2), k_in=3, k_out=2,
-                                      dtype=jnp.float64)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(2), k_in=3, k_out=2, dtype=jnp.float64
+    )
     meta = jaxinf.projection_metadata(projs, init="random", seed=2)
     batch = {"x": x, "y": y}
     ref = jaxinf.projected_gradients(cap, projs)(params, batch)
     logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, stats_dtype=jnp.float64)
     with jaxinf.LogWriter(str(tmp_path / "log"), meta, dtype="float64", statistics=False) as w:
-        stats = jaxinf.log_sharded(logging, params, [batch], w, ids_fn=lambda b: list(range(6)),
-                                   progress=False)
+        stats = jaxinf.log_sharded(
+            logging, params, [batch], w, ids_fn=lambda b: list(range(6)), progress=False
+        )
     acc = jaxinf.projected_covariance()
     cov = acc.finalize(acc.update(acc.init(ref), ref))
     # same float64 sums, same order: equal to rounding
@@ -292,7 +305,7 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
 
     # jaxmlo: with one shard, data-parallel SAMA is SAMA; CG is CG
     def base_loss(w, deps, b):
-        return jnp.mean((b[0] @ w - b[1]) ** 2) + deps["meta"] * jnp.sum(w ** 2)
+        return jnp.mean((b[0] @ w - b[1]) ** 2) + deps["meta"] * jnp.sum(w**2)
 
     def meta_loss(lam, deps, b):
         return jnp.mean((b[0] @ deps["base"] - b[1]) ** 2)
@@ -302,10 +315,15 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
     batches = {"base": (xb, yb), "meta": (xb[:, ::-1], yb)}
     for method in (jaxmlo.sama(), jaxmlo.cg(maxiter=10, tol=0.0)):
         prog = jaxmlo.Program(
-            [jaxmlo.Problem("base", base_loss, jnp.ones(4, jnp.float64), optax.adam(0.1),
-                            method=method),
-             jaxmlo.Problem("meta", meta_loss, jnp.asarray(0.1, jnp.float64), optax.adam(0.1))],
-            u2l={"meta": ["base"]}, l2u={"base": ["meta"]})
+            [
+                jaxmlo.Problem(
+                    "base", base_loss, jnp.ones(4, jnp.float64), optax.adam(0.1), method=method
+                ),
+                jaxmlo.Problem("meta", meta_loss, jnp.asarray(0.1, jnp.float64), optax.adam(0.1)),
+            ],
+            u2l={"meta": ["base"]},
+            l2u={"base": ["meta"]},
+        )
         s1, m1 = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))(jaxmlo.init(prog), batches)
         s2, m2 = jaxmlo.parallel_step(prog, mesh)(jaxmlo.init(prog), batches)
         for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):

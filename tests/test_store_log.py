@@ -1,4 +1,5 @@
 """Gradient log store: layout, durability, resume, multi-writer, errors."""
+
 import json
 import os
 import signal
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-import jaxinf
 from jaxinf import LogWriter, open_log
 
-PROJ = {"layers": {"a": {"k_in": 3, "k_out": 2, "n_in": 5, "n_out": 4}}, "init": "random",
-        "seed": 7, "fingerprint": "f00"}
+PROJ = {
+    "layers": {"a": {"k_in": 3, "k_out": 2, "n_in": 5, "n_out": 4}},
+    "init": "random",
+    "seed": 7,
+    "fingerprint": "f00",
+}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,7 +32,10 @@ def _batch(i, b=4):
 def test_roundtrip_and_plain_zarr_layout(tmp_path):
     path = str(tmp_path / "log")
     rng = np.random.default_rng(0)
-    g = {"x/y": rng.normal(size=(11, 2, 3)).astype(np.float32), "z": rng.normal(size=(11, 1, 2)).astype(np.float32)}
+    g = {
+        "x/y": rng.normal(size=(11, 2, 3)).astype(np.float32),
+        "z": rng.normal(size=(11, 1, 2)).astype(np.float32),
+    }
     ids = [f"doc-{i}-é" for i in range(11)]
     proj = {"layers": {}, "init": "pca", "seed": 1, "fingerprint": "abc"}
     with LogWriter(path, proj, chunk_rows=4) as w:
@@ -51,9 +58,12 @@ def test_roundtrip_and_plain_zarr_layout(tmp_path):
     assert zarray["compressor"] is None and zarray["dtype"] == "<f4"
     chunk = np.fromfile(os.path.join(path, "shards/0/grads/1.0"), "<f4").reshape(4, meta["dim"])
     lay = {l["path"]: l for l in meta["layers"]}["x/y"]
-    np.testing.assert_array_equal(chunk[:, lay["offset"]:lay["offset"] + lay["dim"]],
-                                  g["x/y"][4:8].reshape(4, -1))
-    plain = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/grads"}}).result()
+    np.testing.assert_array_equal(
+        chunk[:, lay["offset"] : lay["offset"] + lay["dim"]], g["x/y"][4:8].reshape(4, -1)
+    )
+    plain = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/grads"}}
+    ).result()
     assert plain.shape[0] >= 11
     # reopening resumes after a partial last chunk (11 rows, chunks of 4) and appends in place
     more = {k: rng.normal(size=(5,) + v.shape[1:]).astype(np.float32) for k, v in g.items()}
@@ -63,22 +73,29 @@ def test_roundtrip_and_plain_zarr_layout(tmp_path):
     got, got_ids = open_log(path).read()
     np.testing.assert_array_equal(got["z"], np.concatenate([g["z"], more["z"]]))
     assert list(got_ids) == ids + [f"more-{i}" for i in range(5)]
-    raw_ids = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/ids"}}).result()
+    raw_ids = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/ids"}}
+    ).result()
     assert bytes(raw_ids[10].read().result()).rstrip(b"\0").decode() == ids[10]
 
 
 def test_bfloat16_is_stored_as_uint16_bits(tmp_path):
     import ml_dtypes
+
     path = str(tmp_path / "log")
     g, ids = _batch(0)
     g = {"a": g["a"] / 1000.0}
     with LogWriter(path, PROJ, dtype="bfloat16") as w:
         w.write(g, ids)
-    raw = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/grads"}}).result()
+    raw = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/grads"}}
+    ).result()
     bits = raw[:4].read().result()
     assert bits.dtype == np.uint16
-    np.testing.assert_array_equal(bits.view(ml_dtypes.bfloat16).astype(np.float32),
-                                  g["a"].reshape(4, -1).astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+        bits.view(ml_dtypes.bfloat16).astype(np.float32),
+        g["a"].reshape(4, -1).astype(ml_dtypes.bfloat16).astype(np.float32),
+    )
     got, _ = open_log(path).read()
     assert got["a"].dtype == ml_dtypes.bfloat16
 
@@ -103,7 +120,7 @@ def test_write_error_surfaces_in_the_caller(tmp_path):
     w.write(*_batch(0))
     # a directory where chunk 1 should go makes tensorstore's background write fail
     os.makedirs(os.path.join(path, "shards/0/grads/1.0/blocker"))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - tensorstore surfaces the failure by several types
         w.write_async(*_batch(1))
         w.flush()
     with pytest.raises(RuntimeError, match="failed earlier"):
@@ -130,8 +147,13 @@ for i in range(400):
 def test_killed_writer_resumes_with_every_row_exactly_once(tmp_path):
     path = str(tmp_path / "log")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, proj=PROJ, path=path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(root=ROOT, proj=PROJ, path=path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -161,7 +183,9 @@ def test_killed_writer_resumes_with_every_row_exactly_once(tmp_path):
     np.testing.assert_array_equal(got["a"].reshape(-1, 6)[:, 0], 1000.0 * ids)
     # statistics cover every row once (the killed writer never saved its Fisher sums)
     rows = got["a"].reshape(-1, 6).astype(np.float64)
-    np.testing.assert_allclose(log.statistics()["a"].covariance, rows.T @ rows / len(rows), rtol=1e-6)
+    np.testing.assert_allclose(
+        log.statistics()["a"].covariance, rows.T @ rows / len(rows), rtol=1e-6
+    )
 
 
 def test_duplicate_ids_are_errors(tmp_path):
@@ -261,8 +285,12 @@ def test_two_processes_write_disjoint_shards_of_one_log(tmp_path):
     path = str(tmp_path / "log")  # does not exist yet: both processes race to create it
     code = _PROC.format(root=ROOT, path=path, proj=PROJ)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(r)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for r in range(2)
+    ]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
     log = open_log(path)
@@ -275,8 +303,11 @@ def test_two_processes_write_disjoint_shards_of_one_log(tmp_path):
 
 
 def test_grads_must_match_the_projection_metadata_shapes(tmp_path):
-    with pytest.raises(ValueError, match=r"grads\['a'\]: k_in is 2 but the projection metadata says 3"):
+    with pytest.raises(
+        ValueError, match=r"grads\['a'\]: k_in is 2 but the projection metadata says 3"
+    ):
         LogWriter(str(tmp_path / "l1"), PROJ).write({"a": np.zeros((2, 2, 2), np.float32)}, [0, 1])
     with pytest.raises(ValueError, match="layer 'b' is not in the projection metadata"):
         LogWriter(str(tmp_path / "l2"), PROJ).write(
-            {"a": np.zeros((2, 2, 3), np.float32), "b": np.zeros((2, 1, 1), np.float32)}, [0, 1])
+            {"a": np.zeros((2, 2, 3), np.float32), "b": np.zeros((2, 1, 1), np.float32)}, [0, 1]
+        )

@@ -1,4 +1,5 @@
 """Streamed influence queries against an in-memory float64 brute force."""
+
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -6,9 +7,15 @@ import tensorstore as ts
 import jaxinf
 from jaxinf import LogWriter, open_log
 
-PROJ = {"layers": {"mlp/up": {"k_in": 3, "k_out": 2, "n_in": 8, "n_out": 6},
-                   "head": {"k_in": 4, "k_out": 1, "n_in": 9, "n_out": 3}},
-        "init": "random", "seed": 0, "fingerprint": "abc123"}
+PROJ = {
+    "layers": {
+        "mlp/up": {"k_in": 3, "k_out": 2, "n_in": 8, "n_out": 6},
+        "head": {"k_in": 4, "k_out": 1, "n_in": 9, "n_out": 3},
+    },
+    "init": "random",
+    "seed": 0,
+    "fingerprint": "abc123",
+}
 SHARD_ROWS = {"p0": 24, "p1": 16}  # two writers (processes) sharing one log
 N = sum(SHARD_ROWS.values())
 N_TEST = 3
@@ -25,7 +32,9 @@ def _write_log(path, dtype, train):
         with LogWriter(path, PROJ, dtype=dtype, writer_id=wid, chunk_rows=8) as w:
             for a in range(start, start + rows, 5):  # batches of 5 straddle the 8-row chunks
                 b = min(a + 5, start + rows)
-                w.write_async({k: v[a:b] for k, v in train.items()}, ids=[f"ex{i}" for i in range(a, b)])
+                w.write_async(
+                    {k: v[a:b] for k, v in train.items()}, ids=[f"ex{i}" for i in range(a, b)]
+                )
         start += rows
 
 
@@ -75,6 +84,7 @@ def _brute(train, test, mode, damping_ratio=0.1):
 def _stored(train, dtype):
     """The training gradients as the log holds them (rounded to the storage dtype), in float64."""
     import ml_dtypes
+
     np_dt = {"float64": np.float64, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
     return {k: v.astype(np_dt).astype(np.float64) for k, v in train.items()}
 
@@ -91,9 +101,20 @@ def test_streamed_scores_match_brute_force(logs, data, tmp_path, dtype, chunk_ro
     train, test = data
     log = open_log(logs[dtype])
     test_in = {k: v.astype(np.float32) for k, v in test.items()} if dtype == "float32" else test
-    res = jaxinf.query(log, test_in, PROJ, mode=mode, top_k=5, chunk_rows=chunk_rows,
-                       out=str(tmp_path / "scores"), prefetch=2, progress=False)
-    dense = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": res.scores_path}}).result()
+    res = jaxinf.query(
+        log,
+        test_in,
+        PROJ,
+        mode=mode,
+        top_k=5,
+        chunk_rows=chunk_rows,
+        out=str(tmp_path / "scores"),
+        prefetch=2,
+        progress=False,
+    )
+    dense = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "file", "path": res.scores_path}}
+    ).result()
     dense = dense.read().result()
     ref = _brute(_stored(train, dtype), {k: v.astype(np.float64) for k, v in test_in.items()}, mode)
     assert dense.shape == (N_TEST, N)
@@ -103,8 +124,11 @@ def test_streamed_scores_match_brute_force(logs, data, tmp_path, dtype, chunk_ro
     order = np.argsort(-ref, axis=1)
     np.testing.assert_array_equal(res.top_rows, order[:, :5])
     np.testing.assert_array_equal(res.bottom_rows, order[:, ::-1][:, :5])
-    np.testing.assert_allclose(res.top_scores, np.take_along_axis(ref, order[:, :5], 1),
-                               atol=TOL[dtype] * np.max(np.abs(ref)))
+    np.testing.assert_allclose(
+        res.top_scores,
+        np.take_along_axis(ref, order[:, :5], 1),
+        atol=TOL[dtype] * np.max(np.abs(ref)),
+    )
     ids = np.asarray([f"ex{i}" for i in range(N)], dtype=object)
     np.testing.assert_array_equal(res.top_ids, ids[order[:, :5]])
     np.testing.assert_array_equal(log.ids(), ids)
@@ -122,8 +146,9 @@ def test_self_influence_matches_brute_force(logs, data, dtype):
 def test_explicit_damping_and_top_k_larger_than_log(logs, data):
     train, test = data
     log = open_log(logs["float64"])
-    res = jaxinf.query(log, test, PROJ, top_k=1000, damping={"mlp/up": 0.5, "head": 2.0},
-                       progress=False)
+    res = jaxinf.query(
+        log, test, PROJ, top_k=1000, damping={"mlp/up": 0.5, "head": 2.0}, progress=False
+    )
     ref = 0.0
     for k, lam in (("mlp/up", 0.5), ("head", 2.0)):
         g, t = train[k].reshape(N, -1), test[k].reshape(N_TEST, -1)
@@ -148,8 +173,15 @@ def test_statistics_are_saved_in_the_log(logs, data):
     evals = np.linalg.eigvalsh(g.T @ g / N)
     np.testing.assert_allclose(stats["mlp/up"].eigenvalues, evals, rtol=1e-10)
     # saved as zarr arrays next to the rows, readable without our code
-    cov = ts.open({"driver": "zarr", "kvstore": {
-        "driver": "file", "path": f"{logs['float64']}/statistics/layer_1/covariance"}}).result()
+    cov = ts.open(
+        {
+            "driver": "zarr",
+            "kvstore": {
+                "driver": "file",
+                "path": f"{logs['float64']}/statistics/layer_1/covariance",
+            },
+        }
+    ).result()
     np.testing.assert_array_equal(cov.read().result(), stats["mlp/up"].covariance)
 
 
@@ -201,8 +233,12 @@ def test_per_shard_queries_merge_to_the_whole_log_query(logs, data):
     log = open_log(logs["float64"])
     whole = jaxinf.query(log, test, PROJ, mode="relatif", top_k=6, chunk_rows=5, progress=False)
     # as two processes would: each scores its own shard, then the top-k lists are merged
-    parts = [jaxinf.query(log, test, PROJ, mode="relatif", top_k=6, chunk_rows=5, shards=[s],
-                          progress=False) for s in SHARD_ROWS]
+    parts = [
+        jaxinf.query(
+            log, test, PROJ, mode="relatif", top_k=6, chunk_rows=5, shards=[s], progress=False
+        )
+        for s in SHARD_ROWS
+    ]
     assert parts[1].top_rows.min() >= SHARD_ROWS["p0"]  # row indices stay global
     merged = jaxinf.merge_results(parts)
     for name in ("top_rows", "top_ids", "bottom_rows", "bottom_ids"):

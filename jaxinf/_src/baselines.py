@@ -14,9 +14,11 @@ Full per-example gradients come from ``jax.vmap(jax.grad(loss_fn))``
 (:func:`per_example_grads`). KFAC needs each dense layer's inputs and output gradients, which
 :func:`dense_activations` captures from a Flax Linen model with ``nn.intercept_methods``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,13 +61,18 @@ def per_example_grads(
     Returns:
       A pytree shaped like ``params`` with a leading ``n`` axis on every leaf.
     """
-    return _chunked(jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))), params, batch, chunk_size)
+    return _chunked(
+        jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))), params, batch, chunk_size
+    )
 
 
 def _chunked(fn, params, data, chunk_size: int):
     """``fn(params, chunk)`` over chunks of ``data``'s leading axis, outputs concatenated."""
     n = jax.tree.leaves(data)[0].shape[0]
-    parts = [fn(params, jax.tree.map(lambda x: x[s : s + chunk_size], data)) for s in range(0, n, chunk_size)]
+    parts = [
+        fn(params, jax.tree.map(lambda x: x[s : s + chunk_size], data))
+        for s in range(0, n, chunk_size)
+    ]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
 
@@ -110,7 +117,9 @@ def representation_similarity(test_features, train_features, *, eps: float = 1e-
 # Exact damped empirical-Fisher influence.
 
 
-def damped_inverse_apply(fisher_rows, vectors, *, damping_ratio: float = 0.1, damping: float | None = None) -> jax.Array:
+def damped_inverse_apply(
+    fisher_rows, vectors, *, damping_ratio: float = 0.1, damping: float | None = None
+) -> jax.Array:
     """``(F + lambda I)^{-1} v`` for every row ``v`` of ``vectors``, ``F = G^T G / n``.
 
     Solves directly in ``P`` dimensions when ``P <= n`` and by the Woodbury identity
@@ -139,7 +148,14 @@ def damped_inverse_apply(fisher_rows, vectors, *, damping_ratio: float = 0.1, da
     return (v - (jnp.linalg.solve(k, g @ v.T)).T @ g) / lam
 
 
-def exact_influence(test_grads, train_grads, *, fisher_grads=None, damping_ratio: float = 0.1, damping: float | None = None) -> jax.Array:
+def exact_influence(
+    test_grads,
+    train_grads,
+    *,
+    fisher_grads=None,
+    damping_ratio: float = 0.1,
+    damping: float | None = None,
+) -> jax.Array:
     """Influence ``g_te^T (F + lambda I)^{-1} g_tr`` with the exact empirical Fisher of full gradients.
 
     Args:
@@ -155,7 +171,9 @@ def exact_influence(test_grads, train_grads, *, fisher_grads=None, damping_ratio
     return damped_inverse_apply(fg, te, damping_ratio=damping_ratio, damping=damping) @ tr.T
 
 
-def block_influence(test: dict, train: dict, *, fisher: dict | None = None, damping_ratio: float = 0.1) -> jax.Array:
+def block_influence(
+    test: dict, train: dict, *, fisher: dict | None = None, damping_ratio: float = 0.1
+) -> jax.Array:
     """Block-diagonal influence: :func:`exact_influence` per layer (own damping), summed.
 
     This is LoGra's influence on projected gradients (``{layer: [n, k_out, k_in]}``, Contract B)
@@ -220,7 +238,9 @@ def trak(
         projection = gaussian_projection(key, te.shape[1], dim, te.dtype)
     projection = jnp.asarray(projection, te.dtype)
     if projection.shape[0] != te.shape[1]:
-        raise ValueError(f"trak: projection has {projection.shape[0]} rows, gradients have {te.shape[1]} columns")
+        raise ValueError(
+            f"trak: projection has {projection.shape[0]} rows, gradients have {te.shape[1]} columns"
+        )
     pte, ptr = te @ projection, tr @ projection
     if not precondition:
         return pte @ ptr.T
@@ -245,7 +265,13 @@ def _tap_dense(next_fun, args, kwargs, context):
 
 
 def dense_activations(
-    model, params: Any, loss_fn: Callable[[jax.Array, Any], jax.Array], inputs, targets, *, chunk_size: int = 256
+    model,
+    params: Any,
+    loss_fn: Callable[[jax.Array, Any], jax.Array],
+    inputs,
+    targets,
+    *,
+    chunk_size: int = 256,
 ) -> dict:
     """Per-example inputs and output gradients of every ``flax.linen.Dense`` call.
 
@@ -269,7 +295,9 @@ def dense_activations(
     def one(p, x, y):
         def f(pert):
             with nn.intercept_methods(_tap_dense):
-                out, st = model.apply({"params": p, "perturbations": pert}, x, mutable=["intermediates"])
+                out, st = model.apply(
+                    {"params": p, "perturbations": pert}, x, mutable=["intermediates"]
+                )
             return loss_fn(out, y), st["intermediates"]
 
         d, inter = jax.grad(f, has_aux=True)(pert)
@@ -284,9 +312,14 @@ def dense_activations(
         if "kfac_outputs" in dt:
             a = at["kfac_inputs"]
             if len(a) != 1:
-                raise ValueError(f"dense_activations: layer {'/'.join(path)} is called {len(a)} times; not supported")
+                raise ValueError(
+                    f"dense_activations: layer {'/'.join(path)} is called {len(a)} times; not supported"
+                )
             a, d = a[0], dt["kfac_outputs"]
-            out["/".join(path)] = (a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1]))
+            out["/".join(path)] = (
+                a.reshape(a.shape[0], -1, a.shape[-1]),
+                d.reshape(d.shape[0], -1, d.shape[-1]),
+            )
         for k in dt:
             if k != "kfac_outputs":
                 walk(dt[k], at[k], path + (k,))
@@ -343,7 +376,14 @@ def kfac_eigenbasis(acts: dict, *, ekfac: bool = False) -> KFACEigenbasis:
     return KFACEigenbasis(q_in, q_out, eig)
 
 
-def kfac_influence(test_acts: dict, train_acts: dict, *, eigenbasis: KFACEigenbasis | None = None, ekfac: bool = False, damping_ratio: float = 0.1) -> jax.Array:
+def kfac_influence(
+    test_acts: dict,
+    train_acts: dict,
+    *,
+    eigenbasis: KFACEigenbasis | None = None,
+    ekfac: bool = False,
+    damping_ratio: float = 0.1,
+) -> jax.Array:
     """KFAC / EKFAC influence ``sum_layers <(F_l + lambda_l I)^{-1} G_te, G_tr>``.
 
     In the Kronecker eigenbasis ``R = Q_A^T G Q_S`` the damped inverse is elementwise
@@ -358,15 +398,24 @@ def kfac_influence(test_acts: dict, train_acts: dict, *, eigenbasis: KFACEigenba
       ``[n_test, n_train]`` scores.
     """
     if set(test_acts) != set(train_acts):
-        raise ValueError(f"test and train layers differ: {sorted(set(test_acts) ^ set(train_acts))}")
+        raise ValueError(
+            f"test and train layers differ: {sorted(set(test_acts) ^ set(train_acts))}"
+        )
     if eigenbasis is None:
         eigenbasis = kfac_eigenbasis(train_acts, ekfac=ekfac)
     total = None
     for layer in sorted(test_acts):
         qa, qs, lam = eigenbasis.q_in[layer], eigenbasis.q_out[layer], eigenbasis.eigenvalues[layer]
         damp = relative_damping(damping_ratio, jnp.sum(lam), lam.size)
-        rte = jnp.einsum("ij,nio,ok->njk", qa, layer_grads_from_activations({layer: test_acts[layer]})[layer], qs)
-        rtr = jnp.einsum("ij,nio,ok->njk", qa, layer_grads_from_activations({layer: train_acts[layer]})[layer], qs)
+        rte = jnp.einsum(
+            "ij,nio,ok->njk", qa, layer_grads_from_activations({layer: test_acts[layer]})[layer], qs
+        )
+        rtr = jnp.einsum(
+            "ij,nio,ok->njk",
+            qa,
+            layer_grads_from_activations({layer: train_acts[layer]})[layer],
+            qs,
+        )
         s = jnp.einsum("mjk,njk->mn", rte / (lam + damp), rtr)
         total = s if total is None else total + s
     return total

@@ -43,11 +43,13 @@ without an example axis such as positions ``arange(T)``), masked tokens are drop
 gradient and from the KFAC statistics (and the statistics are normalised by the real-token
 count). Other layers (e.g. a classifier head after pooling) are not masked.
 """
+
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -127,19 +129,23 @@ def _einsum_config(path: str, module, x, y, einsum_str) -> _Config:
     if einsum_str is None:
         raise ValueError(f"layer {path!r}: Einsum called without an einsum_str")
     kshape = tuple(module.shape if isinstance(module, nn.Einsum) else module.kernel_shape)
-    ops, out, _ = opt_einsum.parser.parse_einsum_input((
-        einsum_str.replace(" ", ""),
-        jax.ShapeDtypeStruct(tuple(x.shape), jnp.float32),
-        jax.ShapeDtypeStruct(kshape, jnp.float32),
-    ))
+    ops, out, _ = opt_einsum.parser.parse_einsum_input(
+        (
+            einsum_str.replace(" ", ""),
+            jax.ShapeDtypeStruct(tuple(x.shape), jnp.float32),
+            jax.ShapeDtypeStruct(kshape, jnp.float32),
+        )
+    )
     lhs, rhs = ops.split(",")
     bad = f"layer {path!r}: Einsum {einsum_str!r} is not a dense projection"
     if len(set(lhs)) != len(lhs) or len(set(rhs)) != len(rhs) or len(set(out)) != len(out):
         raise ValueError(f"{bad} (a repeated index)")
     for c in rhs:
         if c in lhs and c in out:
-            raise ValueError(f"{bad}: kernel axis {c!r} is also an input and output axis "
-                             "(per-group weights), not supported by capture")
+            raise ValueError(
+                f"{bad}: kernel axis {c!r} is also an input and output axis "
+                "(per-group weights), not supported by capture"
+            )
         if c not in lhs and c not in out:
             raise ValueError(f"{bad}: kernel axis {c!r} is summed over")
     for c in lhs:
@@ -156,8 +162,15 @@ def _einsum_config(path: str, module, x, y, einsum_str) -> _Config:
     n_out = int(np.prod([y.shape[out.index(c)] for c in feats]))
     tok = tuple(x.shape[lhs.index(c)] for c in toks)
     use_bias = module.use_bias if isinstance(module, nn.Einsum) else module.bias is not None
-    return _Config("dense", n_in0, n_out, bool(use_bias), tok, axes=axes,
-                   out_perm=None if perm == tuple(range(len(out))) else perm)
+    return _Config(
+        "dense",
+        n_in0,
+        n_out,
+        bool(use_bias),
+        tok,
+        axes=axes,
+        out_perm=None if perm == tuple(range(len(out))) else perm,
+    )
 
 
 _KINDS = ("dense", "conv", "embed")
@@ -214,7 +227,9 @@ def _config(path: str, module, x, y, einsum_str=None) -> _Config:
             _tuple(module.kernel_dilation, nd),
         )
         n_in0 = int(np.prod(ks)) * x.shape[-1]
-        return _Config("conv", n_in0, y.shape[-1], bool(module.use_bias), tuple(y.shape[:-1]), conv=conv)
+        return _Config(
+            "conv", n_in0, y.shape[-1], bool(module.use_bias), tuple(y.shape[:-1]), conv=conv
+        )
     if isinstance(module, (nn.Dense, nnx.Linear)):
         axes = (x.ndim - 1,)
         n_feat = 1
@@ -286,7 +301,12 @@ def _project_inputs(cfg: _Config, x, p_in) -> jax.Array:
         ks, strides, padding, lhs_d, rhs_d = cfg.conv
         kernel = w.T.reshape(*ks, x.shape[-1], k)  # [*window, C, k_in], same layout as the layer
         pa = jax.lax.conv_general_dilated(
-            x.astype(w.dtype), kernel, strides, padding, lhs_d, rhs_d,
+            x.astype(w.dtype),
+            kernel,
+            strides,
+            padding,
+            lhs_d,
+            rhs_d,
             dimension_numbers=_conv_dims(len(ks)),
         ).reshape(-1, k)
     else:
@@ -454,10 +474,14 @@ def _stacked(module, root_vars) -> bool:
     )
 
 
-_STACKED = ("inside nn.scan/nn.vmap with stacked parameters (one projection would be shared by "
-            "the stacked layers and their gradients summed); not captured")
-_ATTEND = ("Embed.attend (tied read-out) is not captured: the embedding's projected gradient "
-           "holds the lookup part only")
+_STACKED = (
+    "inside nn.scan/nn.vmap with stacked parameters (one projection would be shared by "
+    "the stacked layers and their gradients summed); not captured"
+)
+_ATTEND = (
+    "Embed.attend (tied read-out) is not captured: the embedding's projected gradient "
+    "holds the lookup part only"
+)
 
 
 class _NNXTap(nnx.Module):
@@ -579,13 +603,17 @@ def find_layers(
 
     jax.eval_shape(lambda p, b: capture.run(p, b, tap, note), params, _first_example(batch))
     if not found:
-        raise ValueError("find_layers: the loss calls no supported layer (Dense/Linear, "
-                         "DenseGeneral/LinearGeneral, Einsum, Conv, Embed)")
+        raise ValueError(
+            "find_layers: the loss calls no supported layer (Dense/Linear, "
+            "DenseGeneral/LinearGeneral, Einsum, Conv, Embed)"
+        )
 
-    rules = [Select()] if select is None else ([select] if isinstance(select, Select) else list(select))
+    rules = (
+        [Select()] if select is None else ([select] if isinstance(select, Select) else list(select))
+    )
     chosen: dict[str, tuple[int, Select]] = {}
     hits = [0] * len(rules)
-    for path, (module, type_name, cfg) in found.items():
+    for path, (module, _type_name, _cfg) in found.items():
         kind = _kind_of(module)
         for i, rule in enumerate(rules):
             if _matches(rule, path, module, kind):
@@ -604,7 +632,7 @@ def find_layers(
 
     out = {}
     skipped = []
-    for path, (i, rule) in chosen.items():
+    for path, (_i, rule) in chosen.items():
         module, type_name, cfg = found[path]
         if isinstance(cfg, ValueError):
             if select is None:  # default selection: skip, and say so below
@@ -612,21 +640,31 @@ def find_layers(
                 continue
             raise cfg
         out[path] = LayerSpec(
-            path, cfg.kind, type_name, cfg.n_in, cfg.n_out, cfg.bias,
-            int(np.prod(cfg.tok_shape)), rule.k_in, rule.k_out,
+            path,
+            cfg.kind,
+            type_name,
+            cfg.n_in,
+            cfg.n_out,
+            cfg.bias,
+            int(np.prod(cfg.tok_shape)),
+            rule.k_in,
+            rule.k_out,
         )
     partly = [f"{p!r}: {r}" for p, r in notes.items() if p in out]
     if skipped or partly:
         msg = ["find_layers: some parametrized layer uses are not captured."]
         if skipped:
-            msg.append("Not captured (skipped by the default selection; an explicit Select "
-                       "rule matching them raises): " + "; ".join(skipped) + ".")
+            msg.append(
+                "Not captured (skipped by the default selection; an explicit Select "
+                "rule matching them raises): " + "; ".join(skipped) + "."
+            )
         if partly:
             msg.append("Partly captured: " + "; ".join(partly) + ".")
         warnings.warn(" ".join(msg), UncapturedLayerWarning, stacklevel=2)
     if not out:
-        raise ValueError("find_layers: no supported layer is selected; not captured: "
-                         + "; ".join(skipped))
+        raise ValueError(
+            "find_layers: no supported layer is selected; not captured: " + "; ".join(skipped)
+        )
     return out
 
 
@@ -744,7 +782,9 @@ def kfac_batch_sums(
     """
     layers = dict(layers)
 
-    def tap_factory(s, mask):
+    def tap_factory(state, mask):
+        s, z = state
+
         def tap(path, module, x, y, **call):
             if path not in s:
                 return y
@@ -755,7 +795,12 @@ def kfac_batch_sums(
             m = _token_mask(cfg, mask)
             if m is None:
                 m = jnp.ones((a.shape[0],), dtype)
-            return _on_output(cfg, y, lambda y: _kfac_tap(y, a, m.astype(dtype), s[path]))
+            # Adding the example's zero `z` makes the tapped output batched even when it does not
+            # depend on the example (a positional Embed of arange(T)); newer JAX refuses a
+            # custom_vjp whose unbatched output receives a batched cotangent.
+            return _on_output(
+                cfg, y, lambda y: _kfac_tap(y + z.astype(y.dtype), a, m.astype(dtype), s[path])
+            )
 
         return tap
 
@@ -773,9 +818,12 @@ def kfac_batch_sums(
         }
         mask = None if mask_fn is None else mask_fn(batch)
 
+        zeros = jnp.zeros((jax.tree.leaves(batch)[0].shape[0],), dtype)
+
         def total(s):
             # s is shared by all examples (in_axes=None): its cotangent sums over the batch.
-            return jnp.sum(jax.vmap(f, in_axes=(None, None, 0, 0))(params, s, batch, mask))
+            state = (s, zeros)
+            return jnp.sum(jax.vmap(f, in_axes=(None, (None, 0), 0, 0))(params, state, batch, mask))
 
         return jax.grad(total)(s)
 

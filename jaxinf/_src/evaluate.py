@@ -22,9 +22,11 @@ and ``jit``s them as one program, so hundreds of small models train in minutes o
 
 Rank correlation is a small NumPy routine (no SciPy at run time).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +112,9 @@ def spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray | float:
 # Retraining.
 
 
-def random_subsets(n_train: int, num_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+def random_subsets(
+    n_train: int, num_subsets: int, *, fraction: float = 0.5, seed: int = 0
+) -> np.ndarray:
     """Masks of ``num_subsets`` random subsets, each of exactly ``round(fraction * n_train)`` examples.
 
     Returns:
@@ -174,7 +178,9 @@ def retrain(
     seeds = jnp.arange(num_seeds)
 
     def keys_for(ms):
-        return jax.vmap(lambda m: jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(base, m), s))(seeds))(ms)
+        return jax.vmap(
+            lambda m: jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(base, m), s))(seeds)
+        )(ms)
 
     from tqdm.auto import tqdm
 
@@ -313,9 +319,12 @@ def lds_models(
     """
     stack = [np.asarray(s, dtype=np.float64) for s in scores]
     if not stack or any(s.ndim != 2 for s in stack):
-        raise ValueError("lds_models: scores must be [n_models, n_test, n_train] with n_models >= 1")
+        raise ValueError(
+            "lds_models: scores must be [n_models, n_test, n_train] with n_models >= 1"
+        )
     results = tuple(
-        lds(s, masks, outputs, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed) for s in stack
+        lds(s, masks, outputs, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
+        for s in stack
     )
     per_model = np.array([r.score for r in results], dtype=np.float64)
     valid = per_model[np.isfinite(per_model)]
@@ -378,17 +387,27 @@ def brittleness(
     ks = np.asarray(ks, dtype=np.int64)
     n_train = scores.shape[1]
     if np.any(ks < 0) or np.any(ks >= n_train):
-        raise ValueError(f"brittleness: every k must lie in [0, n_train={n_train}), got {ks.tolist()}")
+        raise ValueError(
+            f"brittleness: every k must lie in [0, n_train={n_train}), got {ks.tolist()}"
+        )
     order = np.argsort(-scores[test_indices], axis=1, kind="stable")  # most helpful first
     masks = np.ones((len(ks), len(test_indices), n_train), dtype=bool)
     for a, k in enumerate(ks):
         for b in range(len(test_indices)):
             masks[a, b, order[b, :k]] = False
     outs = retrain(
-        init_fn, train_fn, output_fn, masks.reshape(-1, n_train),
-        num_seeds=num_seeds, seed=seed, chunk_size=chunk_size, progress=progress,
+        init_fn,
+        train_fn,
+        output_fn,
+        masks.reshape(-1, n_train),
+        num_seeds=num_seeds,
+        seed=seed,
+        chunk_size=chunk_size,
+        progress=progress,
     )  # [K*n_sel, S, n_test]
     outs = outs.reshape(len(ks), len(test_indices), num_seeds, -1)
     picked = np.take_along_axis(outs, test_indices[None, :, None, None], axis=3)[..., 0]
     flipped = (picked < threshold).mean(axis=2) > 0.5
-    return BrittlenessResult(ks, test_indices, picked, flipped.mean(axis=1), picked.mean(axis=(1, 2)))
+    return BrittlenessResult(
+        ks, test_indices, picked, flipped.mean(axis=1), picked.mean(axis=(1, 2))
+    )

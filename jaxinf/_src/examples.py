@@ -9,9 +9,11 @@ minibatches drawn with probability proportional to ``weights``, so a 0/1 mask *i
 subset and the function ``vmap``s over masks), ``output_fn(params) -> [n_test]`` (margin or
 minus the loss), and per-example losses for gradients.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -113,7 +115,10 @@ class ByteLM(nn.Module):
     @nn.compact
     def __call__(self, tokens, features=False):
         t = tokens.shape[0]
-        x = nn.Embed(256, self.dim)(tokens) + self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.dim))[:t]
+        x = (
+            nn.Embed(256, self.dim)(tokens)
+            + self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.dim))[:t]
+        )
         for i in range(self.layers):
             x = Block(self.dim, self.heads, name=f"block_{i}")(x)
         x = nn.LayerNorm(use_bias=False, use_scale=False)(x)
@@ -171,14 +176,23 @@ def load_digits_split(n_train: int = 1000, n_test: int = 200, *, seed: int = 0, 
     perm = rng.permutation(len(x))
     tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     y_tr = y[tr].copy()
-    flipped = np.sort(rng.choice(n_train, size=flip, replace=False)) if flip else np.zeros(0, np.int64)
+    flipped = (
+        np.sort(rng.choice(n_train, size=flip, replace=False)) if flip else np.zeros(0, np.int64)
+    )
     y_tr[flipped] = (y_tr[flipped] + rng.integers(1, 10, size=flip)) % 10  # always a wrong label
     return x[tr], y_tr, x[te], y[te], flipped
 
 
 def digits_task(
-    arch: str = "mlp", *, n_train: int = 1000, n_test: int = 200, seed: int = 0, flip: int = 0,
-    steps: int = 300, batch_size: int = 64, lr: float = 0.05,
+    arch: str = "mlp",
+    *,
+    n_train: int = 1000,
+    n_test: int = 200,
+    seed: int = 0,
+    flip: int = 0,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 0.05,
 ) -> Task:
     """Digits classification with an MLP (``arch='mlp'``) or the patch CNN (``'cnn'``).
 
@@ -209,8 +223,20 @@ def digits_task(
     def features_fn(params, x):
         return jax.vmap(lambda v: model.apply({"params": params}, v, features=True))(x)
 
-    return Task(model, x_tr, y_tr, x_te, y_te, init_fn, train_fn, output_fn, example_loss, out_loss,
-                features_fn, {"arch": arch, "flipped": flipped, "steps": steps, "batch_size": batch_size})
+    return Task(
+        model,
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        init_fn,
+        train_fn,
+        output_fn,
+        example_loss,
+        out_loss,
+        features_fn,
+        {"arch": arch, "flipped": flipped, "steps": steps, "batch_size": batch_size},
+    )
 
 
 def pydoc_paragraphs(min_len: int) -> list[bytes]:
@@ -232,16 +258,27 @@ def pydoc_paragraphs(min_len: int) -> list[bytes]:
 
 
 def lm_task(
-    *, n_train: int = 256, n_test: int = 32, seq_len: int = 32, dim: int = 32, seed: int = 0,
-    steps: int = 200, batch_size: int = 16, lr: float = 3e-3,
+    *,
+    n_train: int = 256,
+    n_test: int = 32,
+    seq_len: int = 32,
+    dim: int = 32,
+    seed: int = 0,
+    steps: int = 200,
+    batch_size: int = 16,
+    lr: float = 3e-3,
 ) -> Task:
     """Byte-level LM: each training example is the first ``seq_len + 1`` bytes of a paragraph."""
     paras = pydoc_paragraphs(seq_len + 1)
     if n_train + n_test > len(paras):
-        raise ValueError(f"n_train + n_test must be <= {len(paras)} paragraphs, got {n_train + n_test}")
+        raise ValueError(
+            f"n_train + n_test must be <= {len(paras)} paragraphs, got {n_train + n_test}"
+        )
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(paras))[: n_train + n_test]
-    seqs = np.stack([np.frombuffer(paras[i][: seq_len + 1], np.uint8) for i in pick]).astype(np.int32)
+    seqs = np.stack([np.frombuffer(paras[i][: seq_len + 1], np.uint8) for i in pick]).astype(
+        np.int32
+    )
     x = jnp.asarray(seqs)
     x_tr, x_te = x[:n_train], x[n_train:]
     model = ByteLM(dim=dim, max_len=seq_len)
@@ -256,7 +293,9 @@ def lm_task(
         return model.init(key, x_tr[0, :-1])["params"]
 
     opt = optax.adamw(lr, weight_decay=1e-2)
-    train_fn = _make_train_fn(model, x_tr, x_tr, lambda p, ex: example_loss(p, (ex[0],)), opt, steps, batch_size)
+    train_fn = _make_train_fn(
+        model, x_tr, x_tr, lambda p, ex: example_loss(p, (ex[0],)), opt, steps, batch_size
+    )
 
     def output_fn(params):
         return -jax.vmap(lambda s: example_loss(params, (s,)))(x_te)
@@ -264,6 +303,22 @@ def lm_task(
     def features_fn(params, xs):
         return jax.vmap(lambda s: model.apply({"params": params}, s[:-1], features=True))(xs)
 
-    return Task(model, x_tr, x_tr, x_te, x_te, init_fn, train_fn, output_fn,
-                lambda p, ex: example_loss(p, (ex[0],)), out_loss, features_fn,
-                {"arch": "bytelm", "texts": [paras[i] for i in pick], "steps": steps, "batch_size": batch_size})
+    return Task(
+        model,
+        x_tr,
+        x_tr,
+        x_te,
+        x_te,
+        init_fn,
+        train_fn,
+        output_fn,
+        lambda p, ex: example_loss(p, (ex[0],)),
+        out_loss,
+        features_fn,
+        {
+            "arch": "bytelm",
+            "texts": [paras[i] for i in pick],
+            "steps": steps,
+            "batch_size": batch_size,
+        },
+    )

@@ -18,11 +18,13 @@ Mixed precision. ``compute_dtype=jnp.bfloat16`` runs the model's forward and bac
 (floating parameters and inputs cast); the LoGra projections and all accumulations stay in float32.
 Store bfloat16 rows with ``LogWriter(..., dtype="bfloat16")``.
 """
+
 from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +33,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-# One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
-# libraries (jaxmlo is the home).
-from jaxmlo import count_collectives, data_mesh
-from jaxmlo._src.parallel import _axis_size, _cast_floats
-
 from jaxinf._src import query as _query
 from jaxinf._src import store as _store
 from jaxinf._src.capture import kfac_batch_sums, projected_gradients
 from jaxinf._src.statistics import KFACFactors
 
+# One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
+# libraries (jaxmlo is the home).
+from jaxmlo import count_collectives, data_mesh  # noqa: F401 - re-exported by jaxinf
+from jaxmlo._src.parallel import _axis_size, _cast_floats
 
 # ---------------------------------------------------------------------------------------------
 # Sharded logging
@@ -121,9 +122,14 @@ def sharded_logging(
         raise ValueError("sharded_logging: pass projections, kfac_layers, or both")
     if projections is None and covariance:
         covariance = False  # nothing projected, nothing to take the covariance of
-    proj_fn = None if projections is None else projected_gradients(capture, projections, mask_fn=mask_fn)
-    kfac_fn = None if kfac_layers is None else kfac_batch_sums(capture, kfac_layers, mask_fn=mask_fn,
-                                                                dtype=stats_dtype)
+    proj_fn = (
+        None if projections is None else projected_gradients(capture, projections, mask_fn=mask_fn)
+    )
+    kfac_fn = (
+        None
+        if kfac_layers is None
+        else kfac_batch_sums(capture, kfac_layers, mask_fn=mask_fn, dtype=stats_dtype)
+    )
     dev_sharding = NamedSharding(mesh, P(axis))
 
     def _zeros(shape):
@@ -151,9 +157,11 @@ def sharded_logging(
         if proj_fn is not None:
             grads = proj_fn.jitted(params, batch, projs)
             if covariance:
+
                 def add(acc, g):
                     g = g.reshape(n, -1).astype(stats_dtype)
                     return acc + (g.T @ g)[None]
+
                 cov = {p: add(cov[p], grads[p]) for p in cov}
         kf = state.kfac
         if kfac_fn is not None:
@@ -164,7 +172,8 @@ def sharded_logging(
     @jax.jit
     def _step(state, params, batch, projs):
         f = jax.shard_map(
-            local_step, mesh=mesh,
+            local_step,
+            mesh=mesh,
             in_specs=(P(axis), P(), P(axis), P()),
             out_specs=(P(axis), P(axis)),
             # capture's custom-VJP taps build their zero bottlenecks inside the per-device
@@ -177,8 +186,9 @@ def sharded_logging(
     def step(state, params, batch):
         n = jax.tree.leaves(batch)[0].shape[0]
         if n % n_dev:
-            raise ValueError(f"batch size {n} is not divisible by the {n_dev} devices of mesh "
-                             f"axis {axis!r}")
+            raise ValueError(
+                f"batch size {n} is not divisible by the {n_dev} devices of mesh axis {axis!r}"
+            )
         return _step(state, params, batch, projections)
 
     def local_reduce(state):
@@ -192,8 +202,9 @@ def sharded_logging(
 
     @jax.jit
     def _finalize(state):
-        return jax.shard_map(local_reduce, mesh=mesh, in_specs=P(axis), out_specs=P(),
-                             check_vma=False)(state)
+        return jax.shard_map(
+            local_reduce, mesh=mesh, in_specs=P(axis), out_specs=P(), check_vma=False
+        )(state)
 
     def finalize(state) -> LoggingStatistics:
         s = _finalize(state)
@@ -216,7 +227,8 @@ def write_sharded(writer, grads: Mapping[str, jax.Array], ids: Sequence) -> int:
     Each addressable shard (one device's slice of the batch) is handed to ``writer.write_async``
     on its own, together with the matching slice of ``ids``; nothing is gathered onto one device.
     With ``LogWriter(..., statistics=False)`` (statistics come from the logging pass instead) the
-    writer packs and casts each shard's rows on its own device before the host copy. With several processes, each process passes its own writer
+    writer packs and casts each shard's rows on its own device before the host copy. With several
+    processes, each process passes its own writer
     (``writer_id`` = its process index) and the global ``ids`` of the batch.
 
     Returns:
@@ -245,10 +257,14 @@ def write_sharded(writer, grads: Mapping[str, jax.Array], ids: Sequence) -> int:
             sh.data.copy_to_host_async()  # all devices' transfers start before the first wait
     written = 0
     for start in starts:
-        part = {path: (by_layer[path][start].data if on_device
-                       else np.asarray(by_layer[path][start].data)) for path in grads}
+        part = {
+            path: (
+                by_layer[path][start].data if on_device else np.asarray(by_layer[path][start].data)
+            )
+            for path in grads
+        }
         n = next(iter(part.values())).shape[0]
-        writer.write_async(part, ids[start:start + n])
+        writer.write_async(part, ids[start : start + n])
         written += n
     return written
 
@@ -290,9 +306,16 @@ def _unique_shards(a):
     return out
 
 
-def log_sharded(logging: ShardedLogging, params, batches: Iterable, writer=None, *,
-                ids_fn: Callable[[Any], Sequence] | None = None, progress: bool = True,
-                total: int | None = None) -> LoggingStatistics:
+def log_sharded(
+    logging: ShardedLogging,
+    params,
+    batches: Iterable,
+    writer=None,
+    *,
+    ids_fn: Callable[[Any], Sequence] | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> LoggingStatistics:
     """Run a whole logging pass: step every batch, write its rows, reduce the statistics once.
 
     Args:
@@ -349,10 +372,15 @@ def _sharded_fns(mesh: Mesh, axis: str, layers: tuple, mode: str, k: int):
         bv, bi = merge(st.bot_v, st.bot_i, jnp.where(valid[None, :], -s, ninf), cols)
         return jax.tree.map(lambda v: v[None], _query._TopK(tv, ti, bv, bi))
 
-    step = jax.jit(jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(P(axis), P(axis), P(axis), P(axis), P(), P(), P()),
-        out_specs=P(axis), check_vma=False))
+    step = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(axis), P(axis), P(axis), P(axis), P(), P(), P()),
+            out_specs=P(axis),
+            check_vma=False,
+        )
+    )
 
     def local_merge(state):
         # the one collective of a query: gather every device's k candidates, keep the best k
@@ -360,19 +388,31 @@ def _sharded_fns(mesh: Mesh, axis: str, layers: tuple, mode: str, k: int):
         g = jax.lax.all_gather(st, axis, axis=1, tiled=True)  # [n_test, n_dev * k]
         tv, pos = jax.lax.top_k(g.top_v, k)
         bv, pos_b = jax.lax.top_k(g.bot_v, k)
-        return _query._TopK(tv, jnp.take_along_axis(g.top_i, pos, 1),
-                            bv, jnp.take_along_axis(g.bot_i, pos_b, 1))
+        return _query._TopK(
+            tv, jnp.take_along_axis(g.top_i, pos, 1), bv, jnp.take_along_axis(g.bot_i, pos_b, 1)
+        )
 
-    finish = jax.jit(jax.shard_map(local_merge, mesh=mesh, in_specs=P(axis), out_specs=P(),
-                                   check_vma=False))
+    finish = jax.jit(
+        jax.shard_map(local_merge, mesh=mesh, in_specs=P(axis), out_specs=P(), check_vma=False)
+    )
     return step, finish
 
 
-def sharded_query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mesh: Mesh,
-                  axis: str = "data", mode: str = "dot", top_k: int = 10,
-                  damping_ratio: float = 0.1, damping: float | Mapping[str, float] | None = None,
-                  chunk_rows: int | None = None, prefetch: int = 2,
-                  progress: bool = True) -> _query.QueryResult:
+def sharded_query(
+    log,
+    test_grads: Mapping[str, Any],
+    projection: Mapping,
+    *,
+    mesh: Mesh,
+    axis: str = "data",
+    mode: str = "dot",
+    top_k: int = 10,
+    damping_ratio: float = 0.1,
+    damping: float | Mapping[str, float] | None = None,
+    chunk_rows: int | None = None,
+    prefetch: int = 2,
+    progress: bool = True,
+) -> _query.QueryResult:
     """Like ``jaxinf.query`` (top-k only), with the log's rows scored on all devices of ``mesh``.
 
     Chunk ``j`` of the log (global row order) is scored by device ``j mod n_devices``; each
@@ -397,10 +437,12 @@ def sharded_query(log, test_grads: Mapping[str, Any], projection: Mapping, *, me
     n_dev = _axis_size(mesh, axis)
     chunk_rows = chunk_rows or _query._default_chunk_rows(log)
     k = min(top_k, log.num_rows)
-    pre = _query.preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio,
-                                damping=damping)
+    pre = _query.preconditioner(
+        log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping
+    )
     q, self_te = _query._prepare_test(
-        np.asarray(_store.pack_rows(test_grads, log.layers), np.float64), pre)
+        np.asarray(_store.pack_rows(test_grads, log.layers), np.float64), pre
+    )
     dt = _query._compute_dtype(log.dtype)
     idx_dt = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
     rep = NamedSharding(mesh, P())
@@ -408,13 +450,19 @@ def sharded_query(log, test_grads: Mapping[str, Any], projection: Mapping, *, me
     q_d = jax.device_put(jnp.asarray(q, dt), rep)
     whiten_d = jax.device_put([jnp.asarray(w, dt) for w in pre.whiten], rep)
     self_te_d = jax.device_put(jnp.asarray(self_te, dt), rep)
-    state = jax.device_put(_query._TopK(
-        jnp.full((n_dev, n_test, k), -jnp.inf, dt), jnp.full((n_dev, n_test, k), -1, idx_dt),
-        jnp.full((n_dev, n_test, k), -jnp.inf, dt), jnp.full((n_dev, n_test, k), -1, idx_dt)), dev)
+    state = jax.device_put(
+        _query._TopK(
+            jnp.full((n_dev, n_test, k), -jnp.inf, dt),
+            jnp.full((n_dev, n_test, k), -1, idx_dt),
+            jnp.full((n_dev, n_test, k), -jnp.inf, dt),
+            jnp.full((n_dev, n_test, k), -1, idx_dt),
+        ),
+        dev,
+    )
     step, finish = _sharded_fns(mesh, axis, tuple(log.layers), mode, k)
 
     plan = _query._plan(log, chunk_rows, [s.name for s in log.shards])
-    rounds = [plan[r:r + n_dev] for r in range(0, len(plan), n_dev)]
+    rounds = [plan[r : r + n_dev] for r in range(0, len(plan), n_dev)]
     devices = list(mesh.devices.reshape(-1))  # position i on the axis <-> device i
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
     storage = np.dtype(log.meta["storage_dtype"])
@@ -433,8 +481,9 @@ def sharded_query(log, test_grads: Mapping[str, Any], projection: Mapping, *, me
         r = next(it, None)
         if r is not None:
             pending.append(issue(r))
-    with tqdm(total=log.num_rows, desc=f"sharded query ({mode})", unit="row",
-              disable=not progress) as bar:
+    with tqdm(
+        total=log.num_rows, desc=f"sharded query ({mode})", unit="row", disable=not progress
+    ) as bar:
         while pending:
             reads = pending.popleft()
             r = next(it, None)
@@ -452,13 +501,13 @@ def sharded_query(log, test_grads: Mapping[str, Any], projection: Mapping, *, me
                 starts.append(jax.device_put(np.asarray([g], idx_dt), devices[i]))
                 valids.append(jax.device_put(np.asarray([n], np.int32), devices[i]))
             shape_chunk = (n_dev * chunk_rows, log.dim)
-            chunk = jax.make_array_from_single_device_arrays(
-                shape_chunk, dev, chunks)
+            chunk = jax.make_array_from_single_device_arrays(shape_chunk, dev, chunks)
             start = jax.make_array_from_single_device_arrays((n_dev,), dev, starts)
             valid = jax.make_array_from_single_device_arrays((n_dev,), dev, valids)
             state = step(state, chunk, start, valid, q_d, whiten_d, self_te_d)
     out = finish(state)
     ids = log.ids()
     top_i, bot_i = np.asarray(out.top_i), np.asarray(out.bot_i)
-    return _query.QueryResult(np.asarray(out.top_v), ids[top_i], top_i, -np.asarray(out.bot_v),
-                              ids[bot_i], bot_i, None)
+    return _query.QueryResult(
+        np.asarray(out.top_v), ids[top_i], top_i, -np.asarray(out.bot_v), ids[bot_i], bot_i, None
+    )

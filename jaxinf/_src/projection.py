@@ -16,12 +16,14 @@ ordered ``(window..., c_in)``, Embed tables ``[vocab, features]``). **Bias**: wh
 bias, a constant-1 input feature is appended as the *last* input feature, so ``n_in`` counts it
 and row ``n_in - 1`` of ``G`` is the bias gradient. Embeddings have no bias.
 """
+
 from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Mapping
 from functools import partial
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -14,11 +14,13 @@ while the device scores the current chunk; the running top-k (most positive and 
 negative) per query lives on the device and is merged chunk by chunk inside one jitted step,
 so the host never waits on a score except at the end.
 """
+
 from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,13 @@ class Preconditioner(NamedTuple):
     damping: dict  # {layer_path: λ_l}
 
 
-def preconditioner(statistics: Mapping[str, Any], layers: Sequence, *, damping_ratio: float = 0.1,
-                   damping: float | Mapping[str, float] | None = None) -> Preconditioner:
+def preconditioner(
+    statistics: Mapping[str, Any],
+    layers: Sequence,
+    *,
+    damping_ratio: float = 0.1,
+    damping: float | Mapping[str, float] | None = None,
+) -> Preconditioner:
     """Build the damped inverse-Fisher whitening from per-layer statistics.
 
     Args:
@@ -63,8 +70,10 @@ def preconditioner(statistics: Mapping[str, Any], layers: Sequence, *, damping_r
         else:
             cov = np.asarray(st, np.float64)
             if cov.shape != (l.dim, l.dim):
-                raise ValueError(f"covariance of layer {l.path!r} has shape {cov.shape}, "
-                                 f"expected {(l.dim, l.dim)}")
+                raise ValueError(
+                    f"covariance of layer {l.path!r} has shape {cov.shape}, "
+                    f"expected {(l.dim, l.dim)}"
+                )
             evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
         evals = np.maximum(np.asarray(evals, np.float64), 0.0)  # round-off can leave tiny negatives
         if damping is None:
@@ -76,8 +85,10 @@ def preconditioner(statistics: Mapping[str, Any], layers: Sequence, *, damping_r
         else:
             lam = float(damping)
         if not lam > 0:
-            raise ValueError(f"damping of layer {l.path!r} is {lam}; it must be > 0 "
-                             "(all-zero gradients with a ratio damping give 0)")
+            raise ValueError(
+                f"damping of layer {l.path!r} is {lam}; it must be > 0 "
+                "(all-zero gradients with a ratio damping give 0)"
+            )
         lams[l.path] = lam
         whiten.append(np.asarray(evecs, np.float64) / np.sqrt(evals + lam)[None, :])
     return Preconditioner(list(layers), whiten, lams)
@@ -92,8 +103,8 @@ def _prepare_test(test_rows: np.ndarray, pre: Preconditioner):
     q = np.empty_like(test_rows, dtype=np.float64)
     self_te = np.zeros(test_rows.shape[0], np.float64)
     for l, w in zip(pre.layers, pre.whiten):
-        u = test_rows[:, l.offset:l.offset + l.dim] @ w
-        q[:, l.offset:l.offset + l.dim] = u @ w.T
+        u = test_rows[:, l.offset : l.offset + l.dim] @ w
+        q[:, l.offset : l.offset + l.dim] = u @ w.T
         self_te += np.sum(u * u, axis=1)
     return q, self_te
 
@@ -102,7 +113,7 @@ def _self_train(x, whiten, layers):
     """Self-influence of rows ``x`` [C, D] (traced)."""
     out = 0.0
     for l, w in zip(layers, whiten):
-        z = x[:, l.offset:l.offset + l.dim] @ w
+        z = x[:, l.offset : l.offset + l.dim] @ w
         out = out + jnp.sum(z * z, axis=1)
     return out
 
@@ -172,7 +183,9 @@ class QueryResult(NamedTuple):
 def _check_query(log, test_grads, projection) -> int:
     diffs = _store.diff_metadata(log.projection, _store._json_roundtrip(projection, "projection"))
     if diffs:
-        raise ValueError(f"query projection differs from the log at {log.path}: " + "; ".join(diffs))
+        raise ValueError(
+            f"query projection differs from the log at {log.path}: " + "; ".join(diffs)
+        )
     return _store.check_grads(test_grads, log.layers, "test_grads")
 
 
@@ -218,13 +231,15 @@ class _Reader:
     the buffer is reused only after that value is ready.
     """
 
-    def __init__(self, log, chunk_rows: int, prefetch: int, progress: bool, desc: str,
-                 shards: Sequence[str]):
+    def __init__(
+        self, log, chunk_rows: int, prefetch: int, progress: bool, desc: str, shards: Sequence[str]
+    ):
         self.log, self.chunk_rows, self.shards = log, chunk_rows, shards
         self.prefetch = max(1, prefetch)
         storage = np.dtype(log.meta["storage_dtype"])
-        self.buffers = [_store._aligned_empty((chunk_rows, log.dim), storage)
-                        for _ in range(self.prefetch + 2)]
+        self.buffers = [
+            _store._aligned_empty((chunk_rows, log.dim), storage) for _ in range(self.prefetch + 2)
+        ]
         self.busy = [None] * len(self.buffers)
         total = sum(s.rows for s in log.shards if s.name in shards)
         self.bar = tqdm(total=total, desc=desc, unit="row", disable=not progress)
@@ -267,11 +282,21 @@ class _Reader:
             self.bar.close()
 
 
-def query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mode: str = "dot",
-          top_k: int = 10, damping_ratio: float = 0.1,
-          damping: float | Mapping[str, float] | None = None, chunk_rows: int | None = None,
-          prefetch: int = 2, out: str | None = None, shards: Sequence[str] | None = None,
-          progress: bool = True) -> QueryResult:
+def query(
+    log,
+    test_grads: Mapping[str, Any],
+    projection: Mapping,
+    *,
+    mode: str = "dot",
+    top_k: int = 10,
+    damping_ratio: float = 0.1,
+    damping: float | Mapping[str, float] | None = None,
+    chunk_rows: int | None = None,
+    prefetch: int = 2,
+    out: str | None = None,
+    shards: Sequence[str] | None = None,
+    progress: bool = True,
+) -> QueryResult:
     """Score test gradients against every committed row of a log.
 
     Args:
@@ -295,8 +320,10 @@ def query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mode: str 
     if isinstance(log, str):
         log = _store.open_log(log)
     if mode not in ("dot", "cosine", "relatif"):
-        raise ValueError(f"mode must be 'dot', 'cosine' or 'relatif' (use self_influence() for "
-                         f"'self'), got {mode!r}")
+        raise ValueError(
+            f"mode must be 'dot', 'cosine' or 'relatif' (use self_influence() for "
+            f"'self'), got {mode!r}"
+        )
     n_test = _check_query(log, test_grads, projection)
     if log.num_rows == 0:
         raise ValueError(f"log {log.path} has no committed rows")
@@ -305,8 +332,9 @@ def query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mode: str 
     chunk_rows = chunk_rows or _default_chunk_rows(log)
     shards = _select_shards(log, shards)
     if out is not None and len(shards) != len(log.shards):
-        raise ValueError("out= (the full score matrix) needs a query over all shards; "
-                         "got shards=" + repr(shards))
+        raise ValueError(
+            "out= (the full score matrix) needs a query over all shards; got shards=" + repr(shards)
+        )
     n_rows = sum(s.rows for s in log.shards if s.name in shards)
     if n_rows == 0:
         raise ValueError(f"shards {shards} of {log.path} have no committed rows")
@@ -319,28 +347,34 @@ def query(log, test_grads: Mapping[str, Any], projection: Mapping, *, mode: str 
     whiten_d = [jnp.asarray(w, dt) for w in pre.whiten]
     self_te_d = jnp.asarray(self_te, dt)
     idx_dt = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-    state = _TopK(jnp.full((n_test, k), -jnp.inf, dt), jnp.full((n_test, k), -1, idx_dt),
-                  jnp.full((n_test, k), -jnp.inf, dt), jnp.full((n_test, k), -1, idx_dt))
+    state = _TopK(
+        jnp.full((n_test, k), -jnp.inf, dt),
+        jnp.full((n_test, k), -1, idx_dt),
+        jnp.full((n_test, k), -jnp.inf, dt),
+        jnp.full((n_test, k), -1, idx_dt),
+    )
     step = _step_fn(tuple(log.layers), mode, k, out is not None)
     writes = collections.deque()
     scores_arr = None
     if out is not None:
-        scores_arr = _store._create_array(out, (n_test, log.num_rows), (n_test, chunk_rows),
-                                          np.dtype(dt).str)
+        scores_arr = _store._create_array(
+            out, (n_test, log.num_rows), (n_test, chunk_rows), np.dtype(dt).str
+        )
     reader = _Reader(log, chunk_rows, prefetch, progress, f"query ({mode})", shards)
     for slot, chunk, n, g in reader:
         state, s = step(state, chunk, g, n, q_d, whiten_d, self_te_d)
         reader.release(slot, state)
         if scores_arr is not None:
-            writes.append(scores_arr[:, g:g + n].write(np.asarray(s)[:, :n]))
+            writes.append(scores_arr[:, g : g + n].write(np.asarray(s)[:, :n]))
             while len(writes) > prefetch:
                 writes.popleft().result()
     for w in writes:
         w.result()
     ids = log.ids()
     top_i, bot_i = np.asarray(state.top_i), np.asarray(state.bot_i)
-    return QueryResult(np.asarray(state.top_v), ids[top_i], top_i, -np.asarray(state.bot_v),
-                       ids[bot_i], bot_i, out)
+    return QueryResult(
+        np.asarray(state.top_v), ids[top_i], top_i, -np.asarray(state.bot_v), ids[bot_i], bot_i, out
+    )
 
 
 def merge_results(results: Sequence[QueryResult], top_k: int | None = None) -> QueryResult:
@@ -360,10 +394,18 @@ def merge_results(results: Sequence[QueryResult], top_k: int | None = None) -> Q
         order = np.lexsort((rows, -sign * scores), axis=1)[:, :k]
         return tuple(np.take_along_axis(x, order, 1) for x in (scores, ids, rows))
 
-    top = pick([r.top_scores for r in results], [r.top_ids for r in results],
-               [r.top_rows for r in results], 1.0)
-    bot = pick([r.bottom_scores for r in results], [r.bottom_ids for r in results],
-               [r.bottom_rows for r in results], -1.0)
+    top = pick(
+        [r.top_scores for r in results],
+        [r.top_ids for r in results],
+        [r.top_rows for r in results],
+        1.0,
+    )
+    bot = pick(
+        [r.bottom_scores for r in results],
+        [r.bottom_ids for r in results],
+        [r.bottom_rows for r in results],
+        -1.0,
+    )
     return QueryResult(*top, *bot, None)
 
 
@@ -372,10 +414,15 @@ class SelfInfluence(NamedTuple):
     ids: np.ndarray  # [n_rows]
 
 
-def self_influence(log, *, damping_ratio: float = 0.1,
-                   damping: float | Mapping[str, float] | None = None,
-                   chunk_rows: int | None = None, prefetch: int = 2,
-                   progress: bool = True) -> SelfInfluence:
+def self_influence(
+    log,
+    *,
+    damping_ratio: float = 0.1,
+    damping: float | Mapping[str, float] | None = None,
+    chunk_rows: int | None = None,
+    prefetch: int = 2,
+    progress: bool = True,
+) -> SelfInfluence:
     """Self-influence ``g^T (F + λI)^-1 g`` of every logged row, streamed."""
     if isinstance(log, str):
         log = _store.open_log(log)
@@ -387,9 +434,10 @@ def self_influence(log, *, damping_ratio: float = 0.1,
     whiten_d = [jnp.asarray(w, dt) for w in pre.whiten]
     fn = _self_fn(tuple(log.layers), jnp.dtype(dt).name)
     parts = []
-    reader = _Reader(log, chunk_rows, prefetch, progress, "self-influence",
-                     _select_shards(log, None))
-    for slot, chunk, n, g in reader:
+    reader = _Reader(
+        log, chunk_rows, prefetch, progress, "self-influence", _select_shards(log, None)
+    )
+    for slot, chunk, n, _g in reader:
         out = fn(chunk, whiten_d)
         reader.release(slot, out)
         parts.append((out, n))
@@ -397,10 +445,15 @@ def self_influence(log, *, damping_ratio: float = 0.1,
     return SelfInfluence(scores, log.ids())
 
 
-def influence_scores(train_grads: Mapping[str, Any], test_grads: Mapping[str, Any] | None = None,
-                     *, mode: str = "dot", covariance: Mapping[str, Any] | None = None,
-                     damping_ratio: float = 0.1,
-                     damping: float | Mapping[str, float] | None = None) -> jax.Array:
+def influence_scores(
+    train_grads: Mapping[str, Any],
+    test_grads: Mapping[str, Any] | None = None,
+    *,
+    mode: str = "dot",
+    covariance: Mapping[str, Any] | None = None,
+    damping_ratio: float = 0.1,
+    damping: float | Mapping[str, float] | None = None,
+) -> jax.Array:
     """In-memory influence scores (no log): the dense counterpart of ``query``.
 
     Args:

@@ -3,9 +3,11 @@
 Like an optax transform, an accumulator is a NamedTuple of pure functions over a state pytree,
 so it runs inside ``jax.jit`` and composes with any loop over batches.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,11 +114,16 @@ def kfac_factors(capture, layers, *, mask_fn=None, dtype=jnp.float32) -> Accumul
     layers = dict(layers)
 
     def init(_=None):
-        return KFACState({
-            p: (jnp.zeros((s.n_in, s.n_in), dtype), jnp.zeros((s.n_out, s.n_out), dtype),
-                jnp.zeros((), dtype))
-            for p, s in layers.items()
-        })
+        return KFACState(
+            {
+                p: (
+                    jnp.zeros((s.n_in, s.n_in), dtype),
+                    jnp.zeros((s.n_out, s.n_out), dtype),
+                    jnp.zeros((), dtype),
+                )
+                for p, s in layers.items()
+            }
+        )
 
     def update(state, params_and_batch):
         params, batch = params_and_batch

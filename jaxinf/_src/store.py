@@ -33,6 +33,7 @@ prefix of rows have completed. A killed writer leaves a log whose committed rows
 intact; reopening the same ``writer_id`` resumes after them. Each process writes its own
 shard (``writer_id``); a reader sees the committed rows of every shard.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,7 +42,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +115,7 @@ def _aligned_empty(shape, dtype) -> np.ndarray:
     n = int(np.prod(shape)) * dtype.itemsize
     raw = np.zeros(n + 64, np.uint8)
     off = (-raw.ctypes.data) % 64
-    return raw[off:off + n].view(dtype).reshape(shape)
+    return raw[off : off + n].view(dtype).reshape(shape)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -204,7 +206,9 @@ class LayerInfo(NamedTuple):
 
 
 def _layers_from_meta(meta: Mapping) -> list[LayerInfo]:
-    return [LayerInfo(l["path"], l["k_out"], l["k_in"], l["offset"], l["dim"]) for l in meta["layers"]]
+    return [
+        LayerInfo(l["path"], l["k_out"], l["k_in"], l["offset"], l["dim"]) for l in meta["layers"]
+    ]
 
 
 def layers_from_grads(grads: Mapping[str, Any]) -> list[LayerInfo]:
@@ -229,21 +233,26 @@ def check_grads(grads: Mapping[str, Any], layers: Sequence[LayerInfo], what: str
     want = {l.path for l in layers}
     if set(grads) != want:
         missing, extra = sorted(want - set(grads)), sorted(set(grads) - want)
-        raise ValueError(f"{what}: layers differ from the log's: missing {missing}, unexpected {extra}")
+        raise ValueError(
+            f"{what}: layers differ from the log's: missing {missing}, unexpected {extra}"
+        )
     n = None
     for l in layers:
         g = grads[l.path]
         shape = tuple(np.shape(g))
         if len(shape) != 3 or shape[1:] != (l.k_out, l.k_in):
             raise ValueError(
-                f"{what}[{l.path!r}] has shape {shape}; the log has [batch, {l.k_out}, {l.k_in}]")
+                f"{what}[{l.path!r}] has shape {shape}; the log has [batch, {l.k_out}, {l.k_in}]"
+            )
         dt = np.asarray(g).dtype if not hasattr(g, "dtype") else g.dtype
         if not jnp.issubdtype(dt, jnp.floating):
             raise TypeError(f"{what}[{l.path!r}] must be floating point, got dtype {dt}")
         if n is None:
             n = shape[0]
         elif shape[0] != n:
-            raise ValueError(f"{what}: layers have different batch sizes ({n} and {shape[0]} at {l.path!r})")
+            raise ValueError(
+                f"{what}: layers have different batch sizes ({n} and {shape[0]} at {l.path!r})"
+            )
     return int(n)
 
 
@@ -254,13 +263,17 @@ def check_projection_layers(projection: Mapping, layers: Sequence[LayerInfo], wh
         return
     for l in layers:
         if l.path not in listed:
-            raise ValueError(f"{what}: layer {l.path!r} is not in the projection metadata's layers "
-                             f"{sorted(listed)}")
+            raise ValueError(
+                f"{what}: layer {l.path!r} is not in the projection metadata's layers "
+                f"{sorted(listed)}"
+            )
         info = listed[l.path]
         for key, got in (("k_out", l.k_out), ("k_in", l.k_in)):
             if isinstance(info, Mapping) and key in info and info[key] != got:
-                raise ValueError(f"{what}[{l.path!r}]: {key} is {got} but the projection metadata "
-                                 f"says {info[key]}")
+                raise ValueError(
+                    f"{what}[{l.path!r}]: {key} is {got} but the projection metadata "
+                    f"says {info[key]}"
+                )
 
 
 def pack_rows(grads: Mapping[str, Any], layers: Sequence[LayerInfo], dtype=None) -> jax.Array:
@@ -271,7 +284,9 @@ def pack_rows(grads: Mapping[str, Any], layers: Sequence[LayerInfo], dtype=None)
     return rows if dtype is None else rows.astype(dtype)
 
 
-def _normalize_ids(ids: Any, n: int, kind: str | None, max_bytes: int) -> tuple[np.ndarray, list, str]:
+def _normalize_ids(
+    ids: Any, n: int, kind: str | None, max_bytes: int
+) -> tuple[np.ndarray, list, str]:
     """Return (storage array, python keys, kind)."""
     ids = list(np.asarray(ids).tolist()) if not isinstance(ids, (list, tuple)) else list(ids)
     if len(ids) != n:
@@ -291,9 +306,13 @@ def _normalize_ids(ids: Any, n: int, kind: str | None, max_bytes: int) -> tuple[
     enc = [i if isinstance(i, bytes) else i.encode("utf-8") for i in ids]
     for e in enc:
         if len(e) > max_bytes:
-            raise ValueError(f"id {e[:40]!r}... is {len(e)} bytes; this log stores at most {max_bytes}")
+            raise ValueError(
+                f"id {e[:40]!r}... is {len(e)} bytes; this log stores at most {max_bytes}"
+            )
         if e.endswith(b"\0"):
-            raise ValueError(f"id {e!r} ends with a NUL byte, which fixed-width storage would strip")
+            raise ValueError(
+                f"id {e!r} ends with a NUL byte, which fixed-width storage would strip"
+            )
     keys = [e.decode("utf-8") for e in enc]
     return np.asarray(enc, dtype=f"S{max_bytes}"), keys, kind
 
@@ -334,10 +353,14 @@ def _load_metadata(path: str) -> dict:
         raise ValueError(f"{path} is not a jaxinf log: missing {METADATA_FILE}")
     meta = _read_json(mpath, "log metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{mpath} is not jaxinf log metadata (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise ValueError(
+            f"{mpath} is not jaxinf log metadata (format={meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{mpath}: unsupported format_version {meta.get('format_version')!r} "
-                         f"(this library reads {FORMAT_VERSION})")
+        raise ValueError(
+            f"{mpath}: unsupported format_version {meta.get('format_version')!r} "
+            f"(this library reads {FORMAT_VERSION})"
+        )
     for key in ("dtype", "storage_dtype", "dim", "layers", "ids", "chunk_rows", "projection"):
         if key not in meta:
             raise ValueError(f"{mpath}: missing key {key!r} (truncated metadata)")
@@ -359,7 +382,9 @@ def _shard_names(path: str) -> list[str]:
     d = os.path.join(path, "shards")
     if not os.path.isdir(d):
         return []
-    return sorted(s for s in os.listdir(d) if _WRITER_ID.match(s) and os.path.isdir(os.path.join(d, s)))
+    return sorted(
+        s for s in os.listdir(d) if _WRITER_ID.match(s) and os.path.isdir(os.path.join(d, s))
+    )
 
 
 def _committed_rows(shard_dir: str) -> int:
@@ -379,8 +404,10 @@ def _check_chunks_present(array_dir: str, rows: int, chunk_rows: int, ndim: int,
     names = set(os.listdir(array_dir)) if os.path.isdir(array_dir) else set()
     for c in range(n_chunks):
         if f"{c}{suffix}" not in names:
-            raise ValueError(f"{what}: chunk {c}{suffix} of {array_dir} is missing but rows up to "
-                             f"{rows} are committed (truncated log)")
+            raise ValueError(
+                f"{what}: chunk {c}{suffix} of {array_dir} is missing but rows up to "
+                f"{rows} are committed (truncated log)"
+            )
 
 
 # ----------------------------------------------------------------------------- statistics helpers
@@ -394,8 +421,9 @@ def _acc_rows(state, rows, keep, layers):
     """Add ``sum g g^T`` of packed rows [b, D] (rows with keep=0 add nothing) per layer."""
     dt = jax.tree.leaves(state.sum_outer)[0].dtype
     x = rows.astype(dt) * keep.astype(dt)[:, None]
-    return _ACC.update(state, {f"layer_{i}": x[:, l.offset:l.offset + l.dim]
-                               for i, l in enumerate(layers)})
+    return _ACC.update(
+        state, {f"layer_{i}": x[:, l.offset : l.offset + l.dim] for i, l in enumerate(layers)}
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("layers", "dtype"))
@@ -421,8 +449,10 @@ def _fisher_sums_from_disk(grads_arr, rows: int, layers, log_dtype: str, chunk_r
 
 def _save_fisher(shard_dir: str, state, rows: int, layers) -> None:
     for i in range(len(layers)):
-        _write_array(os.path.join(shard_dir, "fisher", f"layer_{i}"),
-                     np.asarray(state.sum_outer[f"layer_{i}"], np.float64))
+        _write_array(
+            os.path.join(shard_dir, "fisher", f"layer_{i}"),
+            np.asarray(state.sum_outer[f"layer_{i}"], np.float64),
+        )
     _atomic_write_json(os.path.join(shard_dir, "fisher.json"), {"rows": int(rows)})
 
 
@@ -431,8 +461,10 @@ def _load_fisher(shard_dir: str, layers) -> tuple[int, list[np.ndarray]] | None:
     if not os.path.exists(p):
         return None
     rows = _read_json(p, "shard Fisher record")["rows"]
-    sums = [_read_array(os.path.join(shard_dir, "fisher", f"layer_{i}"), "shard Fisher sums")
-            for i in range(len(layers))]
+    sums = [
+        _read_array(os.path.join(shard_dir, "fisher", f"layer_{i}"), "shard Fisher sums")
+        for i in range(len(layers))
+    ]
     return rows, sums
 
 
@@ -447,7 +479,7 @@ class _Pending(NamedTuple):
 class WriteHandle:
     """Completion handle of ``write_async``: ``result()`` waits until the batch's rows are committed."""
 
-    def __init__(self, writer: "LogWriter", stop: int):
+    def __init__(self, writer: LogWriter, stop: int):
         self._writer, self._stop = writer, stop
 
     def done(self) -> bool:
@@ -485,9 +517,19 @@ class LogWriter:
                 w.write_async(capture(batch), ids=batch["id"])
     """
 
-    def __init__(self, path: str, projection: Mapping, *, dtype: str = "float32",
-                 writer_id: str | None = None, chunk_rows: int | None = None, max_in_flight: int = 4,
-                 on_duplicate: str = "error", max_id_bytes: int = 64, statistics: bool = True):
+    def __init__(
+        self,
+        path: str,
+        projection: Mapping,
+        *,
+        dtype: str = "float32",
+        writer_id: str | None = None,
+        chunk_rows: int | None = None,
+        max_in_flight: int = 4,
+        on_duplicate: str = "error",
+        max_id_bytes: int = 64,
+        statistics: bool = True,
+    ):
         if writer_id is None:
             writer_id = str(jax.process_index())
         if dtype not in _DTYPES:
@@ -513,23 +555,31 @@ class LogWriter:
         self._ids_seen: set = set()
         if os.path.exists(os.path.join(self.path, METADATA_FILE)):
             self._attach(_load_metadata(self.path))
-        elif os.path.exists(self.path) and os.listdir(self.path) and not os.path.isdir(
-                os.path.join(self.path, "shards")):
+        elif (
+            os.path.exists(self.path)
+            and os.listdir(self.path)
+            and not os.path.isdir(os.path.join(self.path, "shards"))
+        ):
             raise ValueError(f"{self.path} exists, is not empty and is not a jaxinf log")
 
     # -- setup
 
     def _check_compatible(self, meta: dict) -> None:
         if meta["dtype"] != self.dtype:
-            raise ValueError(f"dtype mismatch: the log at {self.path} stores {meta['dtype']}, "
-                             f"this writer was asked for {self.dtype}")
+            raise ValueError(
+                f"dtype mismatch: the log at {self.path} stores {meta['dtype']}, "
+                f"this writer was asked for {self.dtype}"
+            )
         diffs = diff_metadata(meta["projection"], self.projection)
         if diffs:
-            raise ValueError(f"projection metadata differs from the log at {self.path}: "
-                             + "; ".join(diffs))
+            raise ValueError(
+                f"projection metadata differs from the log at {self.path}: " + "; ".join(diffs)
+            )
         if self._chunk_rows_arg is not None and self._chunk_rows_arg != meta["chunk_rows"]:
-            raise ValueError(f"chunk_rows mismatch: the log uses {meta['chunk_rows']}, "
-                             f"this writer was asked for {self._chunk_rows_arg}")
+            raise ValueError(
+                f"chunk_rows mismatch: the log uses {meta['chunk_rows']}, "
+                f"this writer was asked for {self._chunk_rows_arg}"
+            )
 
     def _attach(self, meta: dict) -> None:
         """Open (or create) this writer's shard of an existing log, resuming after committed rows."""
@@ -545,31 +595,42 @@ class LogWriter:
                 sd = os.path.join(self.path, "shards", name)
                 n = _committed_rows(sd)
                 if n:
-                    ids = _ids_from_storage(_open_array(os.path.join(sd, "ids"), "log ids")[:n].read().result(),
-                                            self._id_kind)
+                    ids = _ids_from_storage(
+                        _open_array(os.path.join(sd, "ids"), "log ids")[:n].read().result(),
+                        self._id_kind,
+                    )
                     self._ids_seen.update(ids.tolist())
         gdir, idir = os.path.join(self._shard_dir, "grads"), os.path.join(self._shard_dir, "ids")
         if os.path.exists(os.path.join(gdir, ".zarray")):
             self._grads = _open_array(gdir, "shard grads")
             self._ids = _open_array(idir, "shard ids")
             self.committed_rows = _committed_rows(self._shard_dir)
-            if self._grads.shape[0] < self.committed_rows or self._ids.shape[0] < self.committed_rows:
-                raise ValueError(f"shard {self._shard_dir}: arrays shorter than the committed "
-                                 f"{self.committed_rows} rows (truncated log)")
+            if (
+                self._grads.shape[0] < self.committed_rows
+                or self._ids.shape[0] < self.committed_rows
+            ):
+                raise ValueError(
+                    f"shard {self._shard_dir}: arrays shorter than the committed "
+                    f"{self.committed_rows} rows (truncated log)"
+                )
             _check_chunks_present(gdir, self.committed_rows, self.chunk_rows, 2, "shard grads")
             if self.committed_rows:
-                ids = _ids_from_storage(self._ids[: self.committed_rows].read().result(), self._id_kind)
+                ids = _ids_from_storage(
+                    self._ids[: self.committed_rows].read().result(), self._id_kind
+                )
                 self._ids_seen.update(ids.tolist())
         else:
             os.makedirs(self._shard_dir, exist_ok=True)
             cap = self.chunk_rows
-            self._grads = _create_array(gdir, (cap, self.dim), (self.chunk_rows, self.dim),
-                                        meta["storage_dtype"])
+            self._grads = _create_array(
+                gdir, (cap, self.dim), (self.chunk_rows, self.dim), meta["storage_dtype"]
+            )
             if self._id_kind == "int":
                 self._ids = _create_array(idir, (cap,), (self.chunk_rows,), "<i8")
             else:
-                self._ids = _create_array(idir, (cap, self._max_id_bytes),
-                                          (self.chunk_rows, self._max_id_bytes), "|u1")
+                self._ids = _create_array(
+                    idir, (cap, self._max_id_bytes), (self.chunk_rows, self._max_id_bytes), "|u1"
+                )
             self.committed_rows = 0
             _atomic_write_json(os.path.join(self._shard_dir, "committed.json"), {"rows": 0})
         self._next_row = self.committed_rows  # first row of the chunk being filled
@@ -578,8 +639,12 @@ class LogWriter:
         # out. Fresh multi-MB arrays per chunk cost more in page faults than the copy itself.
         n_slots = self.max_in_flight + 1
         storage = np.dtype(meta["storage_dtype"])
-        self._ring_rows = [_aligned_empty((self.chunk_rows, self.dim), storage) for _ in range(n_slots)]
-        id_shape = (self.chunk_rows,) if self._id_kind == "int" else (self.chunk_rows, self._max_id_bytes)
+        self._ring_rows = [
+            _aligned_empty((self.chunk_rows, self.dim), storage) for _ in range(n_slots)
+        ]
+        id_shape = (
+            (self.chunk_rows,) if self._id_kind == "int" else (self.chunk_rows, self._max_id_bytes)
+        )
         id_dtype = np.int64 if self._id_kind == "int" else np.uint8
         self._ring_ids = [np.zeros(id_shape, id_dtype) for _ in range(n_slots)]
         self._ring_busy: list = [None] * n_slots  # futures: tensorstore has copied the buffer
@@ -590,23 +655,28 @@ class LogWriter:
             dt = _acc_dtype(self.dtype)
             cached = _load_fisher(self._shard_dir, self.layers)
             if cached is not None and cached[0] == self.committed_rows:
-                self._acc_state = _ACC.init({f"layer_{i}": jnp.zeros((1, l.dim), dt)
-                                             for i, l in enumerate(self.layers)})
+                self._acc_state = _ACC.init(
+                    {f"layer_{i}": jnp.zeros((1, l.dim), dt) for i, l in enumerate(self.layers)}
+                )
                 self._acc_state = self._acc_state._replace(
                     sum_outer={f"layer_{i}": jnp.asarray(s, dt) for i, s in enumerate(cached[1])},
-                    count=jnp.asarray(cached[0], jnp.int32))
+                    count=jnp.asarray(cached[0], jnp.int32),
+                )
             else:  # killed before the cache was saved: recompute from the committed rows
-                self._acc_state = _fisher_sums_from_disk(self._grads, self.committed_rows,
-                                                         self.layers, self.dtype, self.chunk_rows)
+                self._acc_state = _fisher_sums_from_disk(
+                    self._grads, self.committed_rows, self.layers, self.dtype, self.chunk_rows
+                )
 
     def _create(self, grads: Mapping, ids_kind: str) -> None:
         layers = layers_from_grads(grads)
         check_projection_layers(self.projection, layers, "grads")
         dim = sum(l.dim for l in layers)
         chunk_rows = self._chunk_rows_arg or max(
-            1, _TARGET_CHUNK_BYTES // (dim * _DTYPES[self.dtype][1].itemsize))
-        meta = _new_metadata(layers, self.projection, self.dtype, chunk_rows, ids_kind,
-                             self._max_id_bytes)
+            1, _TARGET_CHUNK_BYTES // (dim * _DTYPES[self.dtype][1].itemsize)
+        )
+        meta = _new_metadata(
+            layers, self.projection, self.dtype, chunk_rows, ids_kind, self._max_id_bytes
+        )
         os.makedirs(os.path.join(self.path, "shards"), exist_ok=True)
         _create_json_exclusive(os.path.join(self.path, METADATA_FILE), meta)
         # another writer may have won the race: attach to whatever is on disk, after checking it
@@ -624,8 +694,9 @@ class LogWriter:
 
     def _raise_if_failed(self):
         if self._error is not None:
-            raise RuntimeError(f"log writer for {self._shard_dir} failed earlier: {self._error!r}") \
-                from self._error
+            raise RuntimeError(
+                f"log writer for {self._shard_dir} failed earlier: {self._error!r}"
+            ) from self._error
         if self._closed:
             raise ValueError(f"log writer for {self.path} is closed")
 
@@ -655,8 +726,10 @@ class LogWriter:
         keep = np.asarray([k not in self._ids_seen for k in keys], bool)
         if not keep.all() and self.on_duplicate == "error":
             dup = [k for k, m in zip(keys, keep) if not m][:5]
-            raise ValueError(f"data ids already in the log {self.path}: {dup} "
-                             "(use on_duplicate='skip' to resume an interrupted run)")
+            raise ValueError(
+                f"data ids already in the log {self.path}: {dup} "
+                "(use on_duplicate='skip' to resume an interrupted run)"
+            )
         try:
             if not keep.any():
                 return WriteHandle(self, self.committed_rows)
@@ -668,8 +741,10 @@ class LogWriter:
                 host, id_arr = host[keep], id_arr[keep]
                 keys = [k for k, m in zip(keys, keep) if m]
             self._ids_seen.update(keys)
-            self._append(_storage(host, self.dtype),
-                         _ids_to_storage(id_arr, self._id_kind, self._max_id_bytes))
+            self._append(
+                _storage(host, self.dtype),
+                _ids_to_storage(id_arr, self._id_kind, self._max_id_bytes),
+            )
             self._reap(block=False)
         except BaseException as e:
             self._error = e
@@ -684,8 +759,8 @@ class LogWriter:
             # after a resume or a flush)
             target = self.chunk_rows - self._next_row % self.chunk_rows
             take = min(target - self._fill, len(rows) - i)
-            self._ring_rows[self._slot][self._fill:self._fill + take] = rows[i:i + take]
-            self._ring_ids[self._slot][self._fill:self._fill + take] = ids[i:i + take]
+            self._ring_rows[self._slot][self._fill : self._fill + take] = rows[i : i + take]
+            self._ring_ids[self._slot][self._fill : self._fill + take] = ids[i : i + take]
             self._fill += take
             i += take
             if self._fill == target:
@@ -699,8 +774,9 @@ class LogWriter:
             cap = max(stop, 2 * self._grads.shape[0])
             cap = -(-cap // self.chunk_rows) * self.chunk_rows
             self._grads = self._grads.resize(exclusive_max=[cap, None], expand_only=True).result()
-            self._ids = self._ids.resize(exclusive_max=[cap] + [None] * (self._ids.rank - 1),
-                                         expand_only=True).result()
+            self._ids = self._ids.resize(
+                exclusive_max=[cap] + [None] * (self._ids.rank - 1), expand_only=True
+            ).result()
         f1 = self._grads[start:stop].write(self._ring_rows[self._slot][:count])
         f2 = self._ids[start:stop].write(self._ring_ids[self._slot][:count])
         self._pending.append(_Pending(stop, [f1.commit, f2.commit]))
@@ -735,8 +811,9 @@ class LogWriter:
             raise
         finally:
             if advanced:
-                _atomic_write_json(os.path.join(self._shard_dir, "committed.json"),
-                                   {"rows": self.committed_rows})
+                _atomic_write_json(
+                    os.path.join(self._shard_dir, "committed.json"), {"rows": self.committed_rows}
+                )
 
     def flush(self, upto: int | None = None) -> None:
         """Write buffered rows (a partial last chunk too) and wait until they are committed."""
@@ -762,9 +839,12 @@ class LogWriter:
                 _save_fisher(self._shard_dir, self._acc_state, self.committed_rows, self.layers)
             cap = -(-max(self.committed_rows, 1) // self.chunk_rows) * self.chunk_rows
             if cap < self._grads.shape[0]:
-                self._grads = self._grads.resize(exclusive_max=[cap, None], shrink_only=True).result()
-                self._ids = self._ids.resize(exclusive_max=[cap] + [None] * (self._ids.rank - 1),
-                                             shrink_only=True).result()
+                self._grads = self._grads.resize(
+                    exclusive_max=[cap, None], shrink_only=True
+                ).result()
+                self._ids = self._ids.resize(
+                    exclusive_max=[cap] + [None] * (self._ids.rank - 1), shrink_only=True
+                ).result()
         self._closed = True
 
     def __enter__(self):
@@ -821,14 +901,21 @@ class Log:
 
     def ids(self) -> np.ndarray:
         """Data ids of all committed rows, shard by shard (the global row order)."""
-        parts = [_ids_from_storage(s.ids[: s.rows].read().result(), self.meta["ids"]["kind"])
-                 for s in self.shards]
+        parts = [
+            _ids_from_storage(s.ids[: s.rows].read().result(), self.meta["ids"]["kind"])
+            for s in self.shards
+        ]
         if not parts:
             return np.zeros((0,), np.int64 if self.meta["ids"]["kind"] == "int" else object)
         return np.concatenate(parts)
 
-    def read(self, shard: str | None = None, start: int = 0, stop: int | None = None,
-             as_layers: bool = True):
+    def read(
+        self,
+        shard: str | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        as_layers: bool = True,
+    ):
         """Read committed rows ``[start, stop)`` of one shard (or of the global row order).
 
         Returns ``(grads, ids)`` with ``grads`` a ``{layer: [n, k_out, k_in]}`` dict of numpy arrays
@@ -855,13 +942,17 @@ class Log:
             s = self.shards[names.index(shard)]
             stop = s.rows if stop is None else stop
             if not 0 <= start <= stop <= s.rows:
-                raise ValueError(f"rows [{start}, {stop}) out of the {s.rows} committed rows of shard {shard!r}")
+                raise ValueError(
+                    f"rows [{start}, {stop}) out of the {s.rows} committed rows of shard {shard!r}"
+                )
             rows = _values(s.grads[start:stop].read().result(), self.dtype)
             ids = _ids_from_storage(s.ids[start:stop].read().result(), self.meta["ids"]["kind"])
         if not as_layers:
             return rows, ids
-        return {l.path: rows[:, l.offset:l.offset + l.dim].reshape(-1, l.k_out, l.k_in)
-                for l in self.layers}, ids
+        return {
+            l.path: rows[:, l.offset : l.offset + l.dim].reshape(-1, l.k_out, l.k_in)
+            for l in self.layers
+        }, ids
 
     def statistics(self, refresh: bool = False) -> dict[str, LayerStatistics]:
         """Empirical Fisher of the projected gradients per layer, with its eigendecomposition.
@@ -889,7 +980,8 @@ class Log:
                         _read_array(os.path.join(ld, "covariance"), "statistics"),
                         _read_array(os.path.join(ld, "eigenvalues"), "statistics"),
                         _read_array(os.path.join(ld, "eigenvectors"), "statistics"),
-                        self.num_rows)
+                        self.num_rows,
+                    )
                 return out
         if self.num_rows == 0:
             raise ValueError(f"log {self.path} has no committed rows; no statistics to fit")
@@ -898,14 +990,19 @@ class Log:
             sd = os.path.join(self.path, "shards", s.name)
             cached = _load_fisher(sd, self.layers)
             if cached is None or cached[0] != s.rows:
-                st = _fisher_sums_from_disk(s.grads, s.rows, self.layers, self.dtype, self.chunk_rows)
-                part = [np.asarray(st.sum_outer[f"layer_{i}"], np.float64) for i in range(len(self.layers))]
+                st = _fisher_sums_from_disk(
+                    s.grads, s.rows, self.layers, self.dtype, self.chunk_rows
+                )
+                part = [
+                    np.asarray(st.sum_outer[f"layer_{i}"], np.float64)
+                    for i in range(len(self.layers))
+                ]
             else:
                 part = cached[1]
             for acc, p in zip(sums, part):
                 acc += p
         out = {}
-        for i, (l, sm) in enumerate(zip(self.layers, sums)):
+        for l, sm in zip(self.layers, sums):
             cov = sm / self.num_rows
             cov = 0.5 * (cov + cov.T)
             evals, evecs = np.linalg.eigh(cov)
@@ -938,13 +1035,19 @@ def open_log(path: str) -> Log:
         g = _open_array(os.path.join(sd, "grads"), "log grads")
         i = _open_array(os.path.join(sd, "ids"), "log ids")
         if g.shape[0] < rows or i.shape[0] < rows:
-            raise ValueError(f"shard {sd}: arrays hold {g.shape[0]} rows but {rows} are committed "
-                             "(truncated log)")
+            raise ValueError(
+                f"shard {sd}: arrays hold {g.shape[0]} rows but {rows} are committed "
+                "(truncated log)"
+            )
         if g.shape[1] != meta["dim"]:
-            raise ValueError(f"shard {sd}: grads have {g.shape[1]} columns, metadata says {meta['dim']}")
+            raise ValueError(
+                f"shard {sd}: grads have {g.shape[1]} columns, metadata says {meta['dim']}"
+            )
         if g.dtype.numpy_dtype.str != np.dtype(meta["storage_dtype"]).str:
-            raise ValueError(f"shard {sd}: grads stored as {g.dtype.numpy_dtype}, metadata says "
-                             f"{meta['storage_dtype']}")
+            raise ValueError(
+                f"shard {sd}: grads stored as {g.dtype.numpy_dtype}, metadata says "
+                f"{meta['storage_dtype']}"
+            )
         _check_chunks_present(os.path.join(sd, "grads"), rows, meta["chunk_rows"], 2, "log grads")
         _check_chunks_present(os.path.join(sd, "ids"), rows, meta["chunk_rows"], i.rank, "log ids")
         shards.append(Shard(name, rows, g, i))

@@ -6,10 +6,12 @@ Resuming is exact: the data position is a function of the program step (problem 
 bookkeeping is saved beside it; a run restored from step ``s`` replays exactly what an
 uninterrupted run does after step ``s``.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -22,199 +24,235 @@ __all__ = ["RunResult", "run", "save_checkpoint", "restore_checkpoint"]
 
 
 class RunResult(NamedTuple):
-  """What :func:`run` returns.
+    """What :func:`run` returns.
 
-  Attributes:
-    state: the final :class:`jaxmlo.ProgramState`.
-    history: ``[(step, {metric: float})]`` at every logged step.
-    validations: ``[(step, score)]`` at every validation.
-    best_score: best validation score (``None`` without validation).
-    best_step: program step of ``best_score``.
-    stopped_early: whether ``patience`` ended the run.
-  """
+    Attributes:
+      state: the final :class:`jaxmlo.ProgramState`.
+      history: ``[(step, {metric: float})]`` at every logged step.
+      validations: ``[(step, score)]`` at every validation.
+      best_score: best validation score (``None`` without validation).
+      best_step: program step of ``best_score``.
+      stopped_early: whether ``patience`` ended the run.
+    """
 
-  state: ProgramState
-  history: list
-  validations: list
-  best_score: Optional[float]
-  best_step: Optional[int]
-  stopped_early: bool
+    state: ProgramState
+    history: list
+    validations: list
+    best_score: float | None
+    best_step: int | None
+    stopped_early: bool
 
 
 class _Source:
-  """Batch ``i`` of one problem: from a callable ``fn(i)`` or an iterable, read in order."""
+    """Batch ``i`` of one problem: from a callable ``fn(i)`` or an iterable, read in order."""
 
-  def __init__(self, name, src, start):
-    self.name = name
-    if callable(src) and not hasattr(src, "__iter__"):
-      self._fn, self._it = src, None
-    else:
-      self._fn, self._it = None, iter(src)
-      for _ in range(start):  # an iterable cannot seek: skip what earlier steps consumed
-        self._next()
-    self._pos = start
+    def __init__(self, name, src, start):
+        self.name = name
+        if callable(src) and not hasattr(src, "__iter__"):
+            self._fn, self._it = src, None
+        else:
+            self._fn, self._it = None, iter(src)
+            for _ in range(start):  # an iterable cannot seek: skip what earlier steps consumed
+                self._next()
+        self._pos = start
 
-  def _next(self):
-    try:
-      return next(self._it)
-    except StopIteration:
-      raise ValueError(f"run: data source for problem {self.name!r} ran out of batches") from None
+    def _next(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise ValueError(
+                f"run: data source for problem {self.name!r} ran out of batches"
+            ) from None
 
-  def take(self, n):
-    if self._fn is not None:
-      out = [self._fn(self._pos + t) for t in range(n)]
-    else:
-      out = [self._next() for _ in range(n)]
-    self._pos += n
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *out)
+    def take(self, n):
+        if self._fn is not None:
+            out = [self._fn(self._pos + t) for t in range(n)]
+        else:
+            out = [self._next() for _ in range(n)]
+        self._pos += n
+        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *out)
 
 
 def _manager(directory, max_to_keep):
-  import orbax.checkpoint as ocp  # heavy import, only when checkpointing
-  return ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    import orbax.checkpoint as ocp  # heavy import, only when checkpointing
+
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
 
 
-def save_checkpoint(directory, state: ProgramState, extra: Optional[dict] = None,
-                    *, max_to_keep: Optional[int] = None):
-  """Saves ``state`` (and a JSON-able ``extra`` dict) as checkpoint ``int(state.step)``."""
-  import orbax.checkpoint as ocp
-  mngr = _manager(directory, max_to_keep)
-  mngr.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra or {}))))
-  mngr.wait_until_finished()
-  mngr.close()
+def save_checkpoint(
+    directory,
+    state: ProgramState,
+    extra: dict | None = None,
+    *,
+    max_to_keep: int | None = None,
+):
+    """Saves ``state`` (and a JSON-able ``extra`` dict) as checkpoint ``int(state.step)``."""
+    import orbax.checkpoint as ocp
 
-
-def restore_checkpoint(directory, target: ProgramState, step: Optional[int] = None):
-  """Restores ``(state, extra)`` from ``directory`` (latest step unless ``step``).
-
-  Args:
-    directory: checkpoint directory written by :func:`save_checkpoint` or :func:`run`.
-    target: a state with the right structure, shapes and dtypes (e.g. ``jaxmlo.init(prog)``).
-    step: which checkpoint; ``None`` for the latest.
-
-  Returns:
-    ``(state, extra)``, or ``(None, None)`` when the directory holds no checkpoint.
-  """
-  import orbax.checkpoint as ocp
-  if not os.path.isdir(directory):
-    return None, None
-  mngr = _manager(directory, None)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+    mngr = _manager(directory, max_to_keep)
+    mngr.save(
+        int(state.step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra or {}))
+        ),
+    )
+    mngr.wait_until_finished()
     mngr.close()
-    return None, None
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                          if not isinstance(x, jax.ShapeDtypeStruct) else x, target)
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
-  mngr.close()
-  return out["state"], dict(out["extra"] or {})
 
 
-def run(program: Program,
-        data: Mapping[str, Any],
-        num_steps: int,
-        *,
-        state: Optional[ProgramState] = None,
-        callback: Optional[Callable[[int, dict], Any]] = None,
-        log_every: int = 1,
-        validate: Optional[Callable[[ProgramState], float]] = None,
-        validate_every: int = 0,
-        patience: Optional[int] = None,
-        mode: str = "min",
-        checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 0,
-        max_to_keep: Optional[int] = 2,
-        resume: bool = True,
-        step_fn: Optional[Callable] = None,
-        progress: bool = True) -> RunResult:
-  """Runs ``num_steps`` program steps (counting from step 0, resumed steps included).
+def restore_checkpoint(directory, target: ProgramState, step: int | None = None):
+    """Restores ``(state, extra)`` from ``directory`` (latest step unless ``step``).
 
-  Args:
-    program: the :class:`jaxmlo.Program`.
-    data: ``{name: source}`` for every problem; a source is a callable ``fn(i) -> batch``
-      (exact, seekable resume) or an iterable of batches (resume skips consumed items).
-      The driver stacks ``unroll_steps`` batches per problem and step.
-    num_steps: total program steps of the run.
-    state: starting state (default ``jaxmlo.init(program)``); replaced by the latest
-      checkpoint when ``checkpoint_dir`` holds one and ``resume``.
-    callback: ``callback(step, metrics)`` every ``log_every`` steps with float metrics
-      (per-problem losses, gradient and hypergradient norms; ``"val/score"`` when validated).
-    log_every: metric logging period (reading metrics synchronises with the device).
-    validate: ``validate(state) -> float`` user validation (e.g. accuracy of a model).
-    validate_every: validation period in steps (0: never).
-    patience: stop after this many validations without improvement (``None``: never).
-    mode: ``"min"`` or ``"max"``, the better direction of the validation score.
-    checkpoint_dir: where orbax checkpoints go (``None``: no checkpoints).
-    checkpoint_every: checkpoint period in steps; the last step is always saved.
-    max_to_keep: checkpoints kept (``None``: all).
-    resume: restore the latest checkpoint in ``checkpoint_dir`` first.
-    step_fn: a compiled ``step_fn(state, batches)``; default ``make_step(program)``.
-      Pass one to reuse its compilation across runs.
-    progress: show a tqdm progress bar.
+    Args:
+      directory: checkpoint directory written by :func:`save_checkpoint` or :func:`run`.
+      target: a state with the right structure, shapes and dtypes (e.g. ``jaxmlo.init(prog)``).
+      step: which checkpoint; ``None`` for the latest.
 
-  Returns:
-    A :class:`RunResult`.
-  """
-  if mode not in ("min", "max"):
-    raise ValueError(f"run: mode must be 'min' or 'max', got {mode!r}")
-  missing = [n for n in program.order if n not in data]
-  if missing:
-    raise ValueError(f"run: no data source for problem(s) {missing}")
-  state = init(program) if state is None else state
-  book = {"best_score": None, "best_step": None, "bad": 0, "stopped": False}
-  if checkpoint_dir is not None and resume:
-    restored, extra = restore_checkpoint(checkpoint_dir, state)
-    if restored is not None:
-      state = restored
-      book.update(extra)
-  step_fn = make_step(program) if step_fn is None else step_fn
-  start = int(state.step)
-  sources = {n: _Source(n, data[n], start * program.problems[n].unroll_steps)
-             for n in program.order}
-  history, validations = [], list(book.pop("validations", []))
-  better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+    Returns:
+      ``(state, extra)``, or ``(None, None)`` when the directory holds no checkpoint.
+    """
+    import orbax.checkpoint as ocp
 
-  def ckpt(s):
-    save_checkpoint(checkpoint_dir, s, dict(book, validations=validations),
-                    max_to_keep=max_to_keep)
+    if not os.path.isdir(directory):
+        return None, None
+    mngr = _manager(directory, None)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        mngr.close()
+        return None, None
+    abstract = jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+            if not isinstance(x, jax.ShapeDtypeStruct)
+            else x
+        ),
+        target,
+    )
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()
+        ),
+    )
+    mngr.close()
+    return out["state"], dict(out["extra"] or {})
 
-  bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="jaxmlo")
-  stopped = bool(book["stopped"])
-  try:
-    for i in range(start, num_steps):
-      if stopped:
-        break
-      batches = {n: src.take(program.problems[n].unroll_steps) for n, src in sources.items()}
-      state, metrics = step_fn(state, batches)
-      done = i + 1
-      logged = None
-      if validate is not None and validate_every and done % validate_every == 0:
-        score = float(validate(state))
-        validations.append((done, score))
-        if book["best_score"] is None or better(score, book["best_score"]):
-          book.update(best_score=score, best_step=done, bad=0)
-        else:
-          book["bad"] += 1
-        if patience is not None and book["bad"] >= patience:
-          stopped = book["stopped"] = True
-        logged = {"val/score": score}
-      if log_every and (done % log_every == 0 or logged is not None):
-        logged = dict({k: float(v) for k, v in metrics.items()}, **(logged or {}))
-        history.append((done, logged))
-        if callback is not None:
-          callback(done, logged)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k.endswith("loss")},
-                        refresh=False)
-      if checkpoint_dir is not None and (
-          (checkpoint_every and done % checkpoint_every == 0) or done == num_steps or stopped):
-        ckpt(state)
-      bar.update(1)
-  finally:
-    bar.close()
-  return RunResult(state=state, history=history, validations=validations,
-                   best_score=book["best_score"], best_step=book["best_step"],
-                   stopped_early=stopped)
+
+def run(
+    program: Program,
+    data: Mapping[str, Any],
+    num_steps: int,
+    *,
+    state: ProgramState | None = None,
+    callback: Callable[[int, dict], Any] | None = None,
+    log_every: int = 1,
+    validate: Callable[[ProgramState], float] | None = None,
+    validate_every: int = 0,
+    patience: int | None = None,
+    mode: str = "min",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    max_to_keep: int | None = 2,
+    resume: bool = True,
+    step_fn: Callable | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Runs ``num_steps`` program steps (counting from step 0, resumed steps included).
+
+    Args:
+      program: the :class:`jaxmlo.Program`.
+      data: ``{name: source}`` for every problem; a source is a callable ``fn(i) -> batch``
+        (exact, seekable resume) or an iterable of batches (resume skips consumed items).
+        The driver stacks ``unroll_steps`` batches per problem and step.
+      num_steps: total program steps of the run.
+      state: starting state (default ``jaxmlo.init(program)``); replaced by the latest
+        checkpoint when ``checkpoint_dir`` holds one and ``resume``.
+      callback: ``callback(step, metrics)`` every ``log_every`` steps with float metrics
+        (per-problem losses, gradient and hypergradient norms; ``"val/score"`` when validated).
+      log_every: metric logging period (reading metrics synchronises with the device).
+      validate: ``validate(state) -> float`` user validation (e.g. accuracy of a model).
+      validate_every: validation period in steps (0: never).
+      patience: stop after this many validations without improvement (``None``: never).
+      mode: ``"min"`` or ``"max"``, the better direction of the validation score.
+      checkpoint_dir: where orbax checkpoints go (``None``: no checkpoints).
+      checkpoint_every: checkpoint period in steps; the last step is always saved.
+      max_to_keep: checkpoints kept (``None``: all).
+      resume: restore the latest checkpoint in ``checkpoint_dir`` first.
+      step_fn: a compiled ``step_fn(state, batches)``; default ``make_step(program)``.
+        Pass one to reuse its compilation across runs.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      A :class:`RunResult`.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"run: mode must be 'min' or 'max', got {mode!r}")
+    missing = [n for n in program.order if n not in data]
+    if missing:
+        raise ValueError(f"run: no data source for problem(s) {missing}")
+    state = init(program) if state is None else state
+    book = {"best_score": None, "best_step": None, "bad": 0, "stopped": False}
+    if checkpoint_dir is not None and resume:
+        restored, extra = restore_checkpoint(checkpoint_dir, state)
+        if restored is not None:
+            state = restored
+            book.update(extra)
+    step_fn = make_step(program) if step_fn is None else step_fn
+    start = int(state.step)
+    sources = {
+        n: _Source(n, data[n], start * program.problems[n].unroll_steps) for n in program.order
+    }
+    history, validations = [], list(book.pop("validations", []))
+    better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+
+    def ckpt(s):
+        save_checkpoint(
+            checkpoint_dir, s, dict(book, validations=validations), max_to_keep=max_to_keep
+        )
+
+    bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="jaxmlo")
+    stopped = bool(book["stopped"])
+    try:
+        for i in range(start, num_steps):
+            if stopped:
+                break
+            batches = {n: src.take(program.problems[n].unroll_steps) for n, src in sources.items()}
+            state, metrics = step_fn(state, batches)
+            done = i + 1
+            logged = None
+            if validate is not None and validate_every and done % validate_every == 0:
+                score = float(validate(state))
+                validations.append((done, score))
+                if book["best_score"] is None or better(score, book["best_score"]):
+                    book.update(best_score=score, best_step=done, bad=0)
+                else:
+                    book["bad"] += 1
+                if patience is not None and book["bad"] >= patience:
+                    stopped = book["stopped"] = True
+                logged = {"val/score": score}
+            if log_every and (done % log_every == 0 or logged is not None):
+                logged = dict({k: float(v) for k, v in metrics.items()}, **(logged or {}))
+                history.append((done, logged))
+                if callback is not None:
+                    callback(done, logged)
+                bar.set_postfix(
+                    {k: f"{v:.3g}" for k, v in logged.items() if k.endswith("loss")}, refresh=False
+                )
+            if checkpoint_dir is not None and (
+                (checkpoint_every and done % checkpoint_every == 0) or done == num_steps or stopped
+            ):
+                ckpt(state)
+            bar.update(1)
+    finally:
+        bar.close()
+    return RunResult(
+        state=state,
+        history=history,
+        validations=validations,
+        best_score=book["best_score"],
+        best_step=book["best_step"],
+        stopped_early=stopped,
+    )

@@ -33,10 +33,12 @@ Details:
     problem's unroll with its direct gradient only: the partial derivative eq. 2.2 asks
     for, not the total-gradient trajectory the problem actually took.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,167 +51,183 @@ __all__ = ["ProgramState", "init", "step", "make_step", "gradients", "total_grad
 
 
 class ProgramState(NamedTuple):
-  """The whole state of a program, one pytree.
+    """The whole state of a program, one pytree.
 
-  Attributes:
-    params: ``{name: params}`` of every problem.
-    opt_states: ``{name: optax state}`` of every problem.
-    step: int32 scalar, program steps taken.
-    updates: ``{name: int32 scalar}`` optimizer updates taken by each problem.
-  """
+    Attributes:
+      params: ``{name: params}`` of every problem.
+      opt_states: ``{name: optax state}`` of every problem.
+      step: int32 scalar, program steps taken.
+      updates: ``{name: int32 scalar}`` optimizer updates taken by each problem.
+    """
 
-  params: dict
-  opt_states: dict
-  step: jax.Array
-  updates: dict
+    params: dict
+    opt_states: dict
+    step: jax.Array
+    updates: dict
 
 
 def init(program: Program) -> ProgramState:
-  """Initial state from each problem's ``params`` and ``optimizer.init``."""
-  params = {n: jax.tree.map(jnp.asarray, p.params) for n, p in program.problems.items()}
-  return ProgramState(
-      params=params,
-      opt_states={n: program.problems[n].optimizer.init(params[n]) for n in program.order},
-      step=jnp.zeros((), jnp.int32),
-      updates={n: jnp.zeros((), jnp.int32) for n in program.order})
+    """Initial state from each problem's ``params`` and ``optimizer.init``."""
+    params = {n: jax.tree.map(jnp.asarray, p.params) for n, p in program.problems.items()}
+    return ProgramState(
+        params=params,
+        opt_states={n: program.problems[n].optimizer.init(params[n]) for n in program.order},
+        step=jnp.zeros((), jnp.int32),
+        updates={n: jnp.zeros((), jnp.int32) for n in program.order},
+    )
 
 
 def _call_loss(program, name, params, deps, batch):
-  try:
-    return program.problems[name].loss(params, deps, batch)
-  except KeyError as e:
-    raise ValueError(
-        f"problem {name!r}: its loss asks for dependency {e.args[0]!r} but the graph gives "
-        f"it only {list(program.deps(name))}") from None
+    try:
+        return program.problems[name].loss(params, deps, batch)
+    except KeyError as e:
+        raise ValueError(
+            f"problem {name!r}: its loss asks for dependency {e.args[0]!r} but the graph gives "
+            f"it only {list(program.deps(name))}"
+        ) from None
 
 
-def total_gradient(program: Program, name: str, params, deps: dict, batch, unrolled: dict,
-                   unrolled_deps: dict):
-  """Loss, total gradient and hypergradient of problem ``name`` (thesis eq. 2.2).
+def total_gradient(
+    program: Program, name: str, params, deps: dict, batch, unrolled: dict, unrolled_deps: dict
+):
+    """Loss, total gradient and hypergradient of problem ``name`` (thesis eq. 2.2).
 
-  Args:
-    program: the program.
-    name: the problem whose gradient is wanted.
-    params: its parameters.
-    deps: its ``deps`` dict (uppers' params, lowers' solutions).
-    batch: one batch of ``name``'s data.
-    unrolled: ``{lower: Unrolled}`` for every lower problem on a path into ``name``.
-    unrolled_deps: ``{lower: deps}`` the deps each lower problem was unrolled with.
+    Args:
+      program: the program.
+      name: the problem whose gradient is wanted.
+      params: its parameters.
+      deps: its ``deps`` dict (uppers' params, lowers' solutions).
+      batch: one batch of ``name``'s data.
+      unrolled: ``{lower: Unrolled}`` for every lower problem on a path into ``name``.
+      unrolled_deps: ``{lower: deps}`` the deps each lower problem was unrolled with.
 
-  Returns:
-    ``(loss, grad, hypergrad, v)``: ``grad`` = direct + hypergrad, both shaped like
-    ``params`` (``hypergrad`` is zeros when ``name`` has no lower problems); ``v`` is
-    ``{lower: dC/dtheta_lower*}``, the direct gradients on the lower solutions.
-  """
-  loss, (g, gdeps) = jax.value_and_grad(
-      lambda p, d: _call_loss(program, name, p, d, batch), argnums=(0, 1))(params, deps)
-  hyper = jax.tree.map(jnp.zeros_like, params)
-  relevant = program.path_problems(name)
-  u2l, l2u = set(program.u2l), set(program.l2u)
-  v = {l: gdeps[l] for l in program.lowers(name)}
-  # Right to left: start from dC_k/dtheta_l* and push vectors down the l2u edges; a
-  # problem is visited only after every problem above it on a path has added its share.
-  acc = {l: v[l] for l in program.lowers(name) if l in relevant}
-  for m in reversed(program.order):
-    if m not in acc:
-      continue
-    lp = program.problems[m]
-    r = lp.method.best_response_vjp(lp.loss, lp.optimizer, unrolled[m], unrolled_deps[m],
-                                    _last(unrolled[m].batches), acc.pop(m))
-    for d in program.deps(m):
-      if d == name and (name, m) in u2l:
-        hyper = _add(hyper, r[d])
-      elif d in relevant and (d, m) in l2u:
-        acc[d] = r[d] if d not in acc else _add(acc[d], r[d])
-  return loss, _add(g, hyper), hyper, v
+    Returns:
+      ``(loss, grad, hypergrad, v)``: ``grad`` = direct + hypergrad, both shaped like
+      ``params`` (``hypergrad`` is zeros when ``name`` has no lower problems); ``v`` is
+      ``{lower: dC/dtheta_lower*}``, the direct gradients on the lower solutions.
+    """
+    loss, (g, gdeps) = jax.value_and_grad(
+        lambda p, d: _call_loss(program, name, p, d, batch), argnums=(0, 1)
+    )(params, deps)
+    hyper = jax.tree.map(jnp.zeros_like, params)
+    relevant = program.path_problems(name)
+    u2l, l2u = set(program.u2l), set(program.l2u)
+    v = {l: gdeps[l] for l in program.lowers(name)}
+    # Right to left: start from dC_k/dtheta_l* and push vectors down the l2u edges; a
+    # problem is visited only after every problem above it on a path has added its share.
+    acc = {l: v[l] for l in program.lowers(name) if l in relevant}
+    for m in reversed(program.order):
+        if m not in acc:
+            continue
+        lp = program.problems[m]
+        r = lp.method.best_response_vjp(
+            lp.loss,
+            lp.optimizer,
+            unrolled[m],
+            unrolled_deps[m],
+            _last(unrolled[m].batches),
+            acc.pop(m),
+        )
+        for d in program.deps(m):
+            if d == name and (name, m) in u2l:
+                hyper = _add(hyper, r[d])
+            elif d in relevant and (d, m) in l2u:
+                acc[d] = r[d] if d not in acc else _add(acc[d], r[d])
+    return loss, _add(g, hyper), hyper, v
 
 
 def _program_pass(program: Program, state: ProgramState, batches: dict):
-  missing = [n for n in program.order if n not in batches]
-  if missing:
-    raise ValueError(f"step: no batches for problem(s) {missing}")
-  params, opt_states, updates = dict(state.params), dict(state.opt_states), dict(state.updates)
-  unrolled, unrolled_deps, metrics, grads = {}, {}, {}, {}
-  for name in program.order:
-    prob = program.problems[name]
-    bs = batches[name]
-    lead = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(bs)}
-    if lead != {prob.unroll_steps}:
-      raise ValueError(f"step: batches[{name!r}] must have leading axis unroll_steps="
-                       f"{prob.unroll_steps} on every leaf, got leading sizes "
-                       f"{sorted(lead, key=str)}")
-    deps = {d: params[d] for d in program.deps(name)}
-    lowers = program.lowers(name)
+    missing = [n for n in program.order if n not in batches]
+    if missing:
+        raise ValueError(f"step: no batches for problem(s) {missing}")
+    params, opt_states, updates = dict(state.params), dict(state.opt_states), dict(state.updates)
+    unrolled, unrolled_deps, metrics, grads = {}, {}, {}, {}
+    for name in program.order:
+        prob = program.problems[name]
+        bs = batches[name]
+        lead = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(bs)}
+        if lead != {prob.unroll_steps}:
+            raise ValueError(
+                f"step: batches[{name!r}] must have leading axis unroll_steps="
+                f"{prob.unroll_steps} on every leaf, got leading sizes "
+                f"{sorted(lead, key=str)}"
+            )
+        deps = {d: params[d] for d in program.deps(name)}
+        lowers = program.lowers(name)
 
-    def body(carry, batch, name=name, prob=prob, deps=deps):
-      p, s, _, _ = carry
-      loss, g, hyper, v = total_gradient(program, name, p, deps, batch, unrolled, unrolled_deps)
-      u, s = prob.optimizer.update(g, s, p)
-      return (optax.apply_updates(p, u), s, g, v), (loss, _norm(hyper))
+        def body(carry, batch, name=name, prob=prob, deps=deps):
+            p, s, _, _ = carry
+            loss, g, hyper, v = total_gradient(
+                program, name, p, deps, batch, unrolled, unrolled_deps
+            )
+            u, s = prob.optimizer.update(g, s, p)
+            return (optax.apply_updates(p, u), s, g, v), (loss, _norm(hyper))
 
-    p0, s0 = params[name], opt_states[name]
-    v0 = {l: jax.tree.map(jnp.zeros_like, params[l]) for l in lowers}
-    g0 = jax.tree.map(jnp.zeros_like, p0)
-    (p1, s1, g_last, v_last), (losses, hnorms) = jax.lax.scan(body, (p0, s0, g0, v0), bs)
-    unrolled[name] = Unrolled(params0=p0, opt_state0=s0, params=p1, opt_state=s1, batches=bs)
-    unrolled_deps[name] = deps
-    params[name], opt_states[name] = p1, s1
-    updates[name] = updates[name] + prob.unroll_steps
-    grads[name] = g_last
-    metrics[f"{name}/loss"] = jnp.mean(losses)
-    metrics[f"{name}/grad_norm"] = _norm(g_last)
-    if lowers:
-      metrics[f"{name}/hypergrad_norm"] = hnorms[-1]
-    # Base-parameter update after a meta step (SAMA's nudge along the adapted v). Applied
-    # as a delta so that several upper problems can each nudge the same lower problem.
-    for l in sorted(program.path_problems(name) & set(lowers)):
-      lp, un = program.problems[l], unrolled[l]
-      new = lp.method.post_update(lp.loss, lp.optimizer, un, unrolled_deps[l],
-                                  _last(un.batches), v_last[l])
-      if new is not un.params:  # identity for every method but SAMA: no ops at all
-        params[l] = jax.tree.map(lambda cur, a, b: cur + (a - b), params[l], new, un.params)
-  new_state = ProgramState(params=params, opt_states=opt_states, step=state.step + 1,
-                           updates=updates)
-  return new_state, metrics, grads
+        p0, s0 = params[name], opt_states[name]
+        v0 = {l: jax.tree.map(jnp.zeros_like, params[l]) for l in lowers}
+        g0 = jax.tree.map(jnp.zeros_like, p0)
+        (p1, s1, g_last, v_last), (losses, hnorms) = jax.lax.scan(body, (p0, s0, g0, v0), bs)
+        unrolled[name] = Unrolled(params0=p0, opt_state0=s0, params=p1, opt_state=s1, batches=bs)
+        unrolled_deps[name] = deps
+        params[name], opt_states[name] = p1, s1
+        updates[name] = updates[name] + prob.unroll_steps
+        grads[name] = g_last
+        metrics[f"{name}/loss"] = jnp.mean(losses)
+        metrics[f"{name}/grad_norm"] = _norm(g_last)
+        if lowers:
+            metrics[f"{name}/hypergrad_norm"] = hnorms[-1]
+        # Base-parameter update after a meta step (SAMA's nudge along the adapted v). Applied
+        # as a delta so that several upper problems can each nudge the same lower problem.
+        for l in sorted(program.path_problems(name) & set(lowers)):
+            lp, un = program.problems[l], unrolled[l]
+            new = lp.method.post_update(
+                lp.loss, lp.optimizer, un, unrolled_deps[l], _last(un.batches), v_last[l]
+            )
+            if new is not un.params:  # identity for every method but SAMA: no ops at all
+                params[l] = jax.tree.map(lambda cur, a, b: cur + (a - b), params[l], new, un.params)
+    new_state = ProgramState(
+        params=params, opt_states=opt_states, step=state.step + 1, updates=updates
+    )
+    return new_state, metrics, grads
 
 
 def step(program: Program, state: ProgramState, batches: dict):
-  """One iteration of the whole program; pure, ``jax.jit``-able.
+    """One iteration of the whole program; pure, ``jax.jit``-able.
 
-  Problems run lowest first; each takes ``unroll_steps`` optimizer steps (one
-  ``lax.scan``) on its total gradient, with the lower problems' solutions from this pass.
+    Problems run lowest first; each takes ``unroll_steps`` optimizer steps (one
+    ``lax.scan``) on its total gradient, with the lower problems' solutions from this pass.
 
-  Args:
-    program: the program.
-    state: a :class:`ProgramState`.
-    batches: ``{name: batch}`` with a leading axis of length ``unroll_steps`` on every
-      leaf of problem ``name``'s batch.
+    Args:
+      program: the program.
+      state: a :class:`ProgramState`.
+      batches: ``{name: batch}`` with a leading axis of length ``unroll_steps`` on every
+        leaf of problem ``name``'s batch.
 
-  Returns:
-    ``(state, metrics)``; metrics is a flat dict ``{"<name>/loss": mean loss over the
-    unroll, "<name>/grad_norm": norm of the last total gradient,
-    "<name>/hypergrad_norm": norm of its hypergradient part (problems with lower problems
-    only)}``.
-  """
-  new_state, metrics, _ = _program_pass(program, state, batches)
-  return new_state, metrics
+    Returns:
+      ``(state, metrics)``; metrics is a flat dict ``{"<name>/loss": mean loss over the
+      unroll, "<name>/grad_norm": norm of the last total gradient,
+      "<name>/hypergrad_norm": norm of its hypergradient part (problems with lower problems
+      only)}``.
+    """
+    new_state, metrics, _ = _program_pass(program, state, batches)
+    return new_state, metrics
 
 
 def gradients(program: Program, state: ProgramState, batches: dict) -> dict:
-  """``{name: total gradient}`` each problem used at the last step of its unroll in one
-  :func:`step` from ``state`` (direct gradient plus eq. 2.2 hypergradient)."""
-  return _program_pass(program, state, batches)[2]
+    """``{name: total gradient}`` each problem used at the last step of its unroll in one
+    :func:`step` from ``state`` (direct gradient plus eq. 2.2 hypergradient)."""
+    return _program_pass(program, state, batches)[2]
 
 
 def make_step(program: Program, *, jit: bool = True, donate: bool = False) -> Callable:
-  """``step`` bound to ``program``: ``step_fn(state, batches) -> (state, metrics)``.
+    """``step`` bound to ``program``: ``step_fn(state, batches) -> (state, metrics)``.
 
-  Args:
-    program: the program.
-    jit: compile the whole iteration as one XLA program.
-    donate: donate the input state's buffers (saves memory; the old state is consumed).
-  """
-  fn = functools.partial(step, program)
-  if jit:
-    fn = jax.jit(fn, donate_argnums=(0,) if donate else ())
-  return fn
+    Args:
+      program: the program.
+      jit: compile the whole iteration as one XLA program.
+      donate: donate the input state's buffers (saves memory; the old state is consumed).
+    """
+    fn = functools.partial(step, program)
+    if jit:
+        fn = jax.jit(fn, donate_argnums=(0,) if donate else ())
+    return fn

@@ -35,9 +35,11 @@ on λ, fold it into the meta learning rate.
 
 References: S. K. Choe, thesis (CMU 2024), sections 2.3.2 and 3.3 (eqs. 3.2-3.5).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +116,9 @@ class BilevelState(NamedTuple):
 
 
 def _struct(tree):
-    return jax.tree.structure(tree), [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)]
+    return jax.tree.structure(tree), [
+        (jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)
+    ]
 
 
 def _check_optimizer(optimizer):
@@ -153,7 +157,9 @@ def _check_opt_state(optimizer, params, opt_state, name="opt_state"):
 def _check_floating(name, tree):
     for x in jax.tree.leaves(tree):
         if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            raise TypeError(f"{name} must hold floating-point arrays only, got dtype {jnp.result_type(x)}.")
+            raise TypeError(
+                f"{name} must hold floating-point arrays only, got dtype {jnp.result_type(x)}."
+            )
 
 
 def _check_scalar_loss(name, fn, *args):
@@ -177,7 +183,9 @@ def _check_batches(batches):
 def _check_vjp_inputs(loss_fn, optimizer, unrolled, deps, batch, v):
     _check_optimizer(optimizer)
     if not isinstance(unrolled, Unrolled):
-        raise TypeError(f"unrolled must be an Unrolled (from unroll()), got {type(unrolled).__name__}.")
+        raise TypeError(
+            f"unrolled must be an Unrolled (from unroll()), got {type(unrolled).__name__}."
+        )
     _check_floating("deps", deps)
     _check_same_tree("v", v, unrolled.params, "unrolled.params")
     _check_scalar_loss("loss_fn", loss_fn, unrolled.params, deps, batch)
@@ -329,7 +337,12 @@ def itd(checkpoint: bool = False) -> HypergradMethod:
 
         def run(d):
             return _scan_steps(
-                loss_fn, optimizer, unrolled.params0, unrolled.opt_state0, d, unrolled.batches,
+                loss_fn,
+                optimizer,
+                unrolled.params0,
+                unrolled.opt_state0,
+                d,
+                unrolled.batches,
                 checkpoint,
             )[0]
 
@@ -434,7 +447,9 @@ def sama_adaptation(loss_fn, optimizer, unrolled, deps, batch, v):
     # whole second-moment history are exactly zero (dead ReLU units, embedding rows not in the
     # batch).  Such entries carry no gradient signal: adapt them by 0 (Betty's formula gives 0
     # there too).  Non-finite values anywhere else are kept and reported.
-    du = jax.tree.map(lambda d, gg: jnp.where(jnp.isfinite(d) | (gg != 0), d, jnp.zeros_like(d)), du, g)
+    du = jax.tree.map(
+        lambda d, gg: jnp.where(jnp.isfinite(d) | (gg != 0), d, jnp.zeros_like(d)), du, g
+    )
     return jax.tree.map(lambda d, p: (-d).astype(jnp.result_type(p)), du, theta)
 
 
@@ -527,9 +542,13 @@ def hypergradient(
         lam, w, opt_state = optax.apply_updates(lam, updates), info.params, un.opt_state
     """
     if not isinstance(method, HypergradMethod):
-        raise TypeError(f"method must be a HypergradMethod (e.g. cg()), got {type(method).__name__}.")
+        raise TypeError(
+            f"method must be a HypergradMethod (e.g. cg()), got {type(method).__name__}."
+        )
     _check_scalar_loss("meta_loss", meta_loss, unrolled.params, lam, meta_batch)
-    value, (v, direct) = jax.value_and_grad(meta_loss, argnums=(0, 1))(unrolled.params, lam, meta_batch)
+    value, (v, direct) = jax.value_and_grad(meta_loss, argnums=(0, 1))(
+        unrolled.params, lam, meta_batch
+    )
     indirect = method.best_response_vjp(base_loss, optimizer, unrolled, lam, base_batch, v)
     grad = _add(direct, indirect)
     # v is checked too: post_update (SAMA's nudge) moves θ along it.
@@ -580,7 +599,14 @@ def meta_step(
     un = unroll(base_loss, optimizer, state.params, state.opt_state, state.lam, batches)
     last = _last(batches)
     grad, info = hypergradient(
-        method, base_loss, meta_loss, optimizer, un, state.lam, last, meta_batch,
+        method,
+        base_loss,
+        meta_loss,
+        optimizer,
+        un,
+        state.lam,
+        last,
+        meta_batch,
         raise_nonfinite=raise_nonfinite,
     )
     safe_grad = jax.tree.map(lambda g: jnp.where(info.finite, g, jnp.zeros_like(g)), grad)

@@ -28,11 +28,12 @@ is the mean of the per-shard nudges, so replicas stay identical. The base proble
 updates follow the global-batch gradient. Losses must be means over their batch's examples
 (with ``reduction="sum"``, sums), and shards equal-sized.
 """
+
 from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,8 @@ def _cast_floats(tree, dtype):
     if dtype is None:
         return tree
     return jax.tree.map(
-        lambda v: v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v, tree)
+        lambda v: v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v, tree
+    )
 
 
 def _axis_size(mesh: Mesh, axis: str) -> int:
@@ -91,8 +93,9 @@ def shard_batches(batches, mesh: Mesh, *, axis: str = "data", batch_axis: int = 
     """
     spec = P(*([None] * batch_axis + [axis]))
     sharding = NamedSharding(mesh, spec)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        batches)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batches
+    )
 
 
 def replicate(tree, mesh: Mesh):
@@ -100,8 +103,13 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def mixed_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_deps: bool = True,
-                    cast_batch: bool = True) -> Callable:
+def mixed_precision(
+    loss_fn: Callable,
+    compute_dtype=jnp.bfloat16,
+    *,
+    cast_deps: bool = True,
+    cast_batch: bool = True,
+) -> Callable:
     """Wrap ``loss_fn(params, deps, batch)`` to compute in ``compute_dtype`` from float32 masters.
 
     Floating parameters (and ``deps`` / floating batch leaves, unless disabled) are cast to
@@ -115,8 +123,9 @@ def mixed_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_deps:
         return _cast_floats(tree, compute_dtype)
 
     def wrapped(params, deps, batch):
-        out = loss_fn(cast(params), cast(deps) if cast_deps else deps,
-                      cast(batch) if cast_batch else batch)
+        out = loss_fn(
+            cast(params), cast(deps) if cast_deps else deps, cast(batch) if cast_batch else batch
+        )
         return jnp.asarray(out).astype(jnp.promote_types(jnp.result_type(out), jnp.float32))
 
     wrapped.__wrapped__ = loss_fn
@@ -143,16 +152,31 @@ def _varying(tree, axis) -> bool:
 def _pvary(tree, axis):
     def f(x):
         return x if axis in _vma(x) else jax.lax.pcast(x, axis, to="varying")
+
     return jax.tree.map(f, tree)
 
 
 def _is_local(program: Program, name: str, local_methods) -> bool:
-    return all(getattr(program.problems[m].method, "name", None) in local_methods
-               for m in program.path_problems(name))
+    return all(
+        getattr(program.problems[m].method, "name", None) in local_methods
+        for m in program.path_problems(name)
+    )
 
 
-def _local_pass(prog: Program, name: str, axis: str, reduction: str, params, opt_state, deps,
-                bs, unrolled, unrolled_deps, *, nudged):
+def _local_pass(
+    prog: Program,
+    name: str,
+    axis: str,
+    reduction: str,
+    params,
+    opt_state,
+    deps,
+    bs,
+    unrolled,
+    unrolled_deps,
+    *,
+    nudged,
+):
     """T updates of problem ``name``, each from local derivatives and one psum."""
     prob = prog.problems[name]
     red = jax.lax.pmean if reduction == "mean" else jax.lax.psum
@@ -160,13 +184,15 @@ def _local_pass(prog: Program, name: str, axis: str, reduction: str, params, opt
 
     def body(carry, batch):
         p, s, _ = carry
-        loss, g, hyper, v = total_gradient(prog, name, _pvary(p, axis), _pvary(deps, axis), batch,
-                                           un_l, und_l)
+        loss, g, hyper, v = total_gradient(
+            prog, name, _pvary(p, axis), _pvary(deps, axis), batch, un_l, und_l
+        )
         deltas = {}
         for l in nudged:
             lp, un = prog.problems[l], un_l[l]
-            new = lp.method.post_update(lp.loss, lp.optimizer, un, und_l[l], _last(un.batches),
-                                        v[l])
+            new = lp.method.post_update(
+                lp.loss, lp.optimizer, un, und_l[l], _last(un.batches), v[l]
+            )
             if new is not un.params:  # identity for every method but SAMA: no ops, no bytes
                 deltas[l] = jax.tree.map(jnp.subtract, new, un.params)
         direct = jax.tree.map(jnp.subtract, g, hyper)
@@ -183,8 +209,9 @@ def _local_pass(prog: Program, name: str, axis: str, reduction: str, params, opt
     return p1, s1, deltas, losses, gnorms[-1], hnorms[-1]
 
 
-def _global_pass(prog: Program, name: str, params, opt_state, deps, bs, unrolled, unrolled_deps,
-                 nudged):
+def _global_pass(
+    prog: Program, name: str, params, opt_state, deps, bs, unrolled, unrolled_deps, nudged
+):
     """T updates of problem ``name`` with global losses (autodiff inserts the all-reduces)."""
     prob = prog.problems[name]
     lowers = prog.lowers(name)
@@ -200,15 +227,23 @@ def _global_pass(prog: Program, name: str, params, opt_state, deps, bs, unrolled
     deltas = {}
     for l in nudged:
         lp, un = prog.problems[l], unrolled[l]
-        new = lp.method.post_update(lp.loss, lp.optimizer, un, unrolled_deps[l], _last(un.batches),
-                                    v_last[l])
+        new = lp.method.post_update(
+            lp.loss, lp.optimizer, un, unrolled_deps[l], _last(un.batches), v_last[l]
+        )
         if new is not un.params:
             deltas[l] = jax.tree.map(jnp.subtract, new, un.params)
     return p1, s1, deltas, losses, gnorms[-1], hnorms[-1]
 
 
-def _program_pass(prog: Program, mesh: Mesh, axis: str, reduction: str, local_methods,
-                  state: ProgramState, batches: dict):
+def _program_pass(
+    prog: Program,
+    mesh: Mesh,
+    axis: str,
+    reduction: str,
+    local_methods,
+    state: ProgramState,
+    batches: dict,
+):
     """One pass over the program at the global (jit) level; local problems under shard_map."""
     params, opt_states, updates = dict(state.params), dict(state.opt_states), dict(state.updates)
     unrolled, unrolled_deps, metrics = {}, {}, {}
@@ -223,15 +258,28 @@ def _program_pass(prog: Program, mesh: Mesh, axis: str, reduction: str, local_me
             un_spec = {l: Unrolled(P(), P(), P(), P(), batch_spec) for l in unrolled}
             fn = jax.shard_map(
                 functools.partial(_local_pass, prog, name, axis, reduction, nudged=nudged),
-                mesh=mesh, in_specs=(P(), P(), P(), batch_spec, un_spec, P()), out_specs=P())
-            p1, s1, deltas, losses, gnorm, hnorm = fn(params[name], opt_states[name], deps, bs,
-                                                      unrolled, unrolled_deps)
+                mesh=mesh,
+                in_specs=(P(), P(), P(), batch_spec, un_spec, P()),
+                out_specs=P(),
+            )
+            p1, s1, deltas, losses, gnorm, hnorm = fn(
+                params[name], opt_states[name], deps, bs, unrolled, unrolled_deps
+            )
         else:
             p1, s1, deltas, losses, gnorm, hnorm = _global_pass(
-                prog, name, params[name], opt_states[name], deps, bs, unrolled, unrolled_deps,
-                nudged)
-        unrolled[name] = Unrolled(params0=params[name], opt_state0=opt_states[name], params=p1,
-                                  opt_state=s1, batches=bs)
+                prog,
+                name,
+                params[name],
+                opt_states[name],
+                deps,
+                bs,
+                unrolled,
+                unrolled_deps,
+                nudged,
+            )
+        unrolled[name] = Unrolled(
+            params0=params[name], opt_state0=opt_states[name], params=p1, opt_state=s1, batches=bs
+        )
         unrolled_deps[name] = deps
         params[name], opt_states[name] = p1, s1
         updates[name] = updates[name] + prob.unroll_steps
@@ -241,13 +289,21 @@ def _program_pass(prog: Program, mesh: Mesh, axis: str, reduction: str, local_me
             metrics[f"{name}/hypergrad_norm"] = hnorm
         for l, d in deltas.items():  # SAMA's nudge, as a delta (several uppers may nudge)
             params[l] = _add(params[l], d)
-    return ProgramState(params=params, opt_states=opt_states, step=state.step + 1,
-                        updates=updates), metrics
+    return ProgramState(
+        params=params, opt_states=opt_states, step=state.step + 1, updates=updates
+    ), metrics
 
 
-def parallel_step(program: Program, mesh: Mesh, *, axis: str = "data",
-                  local_methods: Sequence[str] = LOCAL_METHODS, reduction: str = "mean",
-                  jit: bool = True, donate: bool = False) -> Callable:
+def parallel_step(
+    program: Program,
+    mesh: Mesh,
+    *,
+    axis: str = "data",
+    local_methods: Sequence[str] = LOCAL_METHODS,
+    reduction: str = "mean",
+    jit: bool = True,
+    donate: bool = False,
+) -> Callable:
     """The program step, data-parallel over ``axis`` of ``mesh``: ``step(state, batches)``.
 
     Args:
@@ -286,12 +342,16 @@ def parallel_step(program: Program, mesh: Mesh, *, axis: str = "data",
             t = program.problems[name].unroll_steps
             for x in jax.tree.leaves(batches[name]):
                 if x.ndim < 2 or x.shape[0] != t:
-                    raise ValueError(f"parallel_step: batches[{name!r}] leaves must be "
-                                     f"[unroll_steps={t}, batch, ...], got shape {x.shape}")
+                    raise ValueError(
+                        f"parallel_step: batches[{name!r}] leaves must be "
+                        f"[unroll_steps={t}, batch, ...], got shape {x.shape}"
+                    )
                 if x.shape[1] % n:
-                    raise ValueError(f"parallel_step: batches[{name!r}] has batch size "
-                                     f"{x.shape[1]}, not divisible by the {n} devices of mesh "
-                                     f"axis {axis!r}")
+                    raise ValueError(
+                        f"parallel_step: batches[{name!r}] has batch size "
+                        f"{x.shape[1]}, not divisible by the {n} devices of mesh "
+                        f"axis {axis!r}"
+                    )
 
     def step(state, batches):
         check(batches)
@@ -300,8 +360,10 @@ def parallel_step(program: Program, mesh: Mesh, *, axis: str = "data",
         batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
         state = jax.lax.with_sharding_constraint(state, replicated)
         new, metrics = _program_pass(program, mesh, axis, reduction, local_methods, state, batches)
-        return (jax.lax.with_sharding_constraint(new, replicated),
-                jax.lax.with_sharding_constraint(metrics, replicated))
+        return (
+            jax.lax.with_sharding_constraint(new, replicated),
+            jax.lax.with_sharding_constraint(metrics, replicated),
+        )
 
     if jit:
         step = jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -5,13 +5,14 @@ jax is imported, which the main pytest process must never do. float32 throughout
 default): sharded and single-device runs compute the same sums in a different order, so they
 agree to float32 rounding. Prints one JSON line of measured errors; exits non-zero on failure.
 """
+
 import json
 import os
-import sys
 import tempfile
 
-assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), \
+assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), (
     "run me with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -81,8 +82,13 @@ out["grads_rel_err"] = max(errs)
 stats = logging.finalize(state)
 out["count"] = int(stats.count)
 out["cov_rel_err"] = max(rel(stats.covariance[p], ref_cov[p]) for p in ref_cov)
-out["kfac_rel_err"] = max(max(rel(stats.kfac[p].forward, ref_kfac[p].forward),
-                              rel(stats.kfac[p].backward, ref_kfac[p].backward)) for p in ref_kfac)
+out["kfac_rel_err"] = max(
+    max(
+        rel(stats.kfac[p].forward, ref_kfac[p].forward),
+        rel(stats.kfac[p].backward, ref_kfac[p].backward),
+    )
+    for p in ref_kfac
+)
 out["kfac_tokens"] = [int(stats.kfac[p].tokens) for p in sorted(stats.kfac)]
 
 # communication: no collective in the per-batch step, one psum (all-reduce) at the end
@@ -96,15 +102,21 @@ out["finalize_collectives"] = jaxinf.count_collectives(fin_hlo)
 tmp = tempfile.mkdtemp()
 path = os.path.join(tmp, "log")
 with jaxinf.LogWriter(path, meta, chunk_rows=8, statistics=False) as w:
-    stats2 = jaxinf.log_sharded(logging, params, batches, w,
-                                ids_fn=lambda b: ids[[id(x) for x in batches].index(id(b))],
-                                progress=False)
+    stats2 = jaxinf.log_sharded(
+        logging,
+        params,
+        batches,
+        w,
+        ids_fn=lambda b: ids[[id(x) for x in batches].index(id(b))],
+        progress=False,
+    )
 log = jaxinf.open_log(path)
 rows, got_ids = log.read(as_layers=True)
 out["log_rows"] = int(log.num_rows)
 out["log_ids_in_order"] = bool(np.array_equal(got_ids, np.arange(n_batches * bsz)))
 out["log_rows_rel_err"] = max(
-    rel(rows[p], np.concatenate([np.asarray(g[p]) for g in ref_grads])) for p in layers)
+    rel(rows[p], np.concatenate([np.asarray(g[p]) for g in ref_grads])) for p in layers
+)
 out["fisher_cache_used"] = os.path.exists(os.path.join(path, "shards", "0", "fisher.json"))
 lst = log.statistics()
 out["log_cov_rel_err"] = max(rel(lst[p].covariance, ref_cov[p]) for p in ref_cov)
@@ -115,12 +127,15 @@ test = {p: v[:5] for p, v in pg(params, {"x": xs[0][:5] * 0.5, "y": ys[0][:5]}).
 for mode in ("dot", "relatif"):
     r1 = jaxinf.query(log, test, meta, mode=mode, top_k=7, chunk_rows=8, progress=False)
     # chunk_rows=8: 6 chunks over 8 devices, so some devices score only padding
-    r2 = jaxinf.sharded_query(log, test, meta, mesh=mesh, mode=mode, top_k=7, chunk_rows=8,
-                              progress=False)
-    out[f"query_{mode}_same_top_rows"] = bool(np.array_equal(r1.top_rows, r2.top_rows)
-                                              and np.array_equal(r1.bottom_rows, r2.bottom_rows))
-    out[f"query_{mode}_rel_err"] = max(rel(r2.top_scores, r1.top_scores),
-                                       rel(r2.bottom_scores, r1.bottom_scores))
+    r2 = jaxinf.sharded_query(
+        log, test, meta, mesh=mesh, mode=mode, top_k=7, chunk_rows=8, progress=False
+    )
+    out[f"query_{mode}_same_top_rows"] = bool(
+        np.array_equal(r1.top_rows, r2.top_rows) and np.array_equal(r1.bottom_rows, r2.bottom_rows)
+    )
+    out[f"query_{mode}_rel_err"] = max(
+        rel(r2.top_scores, r1.top_scores), rel(r2.bottom_scores, r1.bottom_scores)
+    )
 r3 = jaxinf.sharded_query(log, test, meta, mesh=mesh, top_k=7, chunk_rows=2, progress=False)
 r1 = jaxinf.query(log, test, meta, top_k=7, chunk_rows=8, progress=False)
 out["query_many_rounds_same_top_rows"] = bool(np.array_equal(r1.top_rows, r3.top_rows))
@@ -135,12 +150,19 @@ for b, g in zip(batches, ref_grads):
 out["bf16_grads_rel_err"] = max(errs)
 pbf = os.path.join(tmp, "log_bf16")
 with jaxinf.LogWriter(pbf, meta, dtype="bfloat16", chunk_rows=8) as w:
-    jaxinf.log_sharded(lbf, params, batches, w,
-                       ids_fn=lambda b: ids[[id(x) for x in batches].index(id(b))], progress=False)
+    jaxinf.log_sharded(
+        lbf,
+        params,
+        batches,
+        w,
+        ids_fn=lambda b: ids[[id(x) for x in batches].index(id(b))],
+        progress=False,
+    )
 lb = jaxinf.open_log(pbf)
 rb, _ = lb.read(as_layers=True)
 out["bf16_log_dtype"] = str(rb["head"].dtype)
 out["bf16_log_rel_err"] = max(
-    rel(rb[p], np.concatenate([np.asarray(g[p]) for g in ref_grads])) for p in layers)
+    rel(rb[p], np.concatenate([np.asarray(g[p]) for g in ref_grads])) for p in layers
+)
 
 print(json.dumps(out))

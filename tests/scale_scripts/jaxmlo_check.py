@@ -13,6 +13,7 @@ examples weighted by a meta network of their loss, the meta network trained on a
   exactly that on one device, shard by shard, from the engine's own ``total_gradient`` and the
   method's ``post_update``; the base problem follows the global-batch gradient in both.
 """
+
 import json
 import os
 
@@ -58,13 +59,21 @@ def meta_loss(m, deps, batch):
 def program(method, base_unroll=2, base_loss_fn=base_loss):
     k = jax.random.split(jax.random.key(0), 4)
     w = {"w": 0.3 * jax.random.normal(k[0], (D, C)), "b": jnp.zeros(C)}
-    m = {"a": jax.random.normal(k[1], (1, H)), "c": jnp.zeros(H),
-         "o": 0.5 * jax.random.normal(k[2], (H, 1))}
+    m = {
+        "a": jax.random.normal(k[1], (1, H)),
+        "c": jnp.zeros(H),
+        "o": 0.5 * jax.random.normal(k[2], (H, 1)),
+    }
     return jaxmlo.Program(
-        [jaxmlo.Problem("base", base_loss_fn, w, optax.adam(0.05), unroll_steps=base_unroll,
-                        method=method),
-         jaxmlo.Problem("meta", meta_loss, m, optax.adam(0.02))],
-        u2l={"meta": ["base"]}, l2u={"base": ["meta"]})
+        [
+            jaxmlo.Problem(
+                "base", base_loss_fn, w, optax.adam(0.05), unroll_steps=base_unroll, method=method
+            ),
+            jaxmlo.Problem("meta", meta_loss, m, optax.adam(0.02)),
+        ],
+        u2l={"meta": ["base"]},
+        l2u={"base": ["meta"]},
+    )
 
 
 def make_batches(i, base_unroll=2):
@@ -85,16 +94,21 @@ ref_state = jaxmlo.init(prog)
 ref_step = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))
 par_state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
 # compile once, run the executable, read its HLO (a second .lower().compile() would recompile)
-par_step = jaxmlo.parallel_step(prog, mesh).lower(
-    par_state, jaxmlo.shard_batches(make_batches(0), mesh)).compile()
+par_step = (
+    jaxmlo.parallel_step(prog, mesh)
+    .lower(par_state, jaxmlo.shard_batches(make_batches(0), mesh))
+    .compile()
+)
 cg_hlo = par_step.as_text()
 for i in range(STEPS):
     b = make_batches(i)
     ref_state, ref_m = ref_step(ref_state, b)
     par_state, par_m = par_step(par_state, jaxmlo.shard_batches(b, mesh))
 out["cg_params_rel_err"] = rel(par_state.params, ref_state.params)
-out["cg_opt_rel_err"] = rel([x for x in jax.tree.leaves(par_state.opt_states) if x.dtype != jnp.int32],
-                            [x for x in jax.tree.leaves(ref_state.opt_states) if x.dtype != jnp.int32])
+out["cg_opt_rel_err"] = rel(
+    [x for x in jax.tree.leaves(par_state.opt_states) if x.dtype != jnp.int32],
+    [x for x in jax.tree.leaves(ref_state.opt_states) if x.dtype != jnp.int32],
+)
 out["cg_metrics_rel_err"] = max(rel(par_m[k], ref_m[k]) for k in ref_m)
 out["cg_replicated"] = all(x.sharding.is_fully_replicated for x in jax.tree.leaves(par_state))
 out["cg_collectives"] = jaxmlo.count_collectives(cg_hlo)
@@ -103,22 +117,29 @@ out["cg_collectives"] = jaxmlo.count_collectives(cg_hlo)
 method = jaxmlo.sama(alpha=1.0)
 prog = program(method)
 par_state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
-par_step = jaxmlo.parallel_step(prog, mesh).lower(
-    par_state, jaxmlo.shard_batches(make_batches(0), mesh)).compile()
+par_step = (
+    jaxmlo.parallel_step(prog, mesh)
+    .lower(par_state, jaxmlo.shard_batches(make_batches(0), mesh))
+    .compile()
+)
 sama_hlo = par_step.as_text()
 
 
 def shard(tree, i):
     n = B // N_DEV
-    return jax.tree.map(lambda x: x[:, i * n:(i + 1) * n], tree)
+    return jax.tree.map(lambda x: x[:, i * n : (i + 1) * n], tree)
 
 
 @jax.jit
 def sama_reference(state, batches):
     """One program step with the data-parallel SAMA semantics, computed on one device."""
     base, meta = prog.problems["base"], prog.problems["meta"]
-    p, s, lam, ms = (state.params["base"], state.opt_states["base"], state.params["meta"],
-                     state.opt_states["meta"])
+    p, s, lam, ms = (
+        state.params["base"],
+        state.opt_states["base"],
+        state.params["meta"],
+        state.opt_states["meta"],
+    )
     # base: global-batch gradients (mean of shard means == mean over the batch)
     un = jaxmlo.unroll(base.loss, base.optimizer, p, s, {"meta": lam}, batches["base"])
     # meta: every shard's SAMA meta gradient and nudge, then their mean
@@ -127,17 +148,26 @@ def sama_reference(state, batches):
         bi, mi = shard(batches["base"], i), shard(batches["meta"], i)
         un_i = un._replace(batches=bi)
         mb = jax.tree.map(lambda x: x[0], mi)
-        _, g, _, v = jaxmlo.total_gradient(prog, "meta", lam, {"base": un.params}, mb,
-                                           {"base": un_i}, {"base": {"meta": lam}})
+        _, g, _, v = jaxmlo.total_gradient(
+            prog, "meta", lam, {"base": un.params}, mb, {"base": un_i}, {"base": {"meta": lam}}
+        )
         gs.append(g)
-        new = method.post_update(base.loss, base.optimizer, un_i, {"meta": lam},
-                                 jax.tree.map(lambda x: x[-1], bi), v["base"])
+        new = method.post_update(
+            base.loss,
+            base.optimizer,
+            un_i,
+            {"meta": lam},
+            jax.tree.map(lambda x: x[-1], bi),
+            v["base"],
+        )
         deltas.append(jax.tree.map(jnp.subtract, new, un.params))
     mean = lambda trees: jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)
     u, ms = meta.optimizer.update(mean(gs), ms, lam)
     lam = optax.apply_updates(lam, u)
     p = jax.tree.map(jnp.add, un.params, mean(deltas))
-    return state._replace(params={"base": p, "meta": lam}, opt_states={"base": un.opt_state, "meta": ms})
+    return state._replace(
+        params={"base": p, "meta": lam}, opt_states={"base": un.opt_state, "meta": ms}
+    )
 
 
 ref_state = jaxmlo.init(prog)
@@ -148,9 +178,16 @@ for i in range(STEPS):
 out["sama_params_rel_err"] = rel(par_state.params, ref_state.params)
 
 # the engine's run() driver with the data-parallel step (host batches are split inside the jit)
-res = jaxmlo.run(prog, {"base": lambda i: jax.tree.map(lambda x: x[i % 2], make_batches(i // 2)["base"]),
-                        "meta": lambda i: jax.tree.map(lambda x: x[0], make_batches(i)["meta"])},
-                 STEPS, step_fn=jaxmlo.parallel_step(prog, mesh), progress=False)
+res = jaxmlo.run(
+    prog,
+    {
+        "base": lambda i: jax.tree.map(lambda x: x[i % 2], make_batches(i // 2)["base"]),
+        "meta": lambda i: jax.tree.map(lambda x: x[0], make_batches(i)["meta"]),
+    },
+    STEPS,
+    step_fn=jaxmlo.parallel_step(prog, mesh),
+    progress=False,
+)
 out["run_driver_rel_err"] = rel(res.state.params, par_state.params)
 out["sama_meta_rel_err"] = rel(par_state.params["meta"], ref_state.params["meta"])
 out["sama_replicated"] = all(x.sharding.is_fully_replicated for x in jax.tree.leaves(par_state))
@@ -169,19 +206,26 @@ out["sama_global_mode_rel_err"] = rel(gstate.params, glob.params)
 
 out["sama_collectives"] = jaxmlo.count_collectives(sama_hlo)
 # the base problem alone (its 2 unrolled steps are one scan: one all-reduce in the loop body)
-base_only = jaxmlo.Program([prog.problems["base"]._replace(
-    loss=lambda w, d, b: jnp.mean(xent(w, *b)), method=None)])
+base_only = jaxmlo.Program(
+    [prog.problems["base"]._replace(loss=lambda w, d, b: jnp.mean(xent(w, *b)), method=None)]
+)
 bo_step = jaxmlo.parallel_step(base_only, mesh)
 bo_state = jaxmlo.replicate(jaxmlo.init(base_only), mesh)
-bo_hlo = bo_step.lower(bo_state, jaxmlo.shard_batches({"base": make_batches(0)["base"]}, mesh)
-                       ).compile().as_text()
+bo_hlo = (
+    bo_step.lower(bo_state, jaxmlo.shard_batches({"base": make_batches(0)["base"]}, mesh))
+    .compile()
+    .as_text()
+)
 out["base_only_collectives"] = jaxmlo.count_collectives(bo_hlo)
 
 # ---- mixed precision: bf16 compute, f32 master params and optimizer state (per problem)
 prog_mp = program(method, base_loss_fn=jaxmlo.mixed_precision(base_loss))
 mp_state = jaxmlo.replicate(jaxmlo.init(prog_mp), mesh)
-mp_step = jaxmlo.parallel_step(prog_mp, mesh).lower(
-    mp_state, jaxmlo.shard_batches(make_batches(0), mesh)).compile()
+mp_step = (
+    jaxmlo.parallel_step(prog_mp, mesh)
+    .lower(mp_state, jaxmlo.shard_batches(make_batches(0), mesh))
+    .compile()
+)
 mp_hlo = mp_step.as_text()
 for i in range(STEPS):
     mp_state, mp_m = mp_step(mp_state, jaxmlo.shard_batches(make_batches(i), mesh))

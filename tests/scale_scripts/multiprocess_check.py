@@ -6,6 +6,7 @@ log (statistics: one psum across both processes), both score the log with ``shar
 (each reads only its own devices' chunks), and both run the jaxmlo CG step data-parallel. Each
 compares against a single-device computation of its own; process 0 prints the JSON line.
 """
+
 import json
 import os
 import sys
@@ -65,8 +66,12 @@ layers = jaxinf.find_layers(cap, params, {"x": xs[0], "y": ys[0]})
 projs = jaxinf.random_projections(layers, key=jax.random.key(3), k_in=4, k_out=2)
 meta = jaxinf.projection_metadata(projs, init="random", seed=3)
 sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-batches = [jax.make_array_from_process_local_data(
-    sharding, {"x": np.asarray(xs[i][half]), "y": np.asarray(ys[i][half])}) for i in range(2)]
+batches = [
+    jax.make_array_from_process_local_data(
+        sharding, {"x": np.asarray(xs[i][half]), "y": np.asarray(ys[i][half])}
+    )
+    for i in range(2)
+]
 ids = [list(range(i * B, (i + 1) * B)) for i in range(2)]
 logging = jaxinf.sharded_logging(cap, projs, mesh=mesh)
 path = os.path.join(tmp, "log")
@@ -104,8 +109,9 @@ out["log_cov_rel_err"] = max(rel(log.statistics()[p].covariance, ref_cov[p]) for
 test = {p: v[:3] for p, v in ref[1].items()}
 r1 = jaxinf.query(log, test, meta, top_k=5, chunk_rows=4, progress=False)
 r2 = jaxinf.sharded_query(log, test, meta, mesh=mesh, top_k=5, chunk_rows=4, progress=False)
-out["query_same_top_rows"] = bool(np.array_equal(r1.top_rows, r2.top_rows)
-                                  and np.array_equal(r1.bottom_rows, r2.bottom_rows))
+out["query_same_top_rows"] = bool(
+    np.array_equal(r1.top_rows, r2.top_rows) and np.array_equal(r1.bottom_rows, r2.bottom_rows)
+)
 out["query_rel_err"] = rel(r2.top_scores, r1.top_scores)
 
 # ---- jaxmlo: the CG program step across both processes == one device on the global batch
@@ -125,14 +131,24 @@ def meta_loss(m, deps, b):
 
 
 prog = jaxmlo.Program(
-    [jaxmlo.Problem("base", base_loss, {"w": 0.3 * jax.random.normal(jax.random.key(5), (D, C)),
-                                        "b": jnp.zeros(C)}, optax.adam(0.05),
-                    method=jaxmlo.cg(maxiter=5, tol=0.0, damping=0.1)),
-     jaxmlo.Problem("meta", meta_loss, {"s": jnp.ones(())}, optax.adam(0.02))],
-    u2l={"meta": ["base"]}, l2u={"base": ["meta"]})
+    [
+        jaxmlo.Problem(
+            "base",
+            base_loss,
+            {"w": 0.3 * jax.random.normal(jax.random.key(5), (D, C)), "b": jnp.zeros(C)},
+            optax.adam(0.05),
+            method=jaxmlo.cg(maxiter=5, tol=0.0, damping=0.1),
+        ),
+        jaxmlo.Problem("meta", meta_loss, {"s": jnp.ones(())}, optax.adam(0.02)),
+    ],
+    u2l={"meta": ["base"]},
+    l2u={"base": ["meta"]},
+)
 k = jax.random.split(jax.random.key(7), 4)
-glob = {"base": (jax.random.normal(k[0], (1, B, D)), jax.random.randint(k[1], (1, B), 0, C)),
-        "meta": (jax.random.normal(k[2], (1, B, D)), jax.random.randint(k[3], (1, B), 0, C))}
+glob = {
+    "base": (jax.random.normal(k[0], (1, B, D)), jax.random.randint(k[1], (1, B), 0, C)),
+    "meta": (jax.random.normal(k[2], (1, B, D)), jax.random.randint(k[3], (1, B), 0, C)),
+}
 local = jax.tree.map(lambda x: np.asarray(x)[:, half], glob)
 step = jaxmlo.parallel_step(prog, mesh)
 state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
