@@ -86,11 +86,16 @@ class HypergradMethod(NamedTuple):
         a pytree shaped like ``deps``.
       post_update: ``(loss_fn, optimizer, unrolled, deps, batch, v) -> params`` to continue base
         training from after the meta step (SAMA's nudge; ``unrolled.params`` otherwise).
+      local: the method needs only first-order derivatives of the loss at the current batch,
+        so data parallelism can take them per shard with one all-reduce per update (SAMA).
+      nudges: ``post_update`` moves the base parameters (it is the identity otherwise).
     """
 
     name: str
     best_response_vjp: Callable[..., Any]
     post_update: Callable[..., Any]
+    local: bool = False
+    nudges: bool = False
 
 
 class HypergradInfo(NamedTuple):
@@ -483,7 +488,7 @@ def sama(alpha: float = 1.0, nudge: bool = True) -> HypergradMethod:
         eps = alpha / jnp.where(norm > 0, norm, 1.0)
         return _axpy(-eps, pv, unrolled.params)
 
-    return HypergradMethod("sama", best_response_vjp, post_update)
+    return HypergradMethod("sama", best_response_vjp, post_update, local=True, nudges=nudge)
 
 
 # --------------------------------------------------------------------------------------------
