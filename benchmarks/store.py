@@ -271,9 +271,9 @@ def main():
 
 def _raw_write(path: str, log, args) -> dict:
     """tensorstore alone writing the log's bytes: whole chunks, ``--in-flight`` writes outstanding."""
-    from jaxinf._src.store import _create_array
+    from jaxinf._src.store_files import create_array
 
-    arr = _create_array(
+    arr = create_array(
         path, (args.rows, log.dim), (log.chunk_rows, log.dim), log.meta["storage_dtype"]
     )
     block = np.asarray(

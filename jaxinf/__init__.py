@@ -74,6 +74,7 @@ from jaxinf._src.query import (
     query,
     self_influence,
 )
+from jaxinf._src.reader import LayerStatistics, Log, open_log
 from jaxinf._src.statistics import (
     Accumulator,
     KFACFactors,
@@ -81,13 +82,9 @@ from jaxinf._src.statistics import (
     kfac_factors,
     projected_covariance,
 )
-from jaxinf._src.store import (
-    LayerStatistics,
-    Log,
-    LogWriter,
-    WriteHandle,
-    open_log,
-)
+from jaxinf._src.store_files import LogLockedError
+from jaxinf._src.store_format import LogFormatError
+from jaxinf._src.writer import LogWriter, WriteHandle
 
 __version__ = "0.1.0"
 
@@ -170,6 +167,8 @@ __all__ = [
     # store
     "LayerStatistics",
     "Log",
+    "LogFormatError",
+    "LogLockedError",
     "LogWriter",
     "open_log",
     "WriteHandle",

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Accumulator(NamedTuple):
@@ -46,6 +47,31 @@ def _flat_rows(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
+# The empirical Fisher of projected gradients has one home: these three functions. The writer's
+# running sums, the sharded logging pass, the reader's fit and ``influence_scores`` all use them.
+
+
+def add_outer(acc: jax.Array, x: jax.Array) -> jax.Array:
+    """``acc + sum_i g_i g_i^T`` for a batch ``x`` [batch, ...] (``acc`` [D, D] sets the dtype)."""
+    g = _flat_rows(x).astype(acc.dtype)
+    return acc + g.T @ g
+
+
+def covariance_from_sums(sum_outer, count):
+    """``F = sum g g^T / count`` (count clipped to >= 1); works on arrays and on numpy."""
+    return sum_outer / max(count, 1) if isinstance(count, int) else sum_outer / count
+
+
+def fisher_eigh(cov) -> tuple[np.ndarray, np.ndarray]:
+    """Eigendecomposition of a Fisher ``F`` [d, d] in float64 on the host: (ascending values, vectors).
+
+    ``F`` is symmetrized first and round-off negatives of the values are clipped to 0.
+    """
+    cov = np.asarray(cov, np.float64)
+    evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
+    return np.maximum(evals, 0.0), evecs
+
+
 def projected_covariance() -> Accumulator:
     """Uncentered covariance (empirical Fisher) of projected per-example gradients, per layer.
 
@@ -65,12 +91,8 @@ def projected_covariance() -> Accumulator:
         return CovarianceState(jax.tree.map(zeros, tree), jnp.zeros((), jnp.int32))
 
     def update(state, tree):
-        def add(acc, x):
-            g = _flat_rows(x).astype(acc.dtype)
-            return acc + g.T @ g
-
         n = jax.tree.leaves(tree)[0].shape[0]
-        return CovarianceState(jax.tree.map(add, state.sum_outer, tree), state.count + n)
+        return CovarianceState(jax.tree.map(add_outer, state.sum_outer, tree), state.count + n)
 
     def finalize(state):
         count = jnp.maximum(state.count, 1)
