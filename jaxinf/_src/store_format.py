@@ -337,7 +337,7 @@ def load_metadata(path: str) -> dict:
     mpath = os.path.join(path, METADATA_FILE)
     if not os.path.exists(mpath):
         raise ValueError(f"{path} is not a jaxinf log: missing {METADATA_FILE}")
-    return check_metadata(read_json(mpath, "log metadata"), mpath)
+    return check_metadata(read_json(mpath, "log metadata", LogFormatError), mpath)
 
 
 def values(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -39,6 +39,10 @@ _TARGET_CHUNK_BYTES = 8 << 20
 _ACC = projected_covariance()
 
 
+def _before_write(step: str) -> None:
+    """Called before every write of the commit protocol (tests inject crashes here)."""
+
+
 def default_writer_id() -> str:
     """A shard name unique to this job and process: ``<UTC time>-<random>-p<process index>``.
 
@@ -272,6 +276,7 @@ class LogWriter:
                 "(the writer never recreates an array over committed rows)"
             )
         else:
+            _before_write(f"create {name}")
             arr = files.create_array(d, shape, chunks, dtype)
         if tuple(arr.shape[1:]) != tuple(shape[1:]) or arr.dtype.numpy_dtype.str != (
             np.dtype(dtype).str
@@ -305,6 +310,7 @@ class LogWriter:
             w = self._max_id_bytes
             self._ids = self._open_or_create("ids", (cr, w), (cr, w), "|u1", rows)
         if rows is None:
+            _before_write("first commit record")
             files.atomic_write_json(os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": 0})
             rows = 0
         self.committed_rows = self._opened_rows = rows
@@ -374,6 +380,7 @@ class LogWriter:
         meta = fmt.new_metadata(
             layers, self.projection, self.dtype, chunk_rows, ids_kind, self._max_id_bytes
         )
+        _before_write("metadata")
         files.create_json_exclusive(os.path.join(self.path, fmt.METADATA_FILE), meta)
         # another writer may have won the race: attach to whatever is on disk, after checking it
         self._attach(fmt.load_metadata(self.path))
@@ -515,6 +522,7 @@ class LogWriter:
         """Protocol step 3: grow one array (one metadata write) to hold rows [0, stop)."""
         if stop <= arr.shape[0]:
             return arr
+        _before_write("grow")
         cap = max(stop, 2 * arr.shape[0])
         cap = -(-cap // self.chunk_rows) * self.chunk_rows
         return arr.resize(exclusive_max=[cap] + [None] * (arr.rank - 1), expand_only=True).result()
@@ -526,7 +534,9 @@ class LogWriter:
         self._grads = self._grow(self._grads, stop)
         self._ids = self._grow(self._ids, stop)
         self._shard_arrays[self._own_number] = (self.writer_id, self._ids)
+        _before_write("grads chunk")
         f1 = self._grads[start:stop].write(self._ring_rows[self._slot][:count])
+        _before_write("ids chunk")
         f2 = self._ids[start:stop].write(self._ring_ids[self._slot][:count])
         self._pending.append(_Pending(stop, [f1.commit, f2.commit]))
         self._ring_busy[self._slot] = (f1.copy, f2.copy)
@@ -542,6 +552,7 @@ class LogWriter:
 
     def _commit(self) -> None:
         """Protocol step 4: the commit record names the durable prefix."""
+        _before_write("commit record")
         files.atomic_write_json(
             os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": self.committed_rows}
         )
@@ -602,11 +613,13 @@ class LogWriter:
         """Protocol step 5 (only after rows were added)."""
         if self._acc_state is not None:
             sums = [self._acc_state.sum_outer[f"layer_{i}"] for i in range(len(self.layers))]
+            _before_write("fisher version")
             save_fisher(self._shard_dir, sums, self.committed_rows)
         cap = -(-max(self.committed_rows, 1) // self.chunk_rows) * self.chunk_rows
         for name in ("_grads", "_ids"):
             arr = getattr(self, name)
             if cap < arr.shape[0]:
+                _before_write("trim")
                 arr = arr.resize(exclusive_max=[cap] + [None] * (arr.rank - 1), shrink_only=True)
                 setattr(self, name, arr.result())
 
