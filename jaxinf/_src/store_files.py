@@ -297,6 +297,10 @@ class ShardLock:
             return
         if cur.get("token") == self.owner["token"]:
             os.unlink(self.path)
+            try:  # a shard that never got rows leaves no directory behind
+                os.rmdir(os.path.dirname(self.path))
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------------------- versions

@@ -301,25 +301,19 @@ class LogWriter:
         self._id_kind, self._max_id_bytes = meta["ids"]["kind"], meta["ids"]["max_bytes"]
         rows = files.committed_rows(self._shard_dir)
         cr = self.chunk_rows
-        self._grads = self._open_or_create(
-            "grads", (cr, self.dim), (cr, self.dim), meta["storage_dtype"], rows
-        )
-        if self._id_kind == "int":
-            self._ids = self._open_or_create("ids", (cr,), (cr,), "<i8", rows)
-        else:
-            w = self._max_id_bytes
-            self._ids = self._open_or_create("ids", (cr, w), (cr, w), "|u1", rows)
-        if rows is None:
-            _before_write("first commit record")
-            files.atomic_write_json(os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": 0})
-            rows = 0
-        self.committed_rows = self._opened_rows = rows
-        files.check_chunks_present(
-            os.path.join(self._shard_dir, "grads"), rows, cr, 2, "shard grads"
-        )
-        files.check_chunks_present(
-            os.path.join(self._shard_dir, "ids"), rows, cr, self._ids.rank, "shard ids"
-        )
+        # a shard that has no commit record yet is created with its first rows (protocol step
+        # 2), so a writer that adds nothing leaves nothing behind
+        self._grads = self._ids = None
+        if rows is not None:
+            self._open_shard(rows)
+            files.check_chunks_present(
+                os.path.join(self._shard_dir, "grads"), rows, cr, 2, "shard grads"
+            )
+            files.check_chunks_present(
+                os.path.join(self._shard_dir, "ids"), rows, cr, self._ids.rank, "shard ids"
+            )
+        self.committed_rows = self._opened_rows = rows or 0
+        rows = self.committed_rows
         self._build_index()
         self._next_row = self.committed_rows  # first row of the chunk being filled
         # A ring of reused chunk buffers: batches are copied into the current one, a full one is
@@ -348,6 +342,21 @@ class LogWriter:
                 self._acc_state = fisher_sums_from_rows(
                     self._grads, rows, self.layers, self.dtype, cr
                 )
+
+    def _open_shard(self, rows: int | None) -> None:
+        """Protocol step 2: open this shard's arrays, creating those that are absent."""
+        cr = self.chunk_rows
+        self._grads = self._open_or_create(
+            "grads", (cr, self.dim), (cr, self.dim), self.meta["storage_dtype"], rows
+        )
+        if self._id_kind == "int":
+            self._ids = self._open_or_create("ids", (cr,), (cr,), "<i8", rows)
+        else:
+            w = self._max_id_bytes
+            self._ids = self._open_or_create("ids", (cr, w), (cr, w), "|u1", rows)
+        if rows is None:
+            _before_write("first commit record")
+            files.atomic_write_json(os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": 0})
 
     def _build_index(self) -> None:
         """Index the ids committed in every shard as of now (this one included)."""
@@ -531,6 +540,8 @@ class LogWriter:
         """Hand the current buffer's rows to tensorstore and move to the next ring slot."""
         count = self._fill
         start, stop = self._next_row, self._next_row + count
+        if self._grads is None:
+            self._open_shard(files.committed_rows(self._shard_dir))
         self._grads = self._grow(self._grads, stop)
         self._ids = self._grow(self._ids, stop)
         self._shard_arrays[self._own_number] = (self.writer_id, self._ids)
