@@ -11,7 +11,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 # Examples that need no names from the reader's own code, in README order (later ones may use
 # files an earlier one wrote, as the store examples do).
 RUNNABLE = (
-    "jaxmlo.run(program",
+    "jaxmlo.run(",
     'jaxinf.LogWriter("/tmp/my_log"',
     "import json, tensorstore as ts",
 )
