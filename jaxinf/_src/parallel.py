@@ -497,8 +497,13 @@ def sharded_query(
             valid = jax.make_array_from_single_device_arrays((n_dev,), dev, valids)
             state = step(state, chunk, start, valid, q_d, whiten_d, self_te_d)
     out = finish(state)
-    ids = log.ids()
     top_i, bot_i = np.asarray(out.top_i), np.asarray(out.bot_i)
     return _query.QueryResult(
-        np.asarray(out.top_v), ids[top_i], top_i, -np.asarray(out.bot_v), ids[bot_i], bot_i, None
+        np.asarray(out.top_v),
+        log.ids_at(top_i),
+        top_i,
+        -np.asarray(out.bot_v),
+        log.ids_at(bot_i),
+        bot_i,
+        None,
     )

@@ -420,10 +420,15 @@ def query(
                 writes.popleft().result()
     for w in writes:
         w.result()
-    ids = log.ids()
     top_i, bot_i = np.asarray(state.top_i), np.asarray(state.bot_i)
     return QueryResult(
-        np.asarray(state.top_v), ids[top_i], top_i, -np.asarray(state.bot_v), ids[bot_i], bot_i, out
+        np.asarray(state.top_v),
+        log.ids_at(top_i),
+        top_i,
+        -np.asarray(state.bot_v),
+        log.ids_at(bot_i),
+        bot_i,
+        out,
     )
 
 

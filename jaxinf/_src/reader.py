@@ -71,6 +71,27 @@ class Log:
             return np.zeros((0,), np.int64 if kind == "int" else object)
         return np.concatenate(parts)
 
+    def ids_at(self, rows) -> np.ndarray:
+        """Data ids of the given global rows (any shape; the order of ``Log.ids()``).
+
+        Reads and decodes only those ids, not every id of the log.
+        """
+        rows = np.asarray(rows, np.int64)
+        flat = rows.reshape(-1)
+        kind = self.meta["ids"]["kind"]
+        if flat.size and (flat.min() < 0 or flat.max() >= self.num_rows):
+            raise ValueError(f"rows out of [0, {self.num_rows}) in ids_at")
+        starts = np.cumsum([0] + [s.rows for s in self.shards])
+        which = np.searchsorted(starts, flat, "right") - 1
+        out = np.zeros(flat.shape, np.int64 if kind == "int" else object)
+        for k in np.unique(which):
+            sel = np.nonzero(which == k)[0]
+            local = flat[sel] - starts[k]
+            uniq, inv = np.unique(local, return_inverse=True)
+            got = fmt.ids_from_storage(self.shards[k].ids[uniq].read().result(), kind)
+            out[sel] = got[inv]
+        return out.reshape(rows.shape)
+
     def read(
         self,
         shard: str | None = None,
