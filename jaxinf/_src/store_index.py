@@ -5,8 +5,9 @@ of their UTF-8 bytes and keep the row that holds them (8 + 8 bytes per row), so 
 match is confirmed against the stored id before it counts as a duplicate: a hash collision
 never drops or refuses a row.
 
-New keys collect in a small sorted run that is merged into the main run when it grows past
-1/16 of it, so the index costs O(log n) per lookup and amortized O(1) copies per row.
+Keys are kept in sorted runs whose sizes shrink at least fourfold from one run to the next (a
+new batch is a run; a run is merged into the one before it once it reaches a quarter of its
+size), so a lookup is a binary search in O(log n) runs and each key is copied O(log n) times.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 ROW_BITS = 40  # a location is (shard number << 40) | row: 2^40 rows per shard, 2^24 shards
-_MIN_RUN = 1 << 16
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -63,10 +63,7 @@ class IdIndex:
     def __init__(self, kind: str):
         self.kind = kind
         self.exact = kind == "int"
-        self._runs = [self._empty(), self._empty()]  # main, recent
-
-    def _empty(self):
-        return np.zeros(0, np.uint64), (None if self.exact else np.zeros(0, np.uint64))
+        self._runs: list = []  # [(keys uint64 sorted, locations uint64 or None)], largest first
 
     def __len__(self) -> int:
         return sum(len(k) for k, _ in self._runs)
@@ -82,12 +79,10 @@ class IdIndex:
         locs = None
         if not self.exact:
             locs = (np.uint64(shard) << np.uint64(ROW_BITS)) | rows.astype(np.uint64)[order]
-        (mk, ml), (rk, rl) = self._runs
-        rk, rl = _merge(rk, rl, k, locs)
-        if len(rk) > max(_MIN_RUN, len(mk) // 16):
-            mk, ml = _merge(mk, ml, rk, rl)
-            rk, rl = self._empty()
-        self._runs = [(mk, ml), (rk, rl)]
+        self._runs.append((k, locs))
+        while len(self._runs) > 1 and 4 * len(self._runs[-1][0]) >= len(self._runs[-2][0]):
+            (ka, la), (kb, lb) = self._runs[-2:]
+            self._runs[-2:] = [_merge(ka, la, kb, lb)]
 
     def member(self, keys: np.ndarray) -> np.ndarray:
         """Bool [n]: which keys are indexed (exact for integer ids)."""
