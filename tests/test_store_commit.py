@@ -237,3 +237,15 @@ def test_damaged_derived_data_is_a_named_error(tmp_path):
     os.remove(os.path.join(path, "statistics", version, "layer_0", "eigenvectors", "0.0"))
     with pytest.raises(LogFormatError, match=r"eigenvectors.*missing.*delete"):
         open_log(path).statistics()
+
+
+def test_a_lock_from_another_host_is_not_broken(tmp_path):
+    path = str(tmp_path / "log")
+    w = LogWriter(path, PROJ, writer_id="w")
+    w._release.detach()
+    lock = os.path.join(w._shard_dir, "lock.json")
+    json.dump({**w._lock.owner, "host": "elsewhere", "pid": _dead_pid()}, open(lock, "w"))
+    with pytest.raises(LogLockedError, match=r"host 'elsewhere'.*cannot be checked.*delete"):
+        LogWriter(path, PROJ, writer_id="w")
+    os.remove(lock)  # the documented repair once that job is known to be gone
+    LogWriter(path, PROJ, writer_id="w").close()
