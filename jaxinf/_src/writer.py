@@ -4,8 +4,8 @@ Commit protocol of a shard (every step is one atomic single-key write; a crash b
 leaves a shard that opens and resumes with every committed row exactly once):
 
 1. take ``lock.json`` (exclusive create; a dead owner's lock is reported and taken over);
-2. create ``grads/.zarray`` then ``ids/.zarray`` if absent (never over an existing array), then
-   ``committed.json`` ``{"rows": 0}`` if absent;
+2. with the shard's first rows: create ``grads/.zarray`` then ``ids/.zarray`` if absent (never
+   over an existing array), then ``committed.json`` ``{"rows": 0}`` if absent;
 3. to append rows ``[n, m)``: grow ``grads`` if it is shorter than ``m``, then ``ids`` (each on
    its own: a crash between leaves both at least ``n`` long), write their chunks;
 4. when the chunk writes of a contiguous prefix ``[0, m)`` have completed, replace
