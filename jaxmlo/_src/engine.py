@@ -16,6 +16,11 @@ sum over all paths by linearity, while each lower problem's vjp runs once per up
 problem even when paths share a suffix (thesis Figure 2.2's two paths
 theta_4 -> theta_3* and theta_4 -> theta_1* -> theta_3*).
 
+Eq. 2.2 is the total derivative unless a problem below k is itself the upper problem of
+another one (a nested sub-program); there, with ``Program(total_derivative="exact")`` (the
+default), the hypergradient is implicit differentiation of the nested stationarity
+conditions instead (``jaxmlo._src.nested``).
+
 One program step is one pass over the graph: with unroll lengths (T_1, ..., T_n) problem
 k takes T_k steps, using the lower problems' solutions from this pass. (Betty instead
 nests the counts -- an upper problem steps after every T steps of its lower problems, so a

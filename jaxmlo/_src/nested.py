@@ -90,8 +90,9 @@ def nested_total_gradient(program, name: str, params, batch, values: dict, batch
       name: the problem whose gradient is wanted.
       params: its parameters.
       batch: one batch of ``name``'s data.
-      values: ``{problem: params}`` current parameters of every other problem; those below
-        ``name`` are taken as their (approximate) optima.
+      values: ``{problem: params}`` current parameters of every problem below ``name``
+        (taken as their approximate optima) and of every other problem their losses or
+        ``name``'s loss read.
       batches: ``{problem: batch}`` where each problem below ``name`` is linearised (its last
         unrolled batch).
 
@@ -99,7 +100,8 @@ def nested_total_gradient(program, name: str, params, batch, values: dict, batch
       ``(loss, grad, hypergrad, v)`` as :func:`jaxmlo.testing.total_gradient`.
     """
     under = below(program, name)
-    fixed = {n: values[n] for n in program.order if n != name and n not in under}
+    # Only the values the sub-program reads are needed; the others never enter it.
+    fixed = {n: x for n, x in values.items() if n != name and n not in under}
     problems = program.problems
     uppers = {n: set(program.uppers(n)) for n in program.order}
 
