@@ -161,7 +161,7 @@ def test_four_problem_dag_whose_middle_upper_has_its_own_lower_problem():
 
 
 def test_nested_program_steps_under_jit_and_bad_option_is_refused():
-    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    ks = jax.random.split(jax.random.PRNGKey(5), 4)
     probs = [
         Problem(
             "bot", _quadratic(ks[0], ["mid"]), jnp.zeros(D), optax.sgd(0.1), 2, method=jaxmlo.cg()
@@ -174,11 +174,16 @@ def test_nested_program_steps_under_jit_and_bad_option_is_refused():
             method=jaxmlo.cg(),
         ),
         Problem("top", _quadratic(ks[2], ["mid"]), jnp.ones(D), optax.sgd(0.1)),
+        # Reads bot's solution but is not part of top's nested sub-program.
+        Problem("other", _quadratic(ks[3], ["bot"]), jnp.ones(D), optax.sgd(0.1)),
     ]
-    edges = dict(u2l={"top": ["mid"], "mid": ["bot"]}, l2u={"bot": ["mid"], "mid": ["top"]})
+    edges = dict(
+        u2l={"top": ["mid"], "mid": ["bot"]}, l2u={"bot": ["mid", "other"], "mid": ["top"]}
+    )
     prog = Program(probs, **edges)
     assert prog.total_derivative == "exact"
-    batches = {"bot": jnp.zeros((2, 1)), "mid": jnp.zeros((1, 1)), "top": jnp.zeros((1, 1))}
+    batches = {n: jnp.zeros((1, 1)) for n in ("mid", "top", "other")}
+    batches["bot"] = jnp.zeros((2, 1))
     fn = jaxmlo.make_step(prog)
     state = jaxmlo.init(prog)
     for _ in range(3):
