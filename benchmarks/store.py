@@ -102,6 +102,9 @@ def main():
     )
     p.add_argument("--out", default="benchmarks/results/store_cpu.json")
     p.add_argument("--robustness", action="store_true", help="RSS and lock/index cost only")
+    p.add_argument(
+        "--commit-cost", action="store_true", help="seconds per commit, against --baseline"
+    )
     p.add_argument("--baseline", default=None, help="path of an older store.py to compare")
     p.add_argument("--rss-rows", type=int, default=1_000_000)
     p.add_argument("--write-rows", type=int, default=100_000, help="rows per throughput run")
@@ -111,6 +114,8 @@ def main():
         return _rss_child(args, *args.rss_child)
     if args.robustness:
         return _robustness(args)
+    if args.commit_cost:
+        return _commit_cost(args)
 
     layers = [f"blocks/{i}/mlp" for i in range(args.layers)]
     dim = args.layers * args.k_out * args.k_in
@@ -541,6 +546,40 @@ def _robustness(args) -> None:
             }
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+def _commit_cost(args) -> None:
+    """Seconds per commit (step 4 of the protocol) of this writer and of the --baseline one, on
+    a log with a second shard (so the commit lock and the other shard's record are read)."""
+    proj = {"layers": {"l": {"k_in": 32, "k_out": 32}}, "seed": 0}
+    g = {"l": np.ones((256, 32, 32), np.float32)}
+    classes = {"old": _writer_class("old", args.baseline), "new": jaxinf.LogWriter}
+    times = {"old": [], "new": []}
+    n = 300
+    for _ in range(args.reps):
+        for impl, cls in classes.items():
+            path = os.path.join(args.tmp, f"commit_{impl}")
+            shutil.rmtree(path, ignore_errors=True)
+            with jaxinf.LogWriter(path, proj, writer_id="other", chunk_rows=256) as o:
+                o.write(g, ids=np.arange(10**6, 10**6 + 256))
+            w = cls(path, proj, writer_id="0", chunk_rows=256)
+            w.write(g, ids=np.arange(256))
+            times[impl].append(_timed(lambda: [w._commit() for _ in range(n)]) / n)
+            w.close()
+            shutil.rmtree(path)
+    best = {k: min(v) for k, v in times.items()}
+    result = {
+        "benchmark": "store_commit_cost",
+        "command": f"python benchmarks/store.py --commit-cost --baseline {args.baseline} "
+        f"--reps {args.reps}",
+        "seconds_per_commit": times,
+        "best_seconds_per_commit": best,
+        "added_seconds_per_commit": best["new"] - best["old"],
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

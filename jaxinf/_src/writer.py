@@ -8,8 +8,10 @@ leaves a shard that opens and resumes with every committed row exactly once):
    over an existing array), then ``committed.json`` ``{"rows": 0}`` if absent;
 3. to append rows ``[n, m)``: grow ``grads`` if it is shorter than ``m``, then ``ids`` (each on
    its own: a crash between leaves both at least ``n`` long), write their chunks;
-4. when the chunk writes of a contiguous prefix ``[0, m)`` have completed, replace
-   ``committed.json`` with ``{"rows": m}``: rows past the record are ignored and overwritten;
+4. when the chunk writes of a contiguous prefix ``[0, m)`` have completed, under the log's
+   ``commit.lock`` (held for this step only): check the rows against the ids other shards
+   committed since last seen, then replace ``committed.json`` with ``{"rows": m}`` (or the
+   first duplicate's row): rows past the record are ignored and overwritten;
 5. at ``close()``, only if rows were added: the Fisher sums as a new version ``fisher/r<m>``
    (one directory rename), the arrays trimmed to whole chunks, then the lock removed.
 """
