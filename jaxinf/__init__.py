@@ -43,6 +43,10 @@ from jaxinf._src.evaluate import (
     spearman,
     subset_predictions,
 )
+from jaxinf._src.metagrad import (
+    metagradient_scores,
+    weighted_train,
+)
 from jaxinf._src.parallel import (
     LoggingState,
     LoggingStatistics,
@@ -133,6 +137,9 @@ __all__ = [
     "retrain",
     "spearman",
     "subset_predictions",
+    # metagrad
+    "metagradient_scores",
+    "weighted_train",
     # parallel (count_collectives and data_mesh are shared with jaxmlo)
     "count_collectives",
     "data_mesh",

@@ -1,5 +1,8 @@
 """jaxmlo: multi-level gradient-based optimization in JAX."""
 
+from jaxmlo._src.checkpointing import (
+    checkpointed_scan,
+)
 from jaxmlo._src.driver import (
     RunResult,
     restore_checkpoint,
@@ -48,6 +51,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # checkpointing
+    "checkpointed_scan",
     # driver
     "restore_checkpoint",
     "run",
