@@ -230,3 +230,23 @@ def test_weighted_train_checks_weights():
     recipe, _ = PROBLEMS["ridge"]
     with pytest.raises(ValueError, match=r"weights must be \[n_train\] = \[10\]"):
         jaxinf.weighted_train(**recipe, weights=jnp.ones(9))
+
+
+def test_adam_with_a_never_updated_parameter_warns_and_eps_root_fixes_it():
+    # Two input features that are always 0, with weights starting at 0: those weights' gradient
+    # is exactly zero (in the same array as the others), so Adam's nu stays 0 there, where sqrt
+    # has an infinite derivative: 0 * inf = NaN in reverse mode.
+    recipe, test = PROBLEMS["ridge"]
+    x, y = recipe["train_data"]
+    pad = lambda a: jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (2,))], axis=-1)  # noqa: E731
+    params = dict(recipe["params"], w=pad(recipe["params"]["w"]))
+    r = dict(recipe, params=params, train_data=(pad(x), y), optimizer=optax.adam(0.1))
+    t = dict(test, test_data=pad(test["test_data"]))
+    with pytest.warns(RuntimeWarning, match="eps_root"):
+        s = jaxinf.metagradient_scores(**r, **t)
+    assert not np.all(np.isfinite(s))
+    r["optimizer"] = optax.adam(0.1, eps_root=1e-16)
+    s = jaxinf.metagradient_scores(**r, **t)
+    # Without the zero features the scores are the same (eps_root changes nothing visible).
+    ref = jaxinf.metagradient_scores(**dict(recipe, optimizer=optax.adam(0.1)), **test)
+    np.testing.assert_allclose(s, ref, rtol=1e-9, atol=1e-12)

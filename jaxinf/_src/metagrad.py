@@ -38,6 +38,7 @@ D. Maclaurin et al., "Gradient-based hyperparameter optimization through reversi
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,13 @@ from jaxmlo import checkpointed_scan
 __all__ = ["metagradient_scores", "weighted_train"]
 
 _REDUCTIONS = ("mean", "sum")
+_NON_FINITE = (
+    "metagradient_scores: some scores are not finite. A common cause is a square root at zero in "
+    "the optimizer: Adam's sqrt(nu) has an infinite derivative where a parameter's gradient has "
+    "been exactly zero so far (an embedding row never used); pass eps_root > 0 (e.g. "
+    "optax.adam(lr, eps_root=1e-16)). Otherwise the run diverges or is too non-smooth (lower "
+    "the learning rate)."
+)
 
 
 def _leading(name, tree):
@@ -266,4 +274,7 @@ def metagradient_scores(
         s = jax.lax.map(one_block, padded).reshape(n_blocks * block, n_train)
         return s[:n_test]
 
-    return jax.jit(scores)(params, train_data, jnp.asarray(batches), test_data)
+    s = jax.jit(scores)(params, train_data, jnp.asarray(batches), test_data)
+    if not isinstance(s, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(s))):
+        warnings.warn(_NON_FINITE, RuntimeWarning, stacklevel=2)
+    return s
