@@ -181,7 +181,7 @@ def test_parallel_sama_equals_per_shard_reference(jaxmlo_results):
     assert r["run_driver_rel_err"] < F32_RTOL
     # ... which is not global-batch SAMA: the two differ by far more than rounding.
     assert r["sama_vs_global_batch_rel_diff"] > 100 * F32_RTOL
-    # with local_methods=() SAMA runs on the global batch and equals the one-device step
+    # with local=False SAMA runs on the global batch and equals the one-device step
     assert r["sama_global_mode_rel_err"] < F32_RTOL
 
 

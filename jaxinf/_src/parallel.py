@@ -40,8 +40,9 @@ from jaxinf._src.statistics import KFACFactors
 
 # One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
 # libraries (jaxmlo is the home).
-from jaxmlo import count_collectives, data_mesh  # noqa: F401 - re-exported by jaxinf
+from jaxmlo import data_mesh  # noqa: F401 - re-exported by jaxinf
 from jaxmlo._src.parallel import _axis_size, _cast_floats
+from jaxmlo.testing import count_collectives  # noqa: F401 - re-exported by jaxinf
 
 # ---------------------------------------------------------------------------------------------
 # Sharded logging
