@@ -32,9 +32,11 @@ examples' weights set to 0, the counterfactual the metagradient linearises; ever
 against the number of steps T, checkpointed and plain) and ``--lrs 0.01,0.05,0.2`` (the digits
 MLP retrained and scored at each learning rate), e.g.::
 
-    python benchmarks/lds.py --tasks mlp,lm --methods metagrad,exact_influence,ekfac,logra,trak \
-        --models 3 --same-batches --memory-steps 50,100,200,400,800 --lrs 0.01,0.02,0.05,0.1,0.2 \
+    python benchmarks/lds.py --tasks mlp,lm --methods metagrad,exact_influence,ekfac,logra,trak \\
+        --sizes 16 --same-batches --memory-steps 50,200,800 \\
         --out benchmarks/results/lds_metagrad_cpu.json
+    python benchmarks/lds.py --tasks "" --lrs 0.01,0.05,0.2 --methods metagrad,exact_influence \\
+        --same-batches --out benchmarks/results/lds_metagrad_lr_cpu.json
 """
 
 from __future__ import annotations
