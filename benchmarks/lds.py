@@ -134,8 +134,8 @@ def task_recipe(name, task, lr, **kw):
     """The optimizer ``examples`` builds for the task (same hyperparameters) and its output."""
     if name == "lm":
         # eps_root > 0: Adam's sqrt(nu) has an infinite derivative at nu = 0 (embedding rows of
-        # bytes never seen), which makes reverse mode NaN; 1e-16 leaves the float32 run as is
-        # (the replay check measures it).
+        # bytes never seen), which makes reverse mode NaN; the replay check measures how much
+        # 1e-16 changes the run.
         opt = optax.adamw(lr, weight_decay=1e-2, eps_root=1e-16)
         return Recipe(opt, lambda p, s: -task.example_loss(p, (s,)), task.x_test, **kw)
     opt = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(lr, momentum=0.9))
