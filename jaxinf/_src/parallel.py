@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from jaxinf._src import query as _query
 from jaxinf._src import store as _store
-from jaxinf._src.capture import kfac_batch_sums, projected_gradients
-from jaxinf._src.statistics import KFACFactors
+from jaxinf._src.capture import projected_gradients
+from jaxinf._src.kfac import KFACFactors, kfac_batch_sums
 
 # One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
 # libraries (jaxmlo is the home).
