@@ -23,13 +23,26 @@ the kernel gradient transposed to (contracted axes in kernel order, feature axes
 order), which is the bias layout, then reshaped to ``[n_in, n_out]``. Other equations (e.g. a
 per-head kernel axis that is also an input and output axis) are not captured.
 
+Stacked layers. A layer under ``nn.scan``/``nn.vmap`` or ``nnx.scan``/``nnx.vmap`` with stacked
+parameters is ``L`` logged layers, ``"path[0]"`` ... ``"path[L-1]"``, each with its own projection
+(from the key and that name) and its own gradients and statistics; the per-slice projections and
+zero bottlenecks travel through the transform beside the parameters (see
+:mod:`jaxinf._src.adapters`), so the body is traced once. A layer reused by every iteration
+(``variable_broadcast='params'``) is one layer whose gradient sums over the iterations.
+
+Train mode. A batch-coupled layer (``BatchNorm`` with batch statistics) has no per-example
+gradient: capture raises, naming the layer, and asks for eval mode (``use_running_average=True``
+/ ``model.eval()``), where the stored statistics are used. NNX state updates made during capture
+(RNG counters, statistics) are discarded; NNX dropout folds the example's index into its keys,
+so each example draws its own mask.
+
 Never silent. Layer uses that are not captured are reported by :func:`find_layers`: with the
 default selection (``select=None``) they are skipped with a :class:`UncapturedLayerWarning`
 naming each layer and the reason; an explicit :class:`Select` rule matching such a layer raises
 ``ValueError``. This covers unsupported configurations of the types above (grouped or masked
-Conv, ``DenseGeneral(batch_dims)``, non-dense Einsum equations, Linen layers inside ``nn.scan``
-or ``nn.vmap`` with stacked parameters) and ``Embed.attend`` (a tied
-read-out: the embedding is captured, but its projected gradient lacks the read-out's part).
+Conv, ``DenseGeneral(batch_dims)``, non-dense Einsum equations, layers inside nested stacking
+transforms) and ``Embed.attend`` (a tied read-out: the embedding is captured, but its projected
+gradient lacks the read-out's part).
 
 Inputs by layer kind (see :mod:`jaxinf._src.projection` for the weight layout): dense-like layers
 use the input's contracted axes as features and all other axes as tokens; convolutions use
