@@ -484,14 +484,24 @@ def test_errors_name_the_layer_or_rule(mlp):
     with pytest.raises(ValueError, match="matches no layer"):
         jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=(nn.Conv,)))
     layers = jaxinf.find_layers(cap, params, batch)
+    # Sizes larger than a layer are clipped to it by default; clip_k=False keeps the error.
+    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=4)
+    assert projs["Dense_0"].p_in.shape == (7, 7) and projs["Dense_0"].p_out.shape == (4, 5)
+    assert projs["head"].p_in.shape == (6, 6) and projs["head"].p_out.shape == (3, 3)
     with pytest.raises(
         ValueError, match="'Dense_0'.*k_in=8 is larger than the layer's input size 7"
     ):
-        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=2)
+        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=2, clip_k=False)
     with pytest.raises(
         ValueError, match="'head'.*k_out=4 is larger than the layer's output size 3"
     ):
-        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=4)
+        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=4, clip_k=False)
+    factors = {
+        "head": jaxinf.KFACFactors(jnp.eye(6), jnp.eye(3), jnp.asarray(1.0)),
+    }
+    assert jaxinf.pca_projections(factors, k_in=9, k_out=9)["head"].p_out.shape == (3, 3)
+    with pytest.raises(ValueError, match="'head'.*k_in=9 is larger"):
+        jaxinf.pca_projections(factors, k_in=9, k_out=9, clip_k=False)
     # Per-rule sizes override the defaults, and are checked the same way.
     sel = [jaxinf.Select(pattern="Dense_0", k_in=7, k_out=5), jaxinf.Select(pattern="head")]
     layers = jaxinf.find_layers(cap, params, batch, select=sel)

@@ -221,6 +221,7 @@ def logra(
     select: Select | Sequence[Select] | None = None,
     mask_fn: Callable[[Any], jax.Array] | None = None,
     dtype=jnp.float32,
+    clip_k: bool = True,
 ) -> LoGra:
     """One call from a loss (and model) to ``(params, batch) -> {layer: [batch, k_out, k_in]}``.
 
@@ -232,10 +233,12 @@ def logra(
         and ``params`` is ``nnx.state(model)``. On a one-example batch: that example's loss.
       params, batch: example inputs; only shapes matter (layer discovery).
       seed: integer seed of the random projections (recorded in the metadata).
-      k_in, k_out: projection sizes (per-rule sizes in ``select`` win).
+      k_in, k_out: projection sizes (per-rule sizes in ``select`` win), clipped to each
+        layer's size unless ``clip_k=False`` (then a size larger than a layer raises).
       model: the NNX model, or ``None`` for Linen.
       select, mask_fn: see :func:`find_layers` and :func:`projected_gradients`.
       dtype: projection dtype (also the dtype of the results).
+      clip_k: see above.
 
     Example::
 
@@ -245,7 +248,7 @@ def logra(
     capture = linen_capture(loss_fn) if model is None else nnx_capture(loss_fn, model)
     layers = find_layers(capture, params, batch, select=select)
     projections = random_projections(
-        layers, key=jax.random.key(seed), k_in=k_in, k_out=k_out, dtype=dtype
+        layers, key=jax.random.key(seed), k_in=k_in, k_out=k_out, dtype=dtype, clip_k=clip_k
     )
     fn = projected_gradients(capture, projections, layers=layers, mask_fn=mask_fn)
     meta = projection_metadata(projections, init="random", seed=seed)

@@ -60,3 +60,21 @@ def _kfac_bwd(res, dy):
 
 
 _kfac_tap.defvjp(_kfac_fwd, _kfac_bwd)
+
+
+@jax.custom_vjp
+def _acts_tap(y, a, za, zd):
+    """Identity in ``y``; the cotangents of the zeros ``za``/``zd`` are ``a`` and ``dy`` itself."""
+    return y
+
+
+def _acts_fwd(y, a, za, zd):
+    return y, (a, zd)
+
+
+def _acts_bwd(res, dy):
+    a, zd = res
+    return dy, jnp.zeros_like(a), a, dy.reshape(zd.shape).astype(zd.dtype)
+
+
+_acts_tap.defvjp(_acts_fwd, _acts_bwd)
