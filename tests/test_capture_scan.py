@@ -274,6 +274,12 @@ def test_kfac_factors_and_pca_projections_of_stacked_layers(net, linen_logra):
             np.testing.assert_allclose(
                 factors[k].backward, jnp.einsum("bti,btj->ij", d, d) / n, rtol=RTOL, err_msg=k
             )
+    # The KFAC baselines' activations of stacked layers are the same per-slice a and d.
+    got = jaxinf.dense_activations(nnx_loss, nnx.state(model), batch, model=model)
+    assert sorted(got) == sorted(acts)
+    for k, (a, d) in acts.items():
+        np.testing.assert_allclose(got[k][0], a.reshape(got[k][0].shape), rtol=RTOL, err_msg=k)
+        np.testing.assert_allclose(got[k][1], d.reshape(got[k][1].shape), rtol=RTOL, err_msg=k)
     pca = jaxinf.pca_projections(factors, k_in=2, k_out=2, dtype=jnp.float64)
     fn = jaxinf.projected_gradients(lg.capture, pca, layers=lg.layers)
     assert_close(fn(params, batch), reference_grads(params, batch, pca))
