@@ -150,7 +150,7 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
                 return y
             stack = None
             if injected:
-                _, treedef = _inject_leaves(0, inject["/".join(module.path)][1])
+                treedef = jax.tree.structure(inject[path][1])
                 stack = jax.tree.unflatten(
                     treedef, [injected[_PREFIX + str(i)] for i in range(len(injected))]
                 )
