@@ -37,8 +37,9 @@ from jaxinf._src import query as _query
 from jaxinf._src import reader as _reader
 from jaxinf._src import store_format as _fmt
 from jaxinf._src import writer as _writer
-from jaxinf._src.capture import kfac_batch_sums, projected_gradients
-from jaxinf._src.statistics import KFACFactors, add_outer, covariance_from_sums
+from jaxinf._src.capture import projected_gradients
+from jaxinf._src.kfac import KFACFactors, kfac_batch_sums
+from jaxinf._src.statistics import add_outer, covariance_from_sums
 
 # One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
 # libraries (jaxmlo is the home).
