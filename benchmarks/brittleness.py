@@ -23,7 +23,7 @@ sys.path[:0] = [os.path.dirname(_HERE), _HERE]  # the repo root; this folder for
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from lds import logra_grads  # noqa: E402
+from lds import batch_loss, logra_grads  # noqa: E402
 
 import jaxinf  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
@@ -67,16 +67,14 @@ def main(argv=None):
     chosen = np.sort(rng.choice(pool, size=args.num_test, replace=False))
 
     batch = (task.x_train, task.y_train)
-    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, batch))
+    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(batch_loss(task), params, batch))
     g_te = jaxinf.flatten_per_example(
-        jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test))
+        jaxinf.per_example_grads(batch_loss(task), params, (task.x_test, task.y_test))
     )
-    model_in = (lambda x: x[:, :-1]) if lm else (lambda x: x)  # the LM reads all but the last byte
-    acts_tr = jaxinf.dense_activations(
-        task.model, params, task.out_loss, model_in(batch[0]), batch[1]
-    )
+    dense = jaxinf.Select(types=("dense",))
+    acts_tr = jaxinf.dense_activations(batch_loss(task), params, batch, select=dense)
     acts_te = jaxinf.dense_activations(
-        task.model, params, task.out_loss, model_in(task.x_test), task.y_test
+        batch_loss(task), params, (task.x_test, task.y_test), select=dense
     )
     init = "random" if lm else "pca"  # the better LoGra init per task in benchmarks/lds.py
     tr, te, nbytes = logra_grads(task, params, 16, init, seed=args.seed)

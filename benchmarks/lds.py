@@ -67,11 +67,14 @@ def _block(x):
     )
 
 
+def batch_loss(task):
+    """The task's loss in the one signature of capture and baselines: ``(params, (x, y))``."""
+    return lambda p, b: jnp.mean(jax.vmap(lambda x, y: task.example_loss(p, (x, y)))(*b))
+
+
 def logra_grads(task, params, k, init, *, seed=0, chunk=256):
     """LoGra projected grads of train and test sets with per-layer k (clipped to the layer size)."""
-    cap = jaxinf.linen_capture(
-        lambda p, b: jnp.mean(jax.vmap(lambda x, y: task.example_loss(p, (x, y)))(*b))
-    )
+    cap = jaxinf.linen_capture(batch_loss(task))
     batch = (task.x_train, task.y_train)
     layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("dense",)))
     layers = {p: s._replace(k_in=min(k, s.n_in), k_out=min(k, s.n_out)) for p, s in layers.items()}
@@ -302,10 +305,10 @@ def method_scores(
     if want & {"grad_dot", "grad_cosine", "exact_influence", "trak"}:
         t0 = time.perf_counter()
         g_tr = jaxinf.flatten_per_example(
-            jaxinf.per_example_grads(task.example_loss, params, (task.x_train, task.y_train))
+            jaxinf.per_example_grads(batch_loss(task), params, (task.x_train, task.y_train))
         )
         g_te = jaxinf.flatten_per_example(
-            jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test))
+            jaxinf.per_example_grads(batch_loss(task), params, (task.x_test, task.y_test))
         )
         _block(g_tr)
         t_grads = time.perf_counter() - t0
@@ -323,19 +326,12 @@ def method_scores(
 
     if want & {"kfac", "ekfac"}:
         t0 = time.perf_counter()
+        dense = jaxinf.Select(types=("dense",))
         acts_tr = jaxinf.dense_activations(
-            task.model,
-            params,
-            task.out_loss,
-            task.x_train if name != "lm" else task.x_train[:, :-1],
-            task.y_train,
+            batch_loss(task), params, (task.x_train, task.y_train), select=dense
         )
         acts_te = jaxinf.dense_activations(
-            task.model,
-            params,
-            task.out_loss,
-            task.x_test if name != "lm" else task.x_test[:, :-1],
-            task.y_test,
+            batch_loss(task), params, (task.x_test, task.y_test), select=dense
         )
         t_acts = time.perf_counter() - t0
         dense_params = sum(a.shape[-1] * d.shape[-1] for a, d in acts_tr.values())

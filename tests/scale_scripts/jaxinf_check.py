@@ -117,7 +117,8 @@ out["log_ids_in_order"] = bool(np.array_equal(got_ids, np.arange(n_batches * bsz
 out["log_rows_rel_err"] = max(
     rel(rows[p], np.concatenate([np.asarray(g[p]) for g in ref_grads])) for p in layers
 )
-out["fisher_cache_used"] = os.path.exists(os.path.join(path, "shards", "0", "fisher.json"))
+fisher = os.path.join(path, "shards", w.writer_id, "fisher", f"r{log.num_rows}")
+out["fisher_cache_used"] = os.path.exists(os.path.join(fisher, "fisher.json"))
 lst = log.statistics()
 out["log_cov_rel_err"] = max(rel(lst[p].covariance, ref_cov[p]) for p in ref_cov)
 out["stats2_cov_rel_err"] = max(rel(stats2.covariance[p], ref_cov[p]) for p in ref_cov)
