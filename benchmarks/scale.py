@@ -447,7 +447,7 @@ def main():
     cfg = SIZES[args.size]
     bf16 = args.bf16 if args.bf16 is not None else args.size == "large"
     dtype = jnp.bfloat16 if bf16 else None
-    mesh = jaxinf.data_mesh()
+    mesh = jaxmlo.data_mesh()
     tmp = args.tmp or tempfile.mkdtemp(prefix="jaxmlo_scale_bench_")
     os.makedirs(tmp, exist_ok=True)
     result = {

@@ -33,15 +33,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+# The mesh-axis check and float cast both libraries use.
+from jaxcommon import axis_size as _axis_size
+from jaxcommon import cast_floats as _cast_floats
 from jaxinf._src import query as _query
 from jaxinf._src import store as _store
 from jaxinf._src.capture import kfac_batch_sums, projected_gradients
 from jaxinf._src.statistics import KFACFactors
-
-# One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
-# libraries (jaxmlo is the home).
-from jaxmlo import count_collectives, data_mesh  # noqa: F401 - re-exported by jaxinf
-from jaxmlo._src.parallel import _axis_size, _cast_floats
 
 # ---------------------------------------------------------------------------------------------
 # Sharded logging
@@ -96,7 +94,7 @@ def sharded_logging(
       capture: from ``jaxinf.linen_capture`` / ``jaxinf.nnx_capture``.
       projections: ``{path: Projection}``; ``None`` for a statistics-only pass (e.g. KFAC
         factors for ``pca_projections`` before the logging pass).
-      mesh: a mesh with axis ``axis`` (see :func:`data_mesh`); batches must have a leading
+      mesh: a mesh with axis ``axis`` (see ``jaxmlo.data_mesh``); batches must have a leading
         dimension divisible by its size.
       kfac_layers: ``{path: LayerSpec}`` whose KFAC factors are accumulated, or ``None``.
       covariance: accumulate the covariance (empirical Fisher) of the projected gradients.
@@ -108,7 +106,7 @@ def sharded_logging(
     Returns:
       A :class:`ShardedLogging`. Example::
 
-        logging = sharded_logging(capture, projs, mesh=data_mesh())
+        logging = sharded_logging(capture, projs, mesh=jaxmlo.data_mesh())
         state = logging.init()
         for batch in batches:
             state, grads = logging.step(state, params, batch)
@@ -420,7 +418,7 @@ def sharded_query(
     Each device keeps a running top-k; one ``all_gather`` + top-k at the end gives the global
     result, identical to ``query``'s up to float rounding and the order of tied scores.
 
-    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see :func:`data_mesh`).
+    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see ``jaxmlo.data_mesh``).
 
     Returns:
       ``QueryResult`` (``scores_path`` is None: the full score matrix is not written).
