@@ -104,14 +104,25 @@ def sharded_logging(
       stats_dtype: accumulation dtype of the statistics.
 
     Returns:
-      A :class:`ShardedLogging`. Example::
+      A :class:`ShardedLogging`.
 
-        logging = sharded_logging(capture, projs, mesh=jaxmlo.data_mesh())
-        state = logging.init()
-        for batch in batches:
-            state, grads = logging.step(state, params, batch)
-            write_sharded(writer, grads, batch_ids)
-        stats = logging.finalize(state)          # the only cross-device reduction
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from jaxinf import find_layers, linen_capture, random_projections
+      >>> model = nn.Sequential([nn.Dense(3)])
+      >>> params = model.init(jax.random.key(0), jnp.ones(4))["params"]
+      >>> capture = linen_capture(lambda p, batch: jnp.sum(model.apply({"params": p}, batch) ** 2))
+      >>> batch = jnp.ones((8, 4))
+      >>> layers = find_layers(capture, params, batch)
+      >>> projs = random_projections(layers, key=jax.random.key(0), k_in=2, k_out=2)
+      >>> mesh = jax.sharding.Mesh(jax.devices(), ("data",))  # or jaxmlo.data_mesh()
+      >>> logging = sharded_logging(capture, projs, mesh=mesh)
+      >>> state = logging.init()
+      >>> for _ in range(2):  # write_sharded(writer, grads, ids) would log each batch's rows
+      ...     state, grads = logging.step(state, params, batch)
+      >>> stats = logging.finalize(state)  # the only cross-device reduction
+      >>> grads["layers_0"].shape, int(stats.count)
+      ((8, 2, 2), 16)
     """
     n_dev = _axis_size(mesh, axis)
     projections = None if projections is None else dict(projections)
