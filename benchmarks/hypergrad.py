@@ -11,6 +11,12 @@ Reported per model and method: median wall time of one jitted meta step (``meta_
 jitted plain training step of the same model and batch measured in the same run.  Absolute
 times on a shared CPU are noise; the ratios are the result.
 
+Also per method: ``jax.grad`` of the meta loss through ``unroll(..., adjoint=method)`` timed
+against ``hypergradient(method, ...)`` on a fresh unroll (the same quantity; same cost expected,
+except ITD, whose ``hypergradient`` replays the unroll), the ratio in the JSON; and the adjoint
+solve's relative residual and iteration count, for the configured methods and for ``cg()`` and
+``neumann()`` at their defaults.
+
 Betty (PyTorch, ``betty-ml==0.2.1``) runs the MLP problem side by side (sama / darts / cg against
 a plain PyTorch Adam step) where ``betty`` is importable; the JSON says so when it is not.
 
@@ -144,7 +150,28 @@ def build(model_name, batch, small):
     return model, params, base_loss, meta_loss, batch_of, lam
 
 
-def run_model(model_name, methods, batch, unroll, repeats, small):
+def _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_batch):
+    """Jitted ``(grad_through_unroll, via_hypergradient)``, both ``(params, opt_state, lam) -> g``."""
+    last = jax.tree.map(lambda x: x[-1], batches)
+
+    @jax.jit
+    def through_unroll(p, s, lam):
+        def total(lam):
+            un = J.unroll(base_loss, opt, p, s, lam, batches, adjoint=method)
+            return meta_loss(un.params, lam, meta_batch)
+
+        return jax.grad(total)(lam)
+
+    @jax.jit
+    def via_hypergradient(p, s, lam):
+        un = J.unroll(base_loss, opt, p, s, lam, batches)
+        g, info = J.hypergradient(method, base_loss, meta_loss, opt, un, lam, last, meta_batch)
+        return g, info.solve
+
+    return through_unroll, via_hypergradient
+
+
+def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
     model, params, base_loss, meta_loss, batch_of, lam = build(model_name, batch, small)
     opt, meta_opt = optax.adam(1e-3), optax.adam(1e-2)
     batches = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch_of(i) for i in range(unroll)])
@@ -178,6 +205,14 @@ def run_model(model_name, methods, batch, unroll, repeats, small):
         t = _time_pair(plain, args, step, (state, batches, meta_batch), repeats)
         _, info = step(state, batches, meta_batch)
         (med, mn), (pmed, pmn) = t["meta"], t["plain"]
+        through, via = _grad_paths(
+            method, base_loss, meta_loss, opt, params, lam, batches, meta_batch
+        )
+        gargs = (params, opt.init(params), lam)
+        tg = _time_pair(via, gargs, through, gargs, repeats)
+        g_through = through(*gargs)
+        g_via, _ = via(*gargs)
+        (vmed, vmn), (gmed, gmn) = tg["plain"], tg["meta"]
         result["methods"][name] = {
             "time_ms": 1e3 * med,
             "min_time_ms": 1e3 * mn,
@@ -187,12 +222,38 @@ def run_model(model_name, methods, batch, unroll, repeats, small):
             "min_time_ratio_to_plain": mn / pmn,
             "peak_ratio_to_plain": mem["peak_bytes"] / plain_mem["peak_bytes"],
             "finite": bool(info.finite),
+            "solve_residual": float(info.solve.residual),
+            "solve_iterations": int(info.solve.iterations),
+            "solve_converged": bool(info.solve.converged),
+            "grad_through_unroll_ms": 1e3 * gmed,
+            "grad_through_unroll_min_ms": 1e3 * gmn,
+            "hypergradient_ms": 1e3 * vmed,
+            "hypergradient_min_ms": 1e3 * vmn,
+            "grad_through_unroll_ratio_to_hypergradient": gmed / vmed,
+            "grad_through_unroll_min_ratio_to_hypergradient": gmn / vmn,
+            "grad_paths_max_abs_difference": float(jnp.max(jnp.abs(g_through - g_via))),
             **mem,
         }
         print(
             f"{model_name:12s} {name:18s} {1e3 * mn:8.2f} ms (plain {1e3 * pmn:6.2f} ms)  "
             f"time x{mn / pmn:5.2f} (median x{med / pmed:5.2f})  "
-            f"memory x{mem['peak_bytes'] / plain_mem['peak_bytes']:5.2f}",
+            f"memory x{mem['peak_bytes'] / plain_mem['peak_bytes']:5.2f}  "
+            f"grad-through-unroll / hypergradient x{gmn / vmn:5.2f}  "
+            f"residual {float(info.solve.residual):.2e} ({int(info.solve.iterations)} it)",
+            flush=True,
+        )
+    result["solver_defaults"] = {}
+    for name, method in defaults.items():
+        _, via = _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_batch)
+        _, solve = via(params, opt.init(params), lam)
+        result["solver_defaults"][name] = {
+            "residual": float(solve.residual),
+            "iterations": int(solve.iterations),
+            "converged": bool(solve.converged),
+        }
+        print(
+            f"{model_name:12s} {name:18s} residual {float(solve.residual):.2e} after "
+            f"{int(solve.iterations)} Hessian-vector products, converged {bool(solve.converged)}",
             flush=True,
         )
     print(
@@ -364,6 +425,7 @@ def main(argv=None):
         "finite_difference": J.finite_difference(),
         "sama": J.sama(),
     }
+    defaults = {"cg()": J.cg(), "neumann()": J.neumann()}
     out = {
         "benchmark": "hypergrad",
         "command": "python "
@@ -377,7 +439,8 @@ def main(argv=None):
         "dtype": "float32",
         "setup": "data reweighting: base = mean(sigmoid(lam[idx]) * CE) with Adam(1e-3); "
         "meta = mean CE on a clean batch with Adam(1e-2); one meta step = meta_step(...) "
-        "(unroll + hypergradient + meta update) vs one plain Adam step",
+        "(unroll + hypergradient + meta update) vs one plain Adam step; grad paths: jax.grad "
+        "through unroll(adjoint=method) vs unroll + hypergradient(method), both jitted",
         "methods_config": {k: v.name for k, v in methods.items()}
         | {
             "cg": "cg(maxiter=10)",
@@ -388,7 +451,7 @@ def main(argv=None):
     }
     for model_name in args.models.split(","):
         out["models"][model_name] = run_model(
-            model_name, methods, args.batch, args.unroll, args.repeats, args.small
+            model_name, methods, args.batch, args.unroll, args.repeats, args.small, defaults
         )
     out["betty"] = (
         betty_result(args.batch, args.repeats)

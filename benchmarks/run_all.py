@@ -1,7 +1,7 @@
 """Run every benchmark under benchmarks/ at one size and collect the results in one JSON file.
 
     python -m benchmarks.run_all --size small     # CPU-sized, minutes on 2 cores
-    python -m benchmarks.run_all --size large --budget-s 540   # GPU-sized (issue 7)
+    python -m benchmarks.run_all --size large --budget-s 540   # GPU-sized
 
 Each ``benchmarks/<name>.py`` present is run as ``python -m benchmarks.<name>`` in its own
 process (a crash or timeout is recorded, the others still run), with the size's flags from the
@@ -28,7 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# name: {size: flags}. "large" sizes follow issue 7 (GPU); "small" fits a 2-core CPU.
+# name: {size: flags}. "large" sizes are for one GPU; "small" fits a 2-core CPU.
 FLAGS = {
     "hypergrad": {"small": ["--small"], "large": []},
     "logra_logging": {"small": ["--size", "small", "--repeats", "2"], "large": ["--size", "full"]},
@@ -59,7 +59,7 @@ FLAGS = {
     "scale": {"small": ["--size", "small"], "large": ["--size", "large"]},
 }
 SKIP = {"run_all"}
-# Run order: issue 7's scale-out benchmarks first, so a time budget cuts the least important.
+# Run order: the scale-out benchmarks first, so a time budget cuts the least important.
 PRIORITY = [
     "scale",
     "logra_logging",
@@ -203,7 +203,7 @@ def main():
         type=float,
         default=None,
         help="stop starting benchmarks after this many seconds; a running one is cut "
-        "at the budget (for time-limited GPU sessions)",
+        "at the budget (for time-limited GPU runs)",
     )
     args = ap.parse_args()
     present = discover()

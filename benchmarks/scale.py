@@ -39,6 +39,7 @@ import optax
 
 import jaxinf
 import jaxmlo
+import jaxmlo.testing
 from benchmarks._common import write_json
 
 SIZES = {
@@ -343,7 +344,7 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
             "samples_per_s": B / t,
             "step_s": t,
             "memory": memory(compiled),
-            "all_reduce": jaxmlo.count_collectives(compiled.as_text())["all-reduce"],
+            "all_reduce": jaxmlo.testing.count_collectives(compiled.as_text())["all-reduce"],
         }
         del state, compiled
     for name in ("sama", "cg", "neumann"):

@@ -1,7 +1,7 @@
 """Helpers that jaxmlo and jaxinf share: a device mesh, collective counts, example data.
 
 Neither library reaches into the other's internals; what both need lives here. Users reach
-these through the libraries (``jaxmlo.data_mesh``, ``jaxmlo.count_collectives``) and through
+these through the libraries (``jaxmlo.data_mesh``, ``jaxmlo.testing.count_collectives``) and
 the example modules (``jaxmlo.examples.digits``, ``jaxinf.examples``).
 """
 

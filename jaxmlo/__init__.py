@@ -1,27 +1,33 @@
-"""jaxmlo: multi-level gradient-based optimization in JAX."""
+"""jaxmlo: multi-level gradient-based optimization in JAX.
 
-from jaxmlo._src.driver import (
-    RunResult,
-    restore_checkpoint,
-    run,
-    save_checkpoint,
-)
+Test hooks (the engine's per-problem gradients, collective counts) live in
+:mod:`jaxmlo.testing`.
+"""
+
+# Programs: problems, the graph, its state, one compiled step and the run driver.
+from jaxmlo._src.driver import RunResult, restore_checkpoint, run, save_checkpoint
 from jaxmlo._src.engine import (
+    ProblemGradient,
     ProgramState,
-    gradients,
     init,
     make_step,
+    problem_gradient,
     step,
-    total_gradient,
 )
 from jaxmlo._src.hypergrad import (
     BilevelState,
+    HypergradientState,
     HypergradInfo,
     HypergradMethod,
+    SolveInfo,
     Unrolled,
+    bilevel,
     cg,
+    direct,
     finite_difference,
     hypergradient,
+    hypergradient_transform,
+    implicit,
     itd,
     meta_step,
     neumann,
@@ -29,60 +35,53 @@ from jaxmlo._src.hypergrad import (
     sama_adaptation,
     unroll,
 )
-from jaxmlo._src.parallel import (
-    count_collectives,
-    data_mesh,
-    mixed_precision,
-    parallel_step,
-    replicate,
-    shard_batches,
-)
-from jaxmlo._src.problem import (
-    Problem,
-)
-from jaxmlo._src.program import (
-    Program,
-)
+
+# Data parallelism and mixed precision.
+from jaxmlo._src.parallel import data_mesh, mixed_precision, parallel_step, replicate, shard_batches
+from jaxmlo._src.problem import Problem
+from jaxmlo._src.program import Program
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
-    # driver
-    "restore_checkpoint",
+    # programs
+    "Problem",
+    "Program",
+    "ProgramState",
+    "init",
+    "step",
+    "make_step",
+    "problem_gradient",
+    "ProblemGradient",
     "run",
     "RunResult",
     "save_checkpoint",
-    # engine
-    "gradients",
-    "init",
-    "make_step",
-    "ProgramState",
-    "step",
-    "total_gradient",
+    "restore_checkpoint",
     # hypergrad
     "BilevelState",
+    "bilevel",
     "cg",
+    "direct",
     "finite_difference",
     "hypergradient",
+    "hypergradient_transform",
+    "HypergradientState",
     "HypergradInfo",
     "HypergradMethod",
+    "implicit",
     "itd",
     "meta_step",
     "neumann",
     "sama",
     "sama_adaptation",
+    "SolveInfo",
     "unroll",
     "Unrolled",
-    # parallel
-    "count_collectives",
+    # data parallelism
     "data_mesh",
     "mixed_precision",
     "parallel_step",
     "replicate",
     "shard_batches",
-    # problem
-    "Problem",
-    # program
-    "Program",
 ]

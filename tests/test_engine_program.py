@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import jaxmlo
+import jaxmlo.testing
 from jaxmlo import Problem, Program
 
 D = 3  # parameter size of every problem
@@ -96,7 +97,7 @@ def test_figure_2_2_four_problems_match_grad_through_exact_solutions():
     assert prog.paths("p2", "p1") == (("p1",),)
     assert prog.order.index("p1") < prog.order.index("p3") < prog.order.index("p4")
 
-    grads = jax.jit(lambda s, b: jaxmlo.gradients(prog, s, b))(
+    grads = jax.jit(lambda s, b: jaxmlo.testing.gradients(prog, s, b))(
         jaxmlo.init(prog), _batches(prog.order)
     )
     # float64 and converged CG on a 3x3 SPD system: only round-off separates the two.
@@ -133,7 +134,7 @@ def test_three_level_chain_matches_grad_through_exact_solutions():
         )
         assert prog.order == ("pt", "ft", "rw")
         assert prog.paths("rw", "ft") == (("pt", "ft"),)
-        grads = jaxmlo.gradients(prog, jaxmlo.init(prog), _batches(prog.order))
+        grads = jaxmlo.testing.gradients(prog, jaxmlo.init(prog), _batches(prog.order))
         assert _rel(grads["rw"], jax.grad(f3)(th3)) < 1e-6, method.name
 
 
@@ -311,3 +312,27 @@ def test_sama_nudge_moves_only_the_lower_problem():
     # ... and the nudge is a step of norm alpha = 1 on the lower parameters.
     moved = jnp.linalg.norm(runs[True].params["inner"] - runs[False].params["inner"])
     assert abs(float(moved) - 1.0) < 1e-9  # float64: the nudge has norm alpha exactly
+
+
+def test_problem_gradient_at_the_state_without_stepping():
+    prog = _bilevel(CG, unroll=1)
+    # The old way: a step whose lower problem does not move (lr 0) reports the same gradient.
+    frozen = Program(
+        [prog.problems["inner"]._replace(optimizer=optax.sgd(0.0)), prog.problems["outer"]],
+        u2l={"outer": ["inner"]},
+        l2u={"inner": ["outer"]},
+    )
+    state = jaxmlo.init(prog)
+    state = state._replace(params=dict(state.params, inner=jnp.asarray([0.3, -0.2])))
+    b_in, b_out = _data(0, 1), _data(1, 1)
+    g = jax.jit(
+        lambda s: jaxmlo.problem_gradient(prog, s, "outer", {"inner": b_in[0], "outer": b_out[0]})
+    )(state)
+    ref = jaxmlo.testing.gradients(frozen, state, {"inner": b_in, "outer": b_out})["outer"]
+    np.testing.assert_allclose(g.total, ref, rtol=1e-10)
+    np.testing.assert_allclose(g.direct + g.hypergrad, g.total, rtol=1e-12)
+    assert float(jnp.linalg.norm(g.hypergrad)) > 1e-6  # the lower problem's response counts
+    with pytest.raises(ValueError, match=r"no batch for problem\(s\) \['inner'\]"):
+        jaxmlo.problem_gradient(prog, state, "outer", {"outer": b_out[0]})
+    with pytest.raises(ValueError, match=r"unknown problem 'nope'"):
+        jaxmlo.problem_gradient(prog, state, "nope", {})

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import jaxmlo as J
+from jaxmlo._src.adjoints import sama_adaptation
 
 # ---------------------------------------------------------------------------------------------
 # Biased regression (thesis 3.3.1).  Losses carry a factor 1/2 so the closed forms hold as
@@ -82,7 +83,9 @@ def _hypergrad(method, opt, un):
 
 
 @pytest.mark.parametrize(
-    "method", [J.cg(maxiter=50, tol=1e-12), J.neumann(steps=300, lr=ETA)], ids=["cg", "neumann"]
+    "method",
+    [J.cg(maxiter=50, tol=1e-12), J.neumann(steps=300, lr=ETA, tol=1e-13)],
+    ids=["cg", "neumann"],
 )
 def test_converged_implicit_methods_match_closed_form(converged, method):
     opt, un = converged
@@ -132,6 +135,7 @@ ALL_METHODS = {
     "itd_checkpoint": J.itd(checkpoint=True),
     "cg": J.cg(maxiter=20),
     "neumann": J.neumann(steps=20, lr=ETA),
+    "direct": J.direct(),
     "finite_difference": J.finite_difference(),
     "sama": J.sama(),
     "sama_no_nudge": J.sama(nudge=False),
@@ -179,7 +183,7 @@ def _run_and_adapt(opt, steps=4):
     grads = rng.normal(size=(steps + 1, 7))
     un = J.unroll(linear_loss, opt, theta0, opt.init(theta0), None, jnp.asarray(grads[:steps]))
     v = rng.normal(size=7)
-    pv = J.sama_adaptation(linear_loss, opt, un, None, jnp.asarray(grads[steps]), jnp.asarray(v))
+    pv = sama_adaptation(linear_loss, opt, un, None, jnp.asarray(grads[steps]), jnp.asarray(v))
     return np.asarray(pv), v, list(grads[:steps]), grads[steps]
 
 
@@ -248,7 +252,7 @@ def tree_meta_loss(params, deps, batch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("name", ["itd", "cg", "neumann", "finite_difference", "sama"])
+@pytest.mark.parametrize("name", ["itd", "cg", "neumann", "direct", "finite_difference", "sama"])
 def test_contract_every_method(name, dtype):
     method = ALL_METHODS[name]
     rng = np.random.default_rng(3)
@@ -294,5 +298,5 @@ def test_sama_adaptation_is_finite_where_adam_saw_no_gradient():
     loss = lambda th, deps, b: jnp.sum(mask * b * th)
     th0 = jnp.zeros(3)
     un = J.unroll(loss, opt, th0, opt.init(th0), None, jnp.ones((2, 3)))
-    pv = J.sama_adaptation(loss, opt, un, None, jnp.ones(3), jnp.ones(3))
+    pv = sama_adaptation(loss, opt, un, None, jnp.ones(3), jnp.ones(3))
     assert bool(jnp.all(jnp.isfinite(pv))) and float(pv[1]) == 0.0 and float(pv[0]) != 0.0

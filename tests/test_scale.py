@@ -144,7 +144,7 @@ def test_bfloat16_capture_and_storage(jaxinf_results):
 
 
 def test_count_collectives_parses_hlo():
-    import jaxmlo
+    import jaxmlo.testing
 
     hlo = """
   %all-reduce.1 = f32[4]{0} all-reduce(f32[4]{0} %p), replica_groups={}, to_apply=%add
@@ -153,7 +153,7 @@ def test_count_collectives_parses_hlo():
   %ag = f32[8]{0} all-gather(f32[1]{0} %c), dimensions={0}
   %x = f32[4]{0} add(f32[4]{0} %all-reduce.1, f32[4]{0} %all-reduce.1)
 """
-    c = jaxmlo.count_collectives(hlo)
+    c = jaxmlo.testing.count_collectives(hlo)
     assert c["all-reduce"] == 2 and c["all-gather"] == 1 and c["reduce-scatter"] == 0
 
 
@@ -181,7 +181,7 @@ def test_parallel_sama_equals_per_shard_reference(jaxmlo_results):
     assert r["run_driver_rel_err"] < F32_RTOL
     # ... which is not global-batch SAMA: the two differ by far more than rounding.
     assert r["sama_vs_global_batch_rel_diff"] > 100 * F32_RTOL
-    # with local_methods=() SAMA runs on the global batch and equals the one-device step
+    # with local=False SAMA runs on the global batch and equals the one-device step
     assert r["sama_global_mode_rel_err"] < F32_RTOL
 
 

@@ -9,6 +9,8 @@ uninterrupted run does after step ``s``.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -33,6 +35,8 @@ class RunResult(NamedTuple):
       best_score: best validation score (``None`` without validation).
       best_step: program step of ``best_score``.
       stopped_early: whether ``patience`` ended the run.
+      skipped: program steps whose update was dropped for a non-finite number
+        (``on_nonfinite="skip"``).
     """
 
     state: ProgramState
@@ -41,6 +45,7 @@ class RunResult(NamedTuple):
     best_score: float | None
     best_step: int | None
     stopped_early: bool
+    skipped: list = []
 
 
 class _Source:
@@ -159,6 +164,7 @@ def run(
     resume: bool = True,
     step_fn: Callable | None = None,
     progress: bool = True,
+    on_nonfinite: str = "raise",
 ) -> RunResult:
     """Runs ``num_steps`` program steps (counting from step 0, resumed steps included).
 
@@ -184,12 +190,35 @@ def run(
       step_fn: a compiled ``step_fn(state, batches)``; default ``make_step(program)``.
         Pass one to reuse its compilation across runs.
       progress: show a tqdm progress bar.
+      on_nonfinite: what a step whose loss, gradient or hypergradient norm is not finite
+        (NaN or infinity) does. ``"raise"``: stop with a ``FloatingPointError`` naming the
+        problem, the metric and the step; the state and checkpoints stay those of the last
+        good step. ``"skip"``: drop that step's update (parameters and optimizer states stay
+        as they were; the step counter advances, so the data position stays a function of
+        the step) and go on; skipped steps are listed in ``RunResult.skipped``.
 
     Returns:
-      A :class:`RunResult`.
+      A :class:`RunResult`. A validation score that is not finite is recorded but never
+      becomes the best one, and counts as a validation without improvement.
+
+    Raises:
+      ValueError: naming the argument, on a non-integer or negative period or step count,
+        ``patience`` < 1, ``patience`` or ``validate_every`` without the other or without
+        ``validate``, an unknown ``mode`` or ``on_nonfinite``.
+      FloatingPointError: with ``on_nonfinite="raise"``, on a non-finite loss, gradient or
+        hypergradient.
     """
-    if mode not in ("min", "max"):
-        raise ValueError(f"run: mode must be 'min' or 'max', got {mode!r}")
+    _check_run_args(
+        num_steps=num_steps,
+        log_every=log_every,
+        validate=validate,
+        validate_every=validate_every,
+        patience=patience,
+        mode=mode,
+        checkpoint_every=checkpoint_every,
+        max_to_keep=max_to_keep,
+        on_nonfinite=on_nonfinite,
+    )
     missing = [n for n in program.order if n not in data]
     if missing:
         raise ValueError(f"run: no data source for problem(s) {missing}")
@@ -206,11 +235,15 @@ def run(
         n: _Source(n, data[n], start * program.problems[n].unroll_steps) for n in program.order
     }
     history, validations = [], list(book.pop("validations", []))
+    skipped = list(book.pop("skipped", []))
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
 
     def ckpt(s):
         save_checkpoint(
-            checkpoint_dir, s, dict(book, validations=validations), max_to_keep=max_to_keep
+            checkpoint_dir,
+            s,
+            dict(book, validations=validations, skipped=skipped),
+            max_to_keep=max_to_keep,
         )
 
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="jaxmlo")
@@ -220,13 +253,28 @@ def run(
             if stopped:
                 break
             batches = {n: src.take(program.problems[n].unroll_steps) for n, src in sources.items()}
-            state, metrics = step_fn(state, batches)
+            new_state, metrics = step_fn(state, batches)
             done = i + 1
+            bad = _first_nonfinite(program, metrics)
+            if bad is not None:
+                name, key, value = bad
+                if on_nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"run: step {done}: problem {name!r} has a non-finite {key} ({value}); "
+                        f"the run stopped before training on it (state and checkpoints are "
+                        f"those of step {done - 1}). Pass on_nonfinite='skip' to drop such "
+                        f"steps instead"
+                    )
+                skipped.append(done)
+                new_state = state._replace(step=state.step + 1)
+            state = new_state
             logged = None
             if validate is not None and validate_every and done % validate_every == 0:
                 score = float(validate(state))
                 validations.append((done, score))
-                if book["best_score"] is None or better(score, book["best_score"]):
+                if math.isfinite(score) and (
+                    book["best_score"] is None or better(score, book["best_score"])
+                ):
                     book.update(best_score=score, best_step=done, bad=0)
                 else:
                     book["bad"] += 1
@@ -255,4 +303,42 @@ def run(
         best_score=book["best_score"],
         best_step=book["best_step"],
         stopped_early=stopped,
+        skipped=skipped,
     )
+
+
+def _first_nonfinite(program, metrics):
+    """``(problem, metric, value)`` of the first non-finite per-problem metric, else None."""
+    values = jax.device_get(metrics)
+    for name in program.order:
+        for key in ("loss", "grad_norm", "hypergrad_norm"):
+            v = values.get(f"{name}/{key}")
+            if v is not None and not np.all(np.isfinite(v)):
+                return name, key, float(v)
+    return None
+
+
+def _check_run_args(**kw):
+    def count(name, low, allow_none=False):
+        v = kw[name]
+        if v is None and allow_none:
+            return
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise ValueError(f"run: {name} must be an int >= {low}, got {v!r}")
+
+    count("num_steps", 0)
+    count("log_every", 0)
+    count("validate_every", 0)
+    count("checkpoint_every", 0)
+    count("patience", 1, allow_none=True)
+    count("max_to_keep", 1, allow_none=True)
+    if kw["mode"] not in ("min", "max"):
+        raise ValueError(f"run: mode must be 'min' or 'max', got {kw['mode']!r}")
+    if kw["on_nonfinite"] not in ("raise", "skip"):
+        raise ValueError(f"run: on_nonfinite must be 'raise' or 'skip', got {kw['on_nonfinite']!r}")
+    if kw["validate_every"] and kw["validate"] is None:
+        raise ValueError("run: validate_every > 0 needs a validate function")
+    if kw["validate"] is not None and not kw["validate_every"]:
+        raise ValueError("run: validate is given but validate_every is 0 (never validated)")
+    if kw["patience"] is not None and not kw["validate_every"]:
+        raise ValueError("run: patience needs validation (validate and validate_every > 0)")

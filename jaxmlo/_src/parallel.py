@@ -7,8 +7,8 @@ update is computed from all-reduced quantities. The whole step is one ``jax.jit`
 Two ways a problem's update is synchronized (chosen per problem, at trace time):
 
 * **local, then one all-reduce**, under ``jax.shard_map`` (a problem without lower problems, or
-  one whose every best-response Jacobian on an eq.-2.2 path uses a first-order method named in
-  ``local_methods``, by default SAMA): each device computes the problem's loss, direct gradient
+  one whose every best-response Jacobian on an eq.-2.2 path uses a method marked ``local``,
+  i.e. first-order like SAMA): each device computes the problem's loss, direct gradient
   and hypergradient from its own shard — for SAMA the direct gradient on ``θ*``, the base
   gradient for the optimizer adaptation and the central difference all stay on the device —
   and one ``psum`` of ``(loss, direct gradient, hypergradient, SAMA nudge)`` follows (thesis
@@ -32,7 +32,7 @@ updates follow the global-batch gradient. Losses must be means over their batch'
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,15 @@ from jax.sharding import PartitionSpec as P
 from jaxcommon import axis_size as _axis_size
 from jaxcommon import cast_floats as _cast_floats
 from jaxcommon import count_collectives, data_mesh
-from jaxmlo._src.engine import ProgramState, total_gradient
-from jaxmlo._src.hypergrad import Unrolled, _add, _first, _last, _norm
+from jaxmlo._src.engine import (
+    ProblemUpdate,
+    nudge_deltas,
+    program_pass,
+    scan_update,
+    total_gradient,
+)
+from jaxmlo._src.hypergrad import Unrolled, _add, _first, _norm
+from jaxmlo._src.nested import is_nested
 from jaxmlo._src.program import Program
 
 __all__ = [
@@ -56,8 +63,6 @@ __all__ = [
     "mixed_precision",
     "count_collectives",
 ]
-
-LOCAL_METHODS = ("sama",)
 
 
 def shard_batches(batches, mesh: Mesh, *, axis: str = "data", batch_axis: int = 1):
@@ -131,11 +136,11 @@ def _pvary(tree, axis):
     return jax.tree.map(f, tree)
 
 
-def _is_local(program: Program, name: str, local_methods) -> bool:
-    return all(
-        getattr(program.problems[m].method, "name", None) in local_methods
-        for m in program.path_problems(name)
-    )
+def _is_local(program: Program, name: str) -> bool:
+    """Whether every best response on ``name``'s paths is local (first-order, per shard)."""
+    if program.total_derivative == "exact" and is_nested(program, name):
+        return False  # the nested solve takes second derivatives of the global losses
+    return all(program.problems[m].method.local for m in program.path_problems(name))
 
 
 def _local_pass(
@@ -158,115 +163,46 @@ def _local_pass(
     un_l, und_l = _pvary(unrolled, axis), _pvary(unrolled_deps, axis)
 
     def body(carry, batch):
-        p, s, _ = carry
+        p, s, _, _ = carry
         loss, g, hyper, v = total_gradient(
             prog, name, _pvary(p, axis), _pvary(deps, axis), batch, un_l, und_l
         )
-        deltas = {}
-        for l in nudged:
-            lp, un = prog.problems[l], un_l[l]
-            new = lp.method.post_update(
-                lp.loss, lp.optimizer, un, und_l[l], _last(un.batches), v[l]
-            )
-            if new is not un.params:  # identity for every method but SAMA: no ops, no bytes
-                deltas[l] = jax.tree.map(jnp.subtract, new, un.params)
+        deltas = nudge_deltas(prog, name, nudged, un_l, und_l, v)
         direct = jax.tree.map(jnp.subtract, g, hyper)
         # The one all-reduce of this update: loss, direct gradient, hypergradient and SAMA's
         # nudge travel together (XLA emits a single tuple all-reduce).
         loss, direct, hyper, deltas = red((loss, direct, hyper, deltas), axis)
         g = _add(direct, hyper)
         u, s = prob.optimizer.update(g, s, p)
-        return (optax.apply_updates(p, u), s, deltas), (loss, _norm(g), _norm(hyper))
+        return (optax.apply_updates(p, u), s, g, deltas), (loss, _norm(hyper))
 
-    d0 = jax.eval_shape(lambda: body((params, opt_state, None), _first(bs))[0][2])
+    g0 = jax.tree.map(jnp.zeros_like, params)
+    d0 = jax.eval_shape(lambda: body((params, opt_state, g0, None), _first(bs))[0][3])
     d0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), d0)
-    (p1, s1, deltas), (losses, gnorms, hnorms) = jax.lax.scan(body, (params, opt_state, d0), bs)
-    return p1, s1, deltas, losses, gnorms[-1], hnorms[-1]
+    (p1, s1, g_last, deltas), (losses, hnorms) = jax.lax.scan(body, (params, opt_state, g0, d0), bs)
+    return ProblemUpdate(p1, s1, deltas, losses, g_last, hnorms[-1])
 
 
-def _global_pass(
-    prog: Program, name: str, params, opt_state, deps, bs, unrolled, unrolled_deps, nudged
-):
-    """T updates of problem ``name`` with global losses (autodiff inserts the all-reduces)."""
-    prob = prog.problems[name]
-    lowers = prog.lowers(name)
+def _sharded_update(mesh, axis, reduction, local):
+    """The per-problem rule of the data-parallel pass (see the module docstring)."""
 
-    def body(carry, batch):
-        p, s, _ = carry
-        loss, g, hyper, v = total_gradient(prog, name, p, deps, batch, unrolled, unrolled_deps)
-        u, s = prob.optimizer.update(g, s, p)
-        return (optax.apply_updates(p, u), s, v), (loss, _norm(g), _norm(hyper))
-
-    v0 = {l: jax.tree.map(jnp.zeros_like, unrolled[l].params) for l in lowers}
-    (p1, s1, v_last), (losses, gnorms, hnorms) = jax.lax.scan(body, (params, opt_state, v0), bs)
-    deltas = {}
-    for l in nudged:
-        lp, un = prog.problems[l], unrolled[l]
-        new = lp.method.post_update(
-            lp.loss, lp.optimizer, un, unrolled_deps[l], _last(un.batches), v_last[l]
+    def update(prog, name, params, opt_state, deps, bs, unrolled, unrolled_deps, nudged):
+        if not (local and _is_local(prog, name)):
+            # Global: XLA's SPMD partitioner inserts the all-reduces of every derivative.
+            return scan_update(
+                prog, name, params, opt_state, deps, bs, unrolled, unrolled_deps, nudged
+            )
+        batch_spec = P(None, axis)
+        un_spec = {l: Unrolled(P(), P(), P(), P(), batch_spec) for l in unrolled}
+        fn = jax.shard_map(
+            functools.partial(_local_pass, prog, name, axis, reduction, nudged=nudged),
+            mesh=mesh,
+            in_specs=(P(), P(), P(), batch_spec, un_spec, P()),
+            out_specs=P(),
         )
-        if new is not un.params:
-            deltas[l] = jax.tree.map(jnp.subtract, new, un.params)
-    return p1, s1, deltas, losses, gnorms[-1], hnorms[-1]
+        return fn(params, opt_state, deps, bs, unrolled, unrolled_deps)
 
-
-def _program_pass(
-    prog: Program,
-    mesh: Mesh,
-    axis: str,
-    reduction: str,
-    local_methods,
-    state: ProgramState,
-    batches: dict,
-):
-    """One pass over the program at the global (jit) level; local problems under shard_map."""
-    params, opt_states, updates = dict(state.params), dict(state.opt_states), dict(state.updates)
-    unrolled, unrolled_deps, metrics = {}, {}, {}
-    batch_spec = P(None, axis)
-    for name in prog.order:
-        prob = prog.problems[name]
-        bs = batches[name]
-        deps = {d: params[d] for d in prog.deps(name)}
-        lowers = prog.lowers(name)
-        nudged = sorted(prog.path_problems(name) & set(lowers))
-        if _is_local(prog, name, local_methods):
-            un_spec = {l: Unrolled(P(), P(), P(), P(), batch_spec) for l in unrolled}
-            fn = jax.shard_map(
-                functools.partial(_local_pass, prog, name, axis, reduction, nudged=nudged),
-                mesh=mesh,
-                in_specs=(P(), P(), P(), batch_spec, un_spec, P()),
-                out_specs=P(),
-            )
-            p1, s1, deltas, losses, gnorm, hnorm = fn(
-                params[name], opt_states[name], deps, bs, unrolled, unrolled_deps
-            )
-        else:
-            p1, s1, deltas, losses, gnorm, hnorm = _global_pass(
-                prog,
-                name,
-                params[name],
-                opt_states[name],
-                deps,
-                bs,
-                unrolled,
-                unrolled_deps,
-                nudged,
-            )
-        unrolled[name] = Unrolled(
-            params0=params[name], opt_state0=opt_states[name], params=p1, opt_state=s1, batches=bs
-        )
-        unrolled_deps[name] = deps
-        params[name], opt_states[name] = p1, s1
-        updates[name] = updates[name] + prob.unroll_steps
-        metrics[f"{name}/loss"] = jnp.mean(losses)
-        metrics[f"{name}/grad_norm"] = gnorm
-        if lowers:
-            metrics[f"{name}/hypergrad_norm"] = hnorm
-        for l, d in deltas.items():  # SAMA's nudge, as a delta (several uppers may nudge)
-            params[l] = _add(params[l], d)
-    return ProgramState(
-        params=params, opt_states=opt_states, step=state.step + 1, updates=updates
-    ), metrics
+    return update
 
 
 def parallel_step(
@@ -274,7 +210,7 @@ def parallel_step(
     mesh: Mesh,
     *,
     axis: str = "data",
-    local_methods: Sequence[str] = LOCAL_METHODS,
+    local: bool = True,
     reduction: str = "mean",
     jit: bool = True,
     donate: bool = False,
@@ -286,10 +222,11 @@ def parallel_step(
         sums) over their batch's examples.
       mesh: e.g. :func:`data_mesh`; the example axis of every batch is split over ``axis``.
       axis: the mesh axis name.
-      local_methods: names of hypergradient methods whose derivatives stay local with one
-        all-reduce per update (see the module docstring); with ``()`` every problem that has
-        lower problems runs globally, so the step equals the single-device step on the global
-        batch (problems without lower problems are first-order: one all-reduce either way).
+      local: run a problem whose every best response on its paths uses a method with
+        ``method.local`` (SAMA) per shard with one all-reduce per update (see the module
+        docstring); with ``False`` every problem runs globally, so the step equals the
+        single-device step on the global batch (problems without lower problems are
+        first-order: one all-reduce either way).
       reduction: ``"mean"`` or ``"sum"``: how the losses combine over the shards.
       jit: compile the whole step as one XLA program.
       donate: donate the input state's buffers.
@@ -305,7 +242,6 @@ def parallel_step(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     n = _axis_size(mesh, axis)
-    local_methods = tuple(local_methods)
     batch_sharding = NamedSharding(mesh, P(None, axis))
     replicated = NamedSharding(mesh, P())
 
@@ -334,7 +270,9 @@ def parallel_step(
         # layout (batch split, state replicated) so it partitions the batch reductions.
         batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
         state = jax.lax.with_sharding_constraint(state, replicated)
-        new, metrics = _program_pass(program, mesh, axis, reduction, local_methods, state, batches)
+        new, metrics, _ = program_pass(
+            program, state, batches, _sharded_update(mesh, axis, reduction, local)
+        )
         return (
             jax.lax.with_sharding_constraint(new, replicated),
             jax.lax.with_sharding_constraint(metrics, replicated),

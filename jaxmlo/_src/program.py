@@ -55,6 +55,16 @@ class Program:
       problems: the problems (names unique).
       u2l: upper-to-lower edges ``{upper: [lower, ...]}``.
       l2u: lower-to-upper edges ``{lower: [upper, ...]}``.
+      total_derivative: how a problem's hypergradient combines the best responses below it.
+        ``"exact"`` (default): the total derivative of its loss. Where eq. 2.2 is exact (no
+        problem below it is the upper problem of another, the usual bilevel and chain
+        programs) this is eq. 2.2 with each problem's method; on a nested sub-program it is
+        implicit differentiation of the sub-program's stationarity conditions (dense solves,
+        see ``jaxmlo._src.nested``), exact at the lower problems' optima whatever their
+        methods. ``"paths"``: thesis eq. 2.2 everywhere, each best response from its
+        problem's own loss with the other values held fixed (Betty's rule; on nested
+        programs it is not the total derivative, but it keeps first-order methods
+        first-order).
 
     Raises:
       ValueError: naming the problems involved, on a duplicate or unknown name, a self-edge,
@@ -77,9 +87,29 @@ class Program:
       ('inner', 'outer')
     """
 
-    __slots__ = ("_problems", "_u2l", "_l2u", "_order", "_deps", "_lowers", "_uppers")
+    __slots__ = (
+        "_problems",
+        "_u2l",
+        "_l2u",
+        "_order",
+        "_deps",
+        "_lowers",
+        "_uppers",
+        "_total_derivative",
+    )
 
-    def __init__(self, problems: Sequence[Problem], u2l=None, l2u=None):
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        u2l=None,
+        l2u=None,
+        *,
+        total_derivative: str = "exact",
+    ):
+        if total_derivative not in ("exact", "paths"):
+            raise ValueError(
+                f"total_derivative must be 'exact' or 'paths', got {total_derivative!r}"
+            )
         # optax.MultiSteps (gradient accumulation) is a wrapper object, not itself a
         # GradientTransformation; use its transformation so every method sees one interface.
         problems = tuple(
@@ -162,6 +192,7 @@ class Program:
         self._deps = types.MappingProxyType(deps)
         self._lowers = types.MappingProxyType(lowers)
         self._uppers = types.MappingProxyType(uppers)
+        self._total_derivative = total_derivative
 
         # A u2l edge whose lower problem never feeds back (along l2u edges) into the upper
         # problem's loss would change that solution without the upper problem ever seeing it.
@@ -208,6 +239,11 @@ class Program:
     def l2u(self) -> tuple:
         """Lower-to-upper edges as sorted ``(lower, upper)`` pairs."""
         return self._l2u
+
+    @property
+    def total_derivative(self) -> str:
+        """``"exact"`` or ``"paths"``: see the class docstring."""
+        return self._total_derivative
 
     @property
     def order(self) -> tuple:

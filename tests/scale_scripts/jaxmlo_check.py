@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxmlo  # noqa: E402
+import jaxmlo.testing  # noqa: E402
 
 assert jax.device_count() == 8
 N_DEV, B, D, C, H = 8, 16, 5, 3, 4  # 2 examples per device
@@ -111,7 +112,7 @@ out["cg_opt_rel_err"] = rel(
 )
 out["cg_metrics_rel_err"] = max(rel(par_m[k], ref_m[k]) for k in ref_m)
 out["cg_replicated"] = all(x.sharding.is_fully_replicated for x in jax.tree.leaves(par_state))
-out["cg_collectives"] = jaxmlo.count_collectives(cg_hlo)
+out["cg_collectives"] = jaxmlo.testing.count_collectives(cg_hlo)
 
 # ---- SAMA: sharded (local passes, one all-reduce) == per-shard reference on one device
 method = jaxmlo.sama(alpha=1.0)
@@ -148,7 +149,7 @@ def sama_reference(state, batches):
         bi, mi = shard(batches["base"], i), shard(batches["meta"], i)
         un_i = un._replace(batches=bi)
         mb = jax.tree.map(lambda x: x[0], mi)
-        _, g, _, v = jaxmlo.total_gradient(
+        _, g, _, v = jaxmlo.testing.total_gradient(
             prog, "meta", lam, {"base": un.params}, mb, {"base": un_i}, {"base": {"meta": lam}}
         )
         gs.append(g)
@@ -197,14 +198,14 @@ glob_step = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))
 for i in range(STEPS):
     glob, _ = glob_step(glob, make_batches(i))
 out["sama_vs_global_batch_rel_diff"] = rel(par_state.params["meta"], glob.params["meta"])
-# local_methods=(): SAMA's passes run on the global batch (SPMD) and equal the one-device step
-gstep = jaxmlo.parallel_step(prog, mesh, local_methods=())
+# local=False: SAMA's passes run on the global batch (SPMD) and equal the one-device step
+gstep = jaxmlo.parallel_step(prog, mesh, local=False)
 gstate = jaxmlo.replicate(jaxmlo.init(prog), mesh)
 for i in range(STEPS):
     gstate, _ = gstep(gstate, jaxmlo.shard_batches(make_batches(i), mesh))
 out["sama_global_mode_rel_err"] = rel(gstate.params, glob.params)
 
-out["sama_collectives"] = jaxmlo.count_collectives(sama_hlo)
+out["sama_collectives"] = jaxmlo.testing.count_collectives(sama_hlo)
 # the base problem alone (its 2 unrolled steps are one scan: one all-reduce in the loop body)
 base_only = jaxmlo.Program(
     [prog.problems["base"]._replace(loss=lambda w, d, b: jnp.mean(xent(w, *b)), method=None)]
@@ -216,7 +217,7 @@ bo_hlo = (
     .compile()
     .as_text()
 )
-out["base_only_collectives"] = jaxmlo.count_collectives(bo_hlo)
+out["base_only_collectives"] = jaxmlo.testing.count_collectives(bo_hlo)
 
 # ---- mixed precision: bf16 compute, f32 master params and optimizer state (per problem)
 prog_mp = program(method, base_loss_fn=jaxmlo.mixed_precision(base_loss))
