@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxinf  # noqa: E402
-from jaxinf._src import examples  # noqa: E402
+from jaxinf import examples  # noqa: E402
 
 
 def _block(x):
@@ -536,10 +536,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", default="benchmarks/results/lds_cpu.json")
-    ap.add_argument("--tasks", default="mlp,cnn,lm")
+    ap.add_argument("--out", default="benchmarks/results/lds_cpu.json", help="JSON results file")
+    ap.add_argument(
+        "--tasks",
+        default="mlp,cnn,lm",
+        help="comma-separated tasks: mlp, cnn (digits), lm (byte LM on pydoc text)",
+    )
     ap.add_argument("--small", action="store_true", help="tiny smoke-test sizes")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tasks, subsets and retraining")
     ap.add_argument(
         "--models",
         type=int,

@@ -43,8 +43,6 @@ from jaxinf._src.parallel import (
     LoggingState,
     LoggingStatistics,
     ShardedLogging,
-    count_collectives,
-    data_mesh,
     log_sharded,
     save_shard_statistics,
     sharded_logging,
@@ -123,9 +121,7 @@ __all__ = [
     # metagrad
     "metagradient_scores",
     "weighted_train",
-    # parallel (count_collectives and data_mesh are shared with jaxmlo)
-    "count_collectives",
-    "data_mesh",
+    # parallel (meshes: jaxmlo.data_mesh)
     "log_sharded",
     "LoggingState",
     "LoggingStatistics",
