@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxcommon
-from jaxmlo import Problem, Program, cg, finite_difference, itd, run, sama
+from jaxmlo import Problem, Program, cg, common, finite_difference, itd, run, sama
 
 __all__ = [
     "Split",
@@ -55,7 +54,7 @@ class Split(NamedTuple):
 
 
 def _load():
-    return jaxcommon.load_digits()
+    return common.load_digits()
 
 
 def _split_per_class(y, rng, counts):
