@@ -2,11 +2,13 @@
 
 from jaxinf._src.adapters import Capture, linen_capture, nnx_capture
 from jaxinf._src.baselines import (
+    FISHERS,
     KFACEigenbasis,
     block_influence,
     damped_inverse_apply,
     dense_activations,
     exact_influence,
+    fisher_batch,
     flatten_per_example,
     gaussian_projection,
     grad_cosine,
@@ -14,9 +16,12 @@ from jaxinf._src.baselines import (
     kfac_eigenbasis,
     kfac_influence,
     layer_grads_from_activations,
+    margin_grads,
     per_example_grads,
+    projected_influence,
     representation_similarity,
     trak,
+    weight_rows,
 )
 from jaxinf._src.capture import LoGra, logra, projected_gradients
 from jaxinf._src.discovery import find_layers
@@ -25,6 +30,7 @@ from jaxinf._src.evaluate import (
     LDSModelsResult,
     LDSResult,
     brittleness,
+    ensemble_scores,
     lds,
     lds_models,
     random_subsets,
@@ -92,6 +98,11 @@ __all__ = [
     "per_example_grads",
     "representation_similarity",
     "trak",
+    "projected_influence",
+    "margin_grads",
+    "fisher_batch",
+    "weight_rows",
+    "FISHERS",
     # capture
     "Capture",
     "find_layers",
@@ -106,6 +117,7 @@ __all__ = [
     "UncapturedLayerWarning",
     # evaluate
     "brittleness",
+    "ensemble_scores",
     "BrittlenessResult",
     "lds",
     "lds_models",
