@@ -70,7 +70,7 @@ def per_example_grads(
     logits_fn: Callable[[Any, Any], jax.Array] | None = None,
     key: jax.Array | None = None,
     samples: int = 1,
-    labels: str = "label",
+    labels: str | int = "label",
 ) -> Any:
     """Per-example gradients: ``vmap(grad(loss_fn))`` over one-example batches, in chunks.
 
@@ -315,7 +315,7 @@ def margin_grads(
     params: Any,
     batch: Any,
     *,
-    labels: str = "label",
+    labels: str | int = "label",
     model=None,
     chunk_size: int = 256,
 ) -> tuple[jax.Array, jax.Array]:
@@ -328,15 +328,15 @@ def margin_grads(
       logits_fn: ``logits_fn(params, batch) -> [n, C]`` (NNX: ``logits_fn(model, batch)``
         with ``model`` given).
       params: model parameters (NNX: ``nnx.state(model, nnx.Param)``).
-      batch: a dict with a leading example axis; ``batch[labels]`` holds integer labels.
-      labels: the batch key of the labels.
+      batch: a pytree with a leading example axis; ``batch[labels]`` holds integer labels.
+      labels: where the labels are: a dict key, or an index into a tuple batch like ``(x, y)``.
       model: the NNX model, or ``None`` for Linen.
       chunk_size: examples per compiled call.
     Returns:
       ``(grads [n, P], p [n])``: flattened margin gradients (leaves in ``jax.tree`` order) and
       the probability of the correct class.
     """
-    _check_labels(batch, labels)
+    _get_labels(batch, labels)
 
     def margin(logits, y):
         z = logits.reshape(-1)
@@ -431,12 +431,28 @@ def trak(
 FISHERS = ("empirical", "sampled", "true")
 
 
-def _check_labels(batch, labels):
-    if not isinstance(batch, dict) or labels not in batch:
+def _get_labels(batch, labels):
+    """``batch[labels]``: a dict key, or an index into a tuple batch such as ``(x, y)``."""
+    ok = (isinstance(batch, dict) and labels in batch) or (
+        isinstance(batch, (tuple, list))
+        and isinstance(labels, int)
+        and -len(batch) <= labels < len(batch)
+    )
+    if not ok:
         raise ValueError(
-            f"the batch must be a dict holding the labels under {labels!r} "
-            f"(got {type(batch).__name__} with keys {sorted(batch) if isinstance(batch, dict) else None})"
+            f"the labels must be batch[{labels!r}] (a dict key or a tuple index); the batch is a "
+            f"{type(batch).__name__}"
+            + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
         )
+    return jnp.asarray(batch[labels])
+
+
+def _set_labels(batch, labels, new):
+    if isinstance(batch, dict):
+        return {**batch, labels: new}
+    out = list(batch)
+    out[labels] = new
+    return type(batch)(out)
 
 
 def fisher_batch(
@@ -447,7 +463,7 @@ def fisher_batch(
     fisher: str = "empirical",
     key: jax.Array | None = None,
     samples: int = 1,
-    labels: str = "label",
+    labels: str | int = "label",
 ) -> tuple[Any, jax.Array]:
     """Rows and weights whose weighted gradients define the chosen Fisher.
 
@@ -467,11 +483,11 @@ def fisher_batch(
       logits_fn: ``logits_fn(params, batch) -> [n, C]`` (NNX: pass the model as ``params``);
         unused for ``"empirical"``.
       params: what ``logits_fn`` takes first.
-      batch: a dict with a leading example axis and integer labels under ``labels``.
+      batch: a pytree with a leading example axis and integer labels at ``batch[labels]``.
       fisher: one of :data:`FISHERS`.
       key: PRNG key, required for ``"sampled"``.
       samples: labels drawn per example for ``"sampled"``.
-      labels: the batch key of the labels.
+      labels: where the labels are: a dict key, or an index into a tuple batch like ``(x, y)``.
     Returns:
       ``(rows, w [n_rows])``.
 
@@ -485,8 +501,7 @@ def fisher_batch(
     """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-    _check_labels(batch, labels)
-    y = jnp.asarray(batch[labels])
+    y = _get_labels(batch, labels)
     if fisher == "empirical":
         return batch, jnp.ones(y.shape[:1])
     if logits_fn is None:
@@ -507,9 +522,8 @@ def fisher_batch(
         p = jax.nn.softmax(logits, axis=-1)
         reps, new = c, jnp.tile(jnp.arange(c), n)
         w = jnp.sqrt(c * p).reshape(-1)
-    rows = {k: jnp.repeat(jnp.asarray(v), reps, axis=0) for k, v in batch.items()}
-    rows[labels] = new.astype(y.dtype)
-    return rows, w
+    rows = jax.tree.map(lambda v: jnp.repeat(jnp.asarray(v), reps, axis=0), batch)
+    return _set_labels(rows, labels, new.astype(y.dtype)), w
 
 
 def weight_rows(tree: Any, w: jax.Array) -> Any:
@@ -535,7 +549,7 @@ def dense_activations(
     logits_fn: Callable[[Any, Any], jax.Array] | None = None,
     key: jax.Array | None = None,
     samples: int = 1,
-    labels: str = "label",
+    labels: str | int = "label",
 ) -> dict:
     """Per-example inputs and output gradients of the captured layers (for KFAC/EKFAC baselines).
 
