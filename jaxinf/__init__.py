@@ -39,7 +39,13 @@ from jaxinf._src.evaluate import (
     spearman,
     subset_predictions,
 )
-from jaxinf._src.kfac import KFACFactors, KFACState, kfac_batch_sums, kfac_factors
+from jaxinf._src.kfac import (
+    KFACFactors,
+    KFACState,
+    kfac_batch_sums,
+    kfac_factors,
+    kfac_factors_from_activations,
+)
 from jaxinf._src.layers import LayerSpec, Select, UncapturedLayerWarning
 from jaxinf._src.parallel import (
     LoggingState,
@@ -159,6 +165,7 @@ __all__ = [
     # statistics
     "Accumulator",
     "kfac_factors",
+    "kfac_factors_from_activations",
     "KFACFactors",
     "KFACState",
     "projected_covariance",

@@ -140,3 +140,22 @@ def test_fisher_batch_rows_and_errors():
         jaxinf.fisher_batch(None, params, batch, fisher="true")
     with pytest.raises(ValueError, match="labels must be"):
         jaxinf.fisher_batch(_logits, params, batch, fisher="true", labels="y")
+
+
+def test_kfac_factors_from_activations_match_the_streaming_factors():
+    params, batch = _setup()
+    cap = jaxinf.linen_capture(_loss)
+    layers = jaxinf.find_layers(cap, params, batch)
+    rows, w = jaxinf.fisher_batch(
+        _logits, params, batch, fisher="sampled", key=jax.random.PRNGKey(1), samples=3
+    )
+    acc = jaxinf.kfac_factors(cap, layers, dtype=jnp.float64)
+    stream = acc.finalize(acc.update(acc.init(None), (params, rows)))
+    acts = jaxinf.dense_activations(
+        _loss, params, batch, fisher="sampled", logits_fn=_logits, key=jax.random.PRNGKey(1),
+        samples=3,
+    )  # fmt: skip
+    dense = jaxinf.kfac_factors_from_activations(acts)
+    for path in layers:
+        np.testing.assert_allclose(dense[path].forward, stream[path].forward, rtol=1e-10)
+        np.testing.assert_allclose(dense[path].backward, stream[path].backward, rtol=1e-10)

@@ -191,6 +191,11 @@ def damped_inverse_apply(
     Returns:
       ``[m, P]``.
     """
+    return _damped_inverse(fisher_rows, vectors, damping_ratio, damping)[0]
+
+
+def _damped_inverse(fisher_rows, vectors, damping_ratio, damping):
+    """:func:`damped_inverse_apply` and the ``lambda`` it used."""
     g = _as_rows(fisher_rows, "fisher_rows")
     v = _as_rows(vectors, "vectors")
     n, p = g.shape
@@ -200,9 +205,9 @@ def damped_inverse_apply(
     lam = jnp.asarray(lam, g.dtype)
     if p <= n:
         f = g.T @ g / n + lam * jnp.eye(p, dtype=g.dtype)
-        return jnp.linalg.solve(f, v.T).T
+        return jnp.linalg.solve(f, v.T).T, lam
     k = g @ g.T + n * lam * jnp.eye(n, dtype=g.dtype)
-    return (v - (jnp.linalg.solve(k, g @ v.T)).T @ g) / lam
+    return (v - (jnp.linalg.solve(k, g @ v.T)).T @ g) / lam, lam
 
 
 def exact_influence(
@@ -212,24 +217,33 @@ def exact_influence(
     fisher_grads=None,
     damping_ratio: float = 0.1,
     damping: float | None = None,
+    return_damping: bool = False,
 ) -> jax.Array:
-    """Influence ``g_te^T (F + lambda I)^{-1} g_tr`` with the exact empirical Fisher of full gradients.
+    """Influence ``g_te^T (F + lambda I)^{-1} g_tr`` with the exact Fisher of full gradients.
 
     Args:
       test_grads: ``[n_test, P]``.
       train_grads: ``[n_train, P]``.
-      fisher_grads: rows defining ``F``; defaults to ``train_grads``.
+      fisher_grads: rows defining ``F``; defaults to ``train_grads`` (the empirical Fisher;
+        :func:`per_example_grads` with ``fisher="sampled"`` or ``"true"`` gives the others).
       damping_ratio, damping: see :func:`damped_inverse_apply`.
+      return_damping: also return the ``lambda`` used.
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``lambda`` with ``return_damping``).
     """
     te, tr = _as_rows(test_grads, "test_grads"), _as_rows(train_grads, "train_grads")
     fg = tr if fisher_grads is None else _as_rows(fisher_grads, "fisher_grads")
-    return damped_inverse_apply(fg, te, damping_ratio=damping_ratio, damping=damping) @ tr.T
+    pre, lam = _damped_inverse(fg, te, damping_ratio, damping)
+    return (pre @ tr.T, lam) if return_damping else pre @ tr.T
 
 
 def block_influence(
-    test: dict, train: dict, *, fisher: dict | None = None, damping_ratio: float = 0.1
+    test: dict,
+    train: dict,
+    *,
+    fisher: dict | None = None,
+    damping_ratio: float = 0.1,
+    return_damping: bool = False,
 ) -> jax.Array:
     """Block-diagonal influence: :func:`exact_influence` per layer (own damping), summed.
 
@@ -240,17 +254,24 @@ def block_influence(
       test, train: ``{layer: [n, ...]}`` with matching keys.
       fisher: ``{layer: [n_f, ...]}`` rows for each layer's Fisher; defaults to ``train``.
       damping_ratio: per-layer ``lambda = ratio * mean eigenvalue``.
+      return_damping: also return ``{layer: lambda}``.
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``{layer: lambda}`` with ``return_damping``).
     """
     if set(test) != set(train):
         raise ValueError(f"test and train layers differ: {sorted(set(test) ^ set(train))}")
-    total = None
+    total, lams = None, {}
     for layer in sorted(test):
         f = None if fisher is None else fisher[layer]
-        s = exact_influence(test[layer], train[layer], fisher_grads=f, damping_ratio=damping_ratio)
+        s, lams[layer] = exact_influence(
+            test[layer],
+            train[layer],
+            fisher_grads=f,
+            damping_ratio=damping_ratio,
+            return_damping=True,
+        )
         total = s if total is None else total + s
-    return total
+    return (total, lams) if return_damping else total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +292,7 @@ def projected_influence(
     projection=None,
     precondition: bool = True,
     damping_ratio: float = 0.1,
+    return_damping: bool = False,
 ) -> jax.Array:
     """Random-projection influence: project full gradients with a dense matrix, then damp.
 
@@ -286,15 +308,17 @@ def projected_influence(
       projection: an explicit ``[P, dim]`` matrix.
       precondition: apply the damped projected Fisher inverse.
       damping_ratio: ``lambda = ratio * mean eigenvalue``.
+      return_damping: also return the ``lambda`` used (0 without preconditioning).
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``lambda`` with ``return_damping``).
     """
     te, tr = _as_rows(test_grads, "test_grads"), _as_rows(train_grads, "train_grads")
     projection = _projection(projection, dim, key, te.shape[1], te.dtype, "projected_influence")
     pte, ptr = te @ projection, tr @ projection
     if not precondition:
-        return pte @ ptr.T
-    return exact_influence(pte, ptr, damping_ratio=damping_ratio)
+        s = pte @ ptr.T
+        return (s, jnp.zeros((), s.dtype)) if return_damping else s
+    return exact_influence(pte, ptr, damping_ratio=damping_ratio, return_damping=return_damping)
 
 
 def _projection(projection, dim, key, p, dtype, name):
@@ -362,6 +386,7 @@ def trak(
     key: jax.Array | None = None,
     projections=None,
     damping_ratio: float = 0.0,
+    return_damping: bool = False,
 ) -> jax.Array:
     """TRAK (Park et al. 2023): projected margin gradients, ``1 - p`` weights, an ensemble.
 
@@ -382,8 +407,9 @@ def trak(
       dim, key: size of a fresh Gaussian projection per model (keys split from ``key``), or
       projections: explicit ``[M, P, dim]`` (or ``[P, dim]``) matrices.
       damping_ratio: relative ridge on ``Phi^T Phi``.
+      return_damping: also return ``[M]`` ridges ``lambda_m``.
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``lambda [M]`` with ``return_damping``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -415,14 +441,15 @@ def trak(
         raise ValueError(
             f"trak: projections have shape {projections.shape}, expected [{m}, {te.shape[2]}, dim]"
         )
-    total = 0.0
+    total, lams = 0.0, []
     for j in range(m):
         pte, ptr = te[j] @ projections[j], tr[j] @ projections[j]
         gram = ptr.T @ ptr
-        lam = relative_damping(damping_ratio, jnp.trace(gram), gram.shape[0])
-        gram = gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype)
+        lams.append(relative_damping(damping_ratio, jnp.trace(gram), gram.shape[0]))
+        gram = gram + lams[-1] * jnp.eye(gram.shape[0], dtype=gram.dtype)
         total = total + jnp.linalg.solve(gram, pte.T).T @ ptr.T
-    return (total / m) * jnp.mean(1.0 - pr, axis=0)[None, :]
+    scores = (total / m) * jnp.mean(1.0 - pr, axis=0)[None, :]
+    return (scores, jnp.stack(lams)) if return_damping else scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,6 +726,7 @@ def kfac_influence(
     eigenbasis: KFACEigenbasis | None = None,
     ekfac: bool = False,
     damping_ratio: float = 0.1,
+    return_damping: bool = False,
 ) -> jax.Array:
     """KFAC / EKFAC influence ``sum_layers <(F_l + lambda_l I)^{-1} G_te, G_tr>``.
 
@@ -710,8 +738,9 @@ def kfac_influence(
       eigenbasis: precomputed :func:`kfac_eigenbasis`; by default from ``train_acts``.
       ekfac: use corrected eigenvalues.
       damping_ratio: per-layer relative damping.
+      return_damping: also return ``{layer: lambda_l}``.
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``{layer: lambda_l}`` with ``return_damping``).
     """
     if set(test_acts) != set(train_acts):
         raise ValueError(
@@ -719,10 +748,10 @@ def kfac_influence(
         )
     if eigenbasis is None:
         eigenbasis = kfac_eigenbasis(train_acts, ekfac=ekfac)
-    total = None
+    total, lams = None, {}
     for layer in sorted(test_acts):
         qa, qs, lam = eigenbasis.q_in[layer], eigenbasis.q_out[layer], eigenbasis.eigenvalues[layer]
-        damp = relative_damping(damping_ratio, jnp.sum(lam), lam.size)
+        damp = lams[layer] = relative_damping(damping_ratio, jnp.sum(lam), lam.size)
         rte = jnp.einsum(
             "ij,nio,ok->njk", qa, layer_grads_from_activations({layer: test_acts[layer]})[layer], qs
         )
@@ -734,4 +763,4 @@ def kfac_influence(
         )
         s = jnp.einsum("mjk,njk->mn", rte / (lam + damp), rtr)
         total = s if total is None else total + s
-    return total
+    return (total, lams) if return_damping else total
