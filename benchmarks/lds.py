@@ -181,12 +181,16 @@ def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMI
                 if "logra" in want:
                     s = _block(jaxinf.influence_scores(tr, te, mode="dot"))
                     yield f"logra_{init}_{k}x{k}", s, time.perf_counter() - t0, nbytes, {"k": k}
-        # TRAK with the same storage per example as LoGra at this k.
+        # Random-projection influence ("trak" family, the name of its results) at LoGra's bytes.
         if "trak" in want:
             dim = nbytes // 4
             if dim <= 4 * n_params:
                 t0 = time.perf_counter()
-                s = _block(jaxinf.trak(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)))
+                s = _block(
+                    jaxinf.projected_influence(
+                        g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)
+                    )
+                )
                 yield (
                     f"trak_{dim}",
                     s,
@@ -338,6 +342,7 @@ def run_task(
     progress=True,
     models=1,
     methods=METHOD_FAMILIES,
+    trak_models=4,
 ):
     """Ground truth from retraining on random subsets, then every method's LDS.
 
@@ -396,7 +401,9 @@ def run_task(
         base = tuple(m for m in methods if m in METHOD_FAMILIES)
         scored = method_scores(name, task, params, sizes=sizes, exact=exact, seed=ms, methods=base)
         if set(methods) & set(EXTRA_FAMILIES):  # additional families, after the base ones
-            extra = extra_scores(task, params, sizes=sizes, seed=ms, methods=methods)
+            extra = extra_scores(
+                task, params, sizes=sizes, seed=ms, methods=methods, trak_models=trak_models
+            )
             scored = itertools.chain(scored, extra)
         for method, scores, seconds, nbytes, extra in scored:
             r = jaxinf.lds(np.asarray(scores, np.float64), masks, outputs, seed=seed)
@@ -468,6 +475,7 @@ def main(argv=None):
         default=",".join(METHOD_FAMILIES),
         help="comma list of method families: " + ",".join(METHOD_FAMILIES + EXTRA_FAMILIES),
     )
+    ap.add_argument("--trak-models", type=int, default=4, help="models in the trak_ensemble family")
     ap.add_argument("--sizes", default=None, help="comma list of LoGra k (default: the task's)")
     args = ap.parse_args(argv)
     if args.models < 1:
@@ -542,6 +550,7 @@ def main(argv=None):
             seed=args.seed,
             models=args.models,
             methods=methods,
+            trak_models=args.trak_models,
         )
         r["total_s"] = time.perf_counter() - t0
         print(
