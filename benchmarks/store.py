@@ -81,29 +81,40 @@ def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--k-out", type=int, default=8)
-    p.add_argument("--k-in", type=int, default=8)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--rows", type=int, default=200_000, help="rows written to the log")
+    p.add_argument("--layers", type=int, default=16, help="layers per row")
+    p.add_argument("--k-out", type=int, default=8, help="k_out of every layer")
+    p.add_argument("--k-in", type=int, default=8, help="k_in of every layer")
+    p.add_argument("--batch", type=int, default=512, help="rows per write")
     p.add_argument("--queries", default="1,64", help="comma-separated numbers of test rows")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the rows on disk",
+    )
     p.add_argument("--in-flight", type=int, default=16, help="reads in flight, raw-read variant")
     p.add_argument("--prefetch", type=int, default=2, help="query reads in flight")
     p.add_argument(
         "--reps", type=int, default=3, help="rounds of raw reads and queries (best kept)"
     )
-    p.add_argument("--tmp", default="/tmp/jaxinf_store_bench")
+    p.add_argument(
+        "--tmp",
+        default="/tmp/jaxinf_store_bench",
+        help="directory of the benchmark log (overwritten)",
+    )
     p.add_argument(
         "--logix-rows",
         type=int,
         default=5000,
         help="rows of the LogIX side-by-side log (its query is slow: ~20k pairs/s on CPU)",
     )
-    p.add_argument("--out", default="benchmarks/results/store_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/store_cpu.json", help="JSON results file")
     p.add_argument("--robustness", action="store_true", help="RSS and lock/index cost only")
     p.add_argument("--baseline", default=None, help="path of an older store.py to compare")
-    p.add_argument("--rss-rows", type=int, default=1_000_000)
+    p.add_argument(
+        "--rss-rows", type=int, default=1_000_000, help="rows written for the peak-RSS runs"
+    )
     p.add_argument("--write-rows", type=int, default=100_000, help="rows per throughput run")
     p.add_argument("--rss-child", nargs=3, metavar=("IMPL", "KIND", "ROWS"), help=argparse.SUPPRESS)
     args = p.parse_args()

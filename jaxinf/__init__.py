@@ -47,12 +47,14 @@ from jaxinf._src.kfac import (
     kfac_factors_from_activations,
 )
 from jaxinf._src.layers import LayerSpec, Select, UncapturedLayerWarning
+from jaxinf._src.metagrad import (
+    metagradient_scores,
+    weighted_train,
+)
 from jaxinf._src.parallel import (
     LoggingState,
     LoggingStatistics,
     ShardedLogging,
-    count_collectives,
-    data_mesh,
     log_sharded,
     save_shard_statistics,
     sharded_logging,
@@ -134,9 +136,10 @@ __all__ = [
     "retrain",
     "spearman",
     "subset_predictions",
-    # parallel (count_collectives and data_mesh are shared with jaxmlo)
-    "count_collectives",
-    "data_mesh",
+    # metagrad
+    "metagradient_scores",
+    "weighted_train",
+    # parallel (meshes: jaxmlo.data_mesh)
     "log_sharded",
     "LoggingState",
     "LoggingStatistics",

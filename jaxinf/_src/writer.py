@@ -178,11 +178,17 @@ class LogWriter:
       max_id_bytes: fixed width of string ids (UTF-8 bytes).
       statistics: accumulate the empirical Fisher ``sum g g^T`` per layer while writing.
 
-    Example::
-
-        with LogWriter("/tmp/log", projection) as w:
-            for batch in data:
-                w.write_async(capture(batch), ids=batch["id"])
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from jaxinf import open_log
+      >>> projection = {"layers": {"Dense_0": {"k_in": 2, "k_out": 2}}}  # from the capture
+      >>> path = tempfile.mkdtemp() + "/log"
+      >>> with LogWriter(path, projection) as w:
+      ...     for step in range(3):
+      ...         grads = {"Dense_0": np.ones((4, 2, 2), np.float32)}
+      ...         _ = w.write_async(grads, ids=range(4 * step, 4 * step + 4))
+      >>> open_log(path).num_rows
+      12
     """
 
     def __init__(
