@@ -93,7 +93,7 @@ def main(argv=None):
         "grad_dot": jaxinf.grad_dot(g_te, g_tr),
         "ekfac": jaxinf.kfac_influence(acts_te, acts_tr, ekfac=True),
         f"logra_{init}_16x16": jaxinf.influence_scores(tr, te),
-        f"trak_{nbytes // 4}": jaxinf.trak(
+        f"trak_{nbytes // 4}": jaxinf.projected_influence(
             g_te, g_tr, dim=nbytes // 4, key=jax.random.PRNGKey(args.seed + 7)
         ),
     }

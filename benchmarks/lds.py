@@ -37,11 +37,27 @@ MLP retrained and scored at each learning rate), e.g.::
         --out benchmarks/results/lds_metagrad_cpu.json
     python benchmarks/lds.py --tasks "" --lrs 0.01,0.05,0.2 --methods metagrad,exact_influence \\
         --same-batches --out benchmarks/results/lds_metagrad_lr_cpu.json
+
+Three more families run only when named (digits tasks; labels drawn from
+or averaged over the model's softmax):
+
+- ``fisher``: exact influence, KFAC, EKFAC and LoGra-PCA (PCA basis and projected covariance)
+  under each Fisher (empirical, sampled with one label per example, true);
+- ``trak_ensemble``: TRAK's estimator (margin gradients, ``1 - p`` weights) over ``--trak-models``
+  models (ensembles of 1 and of all), beside the random-projection influence of the same size;
+- ``damping_sweep``: exact influence, EKFAC and LoGra-PCA at 0.01x to 100x the mean-eigenvalue
+  rule (ratio 0.1).
+
+::
+
+    python benchmarks/lds.py --tasks mlp --small --methods fisher,trak_ensemble,damping_sweep \
+        --out benchmarks/results/lds_fisher_small_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -110,6 +126,9 @@ METHOD_FAMILIES = (
     "trak",
     "metagrad",
 )
+# Run only when named in --methods (they retrain models or repeat methods many times).
+EXTRA_FAMILIES = ("fisher", "trak_ensemble", "damping_sweep")
+DAMPING_MULTIPLIERS = (0.01, 0.1, 1.0, 10.0, 100.0)  # x the mean-eigenvalue rule (ratio 0.1)
 
 
 def model_seed(seed, k):
@@ -362,12 +381,16 @@ def method_scores(
                 if "logra" in want:
                     s = _block(jaxinf.influence_scores(tr, te, mode="dot"))
                     yield f"logra_{init}_{k}x{k}", s, time.perf_counter() - t0, nbytes, {"k": k}
-        # TRAK with the same storage per example as LoGra at this k.
+        # Random-projection influence ("trak" family, the name of its results) at LoGra's bytes.
         if "trak" in want:
             dim = nbytes // 4
             if dim <= 4 * n_params:
                 t0 = time.perf_counter()
-                s = _block(jaxinf.trak(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)))
+                s = _block(
+                    jaxinf.projected_influence(
+                        g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7)
+                    )
+                )
                 yield (
                     f"trak_{dim}",
                     s,
@@ -379,6 +402,136 @@ def method_scores(
     if "metagrad" in want and recipe is not None:
         s, seconds, extra = metagrad_scores(task, params, recipe, init_params, train_key)
         yield "metagrad", s, seconds, 0, extra
+
+
+def _logits_fn(task):
+    return lambda p, b: jax.vmap(lambda x: task.model.apply({"params": p}, x))(b[0])
+
+
+def _logra_pca(task, params, k, fisher_acts, rows, w, *, damping_ratio=0.1):
+    """LoGra-PCA whose basis and projected covariance come from the given Fisher rows."""
+    cap = jaxinf.linen_capture(batch_loss(task))
+    spec = jaxinf.find_layers(cap, params, rows, select=jaxinf.Select(types=("dense",)))
+    layers = {p: s._replace(k_in=min(k, s.n_in), k_out=min(k, s.n_out)) for p, s in spec.items()}
+    projs = jaxinf.pca_projections(jaxinf.kfac_factors_from_activations(fisher_acts), layers=layers)
+    fn = jaxinf.projected_gradients(cap, projs)
+
+    def run(b, chunk=256):
+        n = b[0].shape[0]
+        parts = [fn(params, (b[0][s : s + chunk], b[1][s : s + chunk])) for s in range(0, n, chunk)]
+        return {l: jnp.concatenate([p[l] for p in parts]) for l in parts[0]}
+
+    tr, te = run((task.x_train, task.y_train)), run((task.x_test, task.y_test))
+    fr = jaxinf.weight_rows(run(rows), w)
+    acc = jaxinf.projected_covariance()
+    cov = acc.finalize(acc.update(acc.init(fr), fr))
+    return jaxinf.influence_scores(tr, te, covariance=cov, damping_ratio=damping_ratio)
+
+
+def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
+    """Yields ``(method, scores, seconds, bytes_per_example, extra)`` of the EXTRA_FAMILIES."""
+    want = set(methods)
+    loss, logits = batch_loss(task), _logits_fn(task)
+    train, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
+    dense = jaxinf.Select(types=("dense",))
+    k = max(sizes)
+    key = jax.random.PRNGKey(seed + 31)
+    fishers = jaxinf.FISHERS if "fisher" in want else ("empirical",)
+    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(loss, params, train))
+    g_te = jaxinf.flatten_per_example(jaxinf.per_example_grads(loss, params, test))
+    acts_tr = jaxinf.dense_activations(loss, params, train, select=dense)
+    acts_te = jaxinf.dense_activations(loss, params, test, select=dense)
+    for fisher in fishers:
+        t0 = time.perf_counter()
+        opts = dict(fisher=fisher, logits_fn=logits, key=key, labels=1)
+        g_f = jaxinf.flatten_per_example(jaxinf.per_example_grads(loss, params, train, **opts))
+        rows, w = jaxinf.fisher_batch(logits, params, train, fisher=fisher, key=key, labels=1)
+        acts_f = jaxinf.weight_rows(jaxinf.dense_activations(loss, params, rows, select=dense), w)
+        t_f = time.perf_counter() - t0
+        info = {"fisher": fisher}
+        ratios = [(0.1, "")]
+        if "damping_sweep" in want and fisher == "empirical":
+            ratios += [(0.1 * m, f"_damp{m:g}x") for m in DAMPING_MULTIPLIERS if m != 1.0]
+        for ratio, tag in ratios:
+            x = {**info, "damping_ratio": ratio}
+            if "fisher" in want or tag:
+                t0 = time.perf_counter()
+                s = _block(
+                    jaxinf.exact_influence(g_te, g_tr, fisher_grads=g_f, damping_ratio=ratio)
+                )
+                yield f"exact_influence_{fisher}{tag}", s, t_f + time.perf_counter() - t0, 0, x
+                for name, ek in (("kfac", False), ("ekfac", True)):
+                    if name == "kfac" and tag:
+                        continue
+                    t0 = time.perf_counter()
+                    eb = jaxinf.kfac_eigenbasis(acts_f, ekfac=ek)
+                    s = _block(
+                        jaxinf.kfac_influence(acts_te, acts_tr, eigenbasis=eb, damping_ratio=ratio)
+                    )
+                    yield f"{name}_{fisher}{tag}", s, t_f + time.perf_counter() - t0, 0, x
+                t0 = time.perf_counter()
+                s = _block(_logra_pca(task, params, k, acts_f, rows, w, damping_ratio=ratio))
+                yield (
+                    f"logra_pca_{k}x{k}_{fisher}{tag}",
+                    s,
+                    t_f + time.perf_counter() - t0,
+                    0,
+                    {**x, "k": k},
+                )
+    if "trak_ensemble" in want:
+        n_tr = train[0].shape[0]
+        members = []
+        for j in range(trak_models):
+            p = params
+            if j:
+                ms = seed + 97 * j
+                p = jax.jit(task.train_fn)(
+                    task.init_fn(jax.random.PRNGKey(30_000 + ms)),
+                    jnp.ones(n_tr, jnp.float32),
+                    jax.random.PRNGKey(40_000 + ms),
+                )
+            members.append(p)
+        n_params = g_tr.shape[1]
+        for kk in sizes:
+            dim = min(2 * kk * kk, n_params, n_tr)  # a LoGra kxk log per layer, two layers
+            t0 = time.perf_counter()
+            feats = [
+                (
+                    jaxinf.margin_grads(logits, p, test, labels=1),
+                    jaxinf.margin_grads(logits, p, train, labels=1),
+                )
+                for p in members
+            ]
+            te = jnp.stack([f[0][0] for f in feats])
+            tr = jnp.stack([f[1][0] for f in feats])
+            pr = jnp.stack([f[1][1] for f in feats])
+            t_feat = time.perf_counter() - t0
+            for m in sorted({1, trak_models}):
+                t0 = time.perf_counter()
+                s = _block(
+                    jaxinf.trak(te[:m], tr[:m], pr[:m], dim=dim, key=jax.random.PRNGKey(seed))
+                )
+                x = {"models": m, "dim": dim}
+                yield f"trak_real_{dim}_m{m}", s, t_feat + time.perf_counter() - t0, dim * 4, x
+            t0 = time.perf_counter()
+            s = _block(
+                jaxinf.projected_influence(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7))
+            )
+            yield f"projected_influence_{dim}", s, time.perf_counter() - t0, dim * 4, {"dim": dim}
+            # Ensembling LoGra scores over the same models (averaged).
+            t0 = time.perf_counter()
+            ens = []
+            for p in members:
+                tr_l, te_l, _ = logra_grads(task, p, kk, "random", seed=seed)
+                ens.append(np.asarray(jaxinf.influence_scores(tr_l, te_l)))
+            s = jaxinf.ensemble_scores(ens)
+            yield (
+                f"logra_random_{kk}x{kk}_m{trak_models}",
+                s,
+                time.perf_counter() - t0,
+                0,
+                {"models": trak_models, "k": kk},
+            )
 
 
 def run_task(
@@ -395,6 +548,7 @@ def run_task(
     methods=METHOD_FAMILIES,
     recipe=None,
     same_batches=False,
+    trak_models=4,
 ):
     """Ground truth from retraining on random subsets, then every method's LDS.
 
@@ -457,18 +611,29 @@ def run_task(
             t0 = time.perf_counter()
             same = same_batch_outputs(task, recipe, p0, replay_batches(task, train_key), masks)
             res.setdefault("same_batches_retrain_s", []).append(time.perf_counter() - t0)
-        for method, scores, seconds, nbytes, extra in method_scores(
+        scored = method_scores(
             name,
             task,
             params,
             sizes=sizes,
             exact=exact,
             seed=model_seed(seed, k),
-            methods=methods,
+            methods=tuple(m for m in methods if m not in EXTRA_FAMILIES),
             recipe=recipe,
             init_params=p0,
             train_key=train_key,
-        ):
+        )
+        if set(methods) & set(EXTRA_FAMILIES):  # additional families, after the base ones
+            more = extra_scores(
+                task,
+                params,
+                sizes=sizes,
+                seed=model_seed(seed, k),
+                methods=methods,
+                trak_models=trak_models,
+            )
+            scored = itertools.chain(scored, more)
+        for method, scores, seconds, nbytes, extra in scored:
             r = jaxinf.lds(np.asarray(scores, np.float64), masks, outputs, seed=seed)
             tag = f"model {k} " if models > 1 else ""
             r_same = (
@@ -553,8 +718,9 @@ def main(argv=None):
     ap.add_argument(
         "--methods",
         default=",".join(METHOD_FAMILIES),
-        help="comma list of method families: " + ",".join(METHOD_FAMILIES),
+        help="comma list of method families: " + ",".join(METHOD_FAMILIES + EXTRA_FAMILIES),
     )
+    ap.add_argument("--trak-models", type=int, default=4, help="models in the trak_ensemble family")
     ap.add_argument("--sizes", default=None, help="comma list of LoGra k (default: the task's)")
     ap.add_argument(
         "--metagrad-segments",
@@ -584,9 +750,12 @@ def main(argv=None):
     if args.models < 1:
         ap.error("--models must be >= 1")
     methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = set(methods) - set(METHOD_FAMILIES)
+    unknown = set(methods) - set(METHOD_FAMILIES + EXTRA_FAMILIES)
     if unknown:
-        ap.error(f"unknown methods {sorted(unknown)}; choose from {','.join(METHOD_FAMILIES)}")
+        ap.error(
+            f"unknown methods {sorted(unknown)}; choose from "
+            + ",".join(METHOD_FAMILIES + EXTRA_FAMILIES)
+        )
 
     small = args.small
     cfg = {
@@ -664,6 +833,7 @@ def main(argv=None):
             methods=methods,
             recipe=recipe(name, task, lr),
             same_batches=args.same_batches,
+            trak_models=args.trak_models,
         )
 
     t_all = time.perf_counter()

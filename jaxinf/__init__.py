@@ -2,11 +2,13 @@
 
 from jaxinf._src.adapters import Capture, linen_capture, nnx_capture
 from jaxinf._src.baselines import (
+    FISHERS,
     KFACEigenbasis,
     block_influence,
     damped_inverse_apply,
     dense_activations,
     exact_influence,
+    fisher_batch,
     flatten_per_example,
     gaussian_projection,
     grad_cosine,
@@ -14,9 +16,12 @@ from jaxinf._src.baselines import (
     kfac_eigenbasis,
     kfac_influence,
     layer_grads_from_activations,
+    margin_grads,
     per_example_grads,
+    projected_influence,
     representation_similarity,
     trak,
+    weight_rows,
 )
 from jaxinf._src.capture import LoGra, logra, projected_gradients
 from jaxinf._src.discovery import find_layers
@@ -25,6 +30,7 @@ from jaxinf._src.evaluate import (
     LDSModelsResult,
     LDSResult,
     brittleness,
+    ensemble_scores,
     lds,
     lds_models,
     random_subsets,
@@ -33,7 +39,13 @@ from jaxinf._src.evaluate import (
     spearman,
     subset_predictions,
 )
-from jaxinf._src.kfac import KFACFactors, KFACState, kfac_batch_sums, kfac_factors
+from jaxinf._src.kfac import (
+    KFACFactors,
+    KFACState,
+    kfac_batch_sums,
+    kfac_factors,
+    kfac_factors_from_activations,
+)
 from jaxinf._src.layers import LayerSpec, Select, UncapturedLayerWarning
 from jaxinf._src.metagrad import (
     metagradient_scores,
@@ -94,6 +106,11 @@ __all__ = [
     "per_example_grads",
     "representation_similarity",
     "trak",
+    "projected_influence",
+    "margin_grads",
+    "fisher_batch",
+    "weight_rows",
+    "FISHERS",
     # capture
     "Capture",
     "find_layers",
@@ -108,6 +125,7 @@ __all__ = [
     "UncapturedLayerWarning",
     # evaluate
     "brittleness",
+    "ensemble_scores",
     "BrittlenessResult",
     "lds",
     "lds_models",
@@ -150,6 +168,7 @@ __all__ = [
     # statistics
     "Accumulator",
     "kfac_factors",
+    "kfac_factors_from_activations",
     "KFACFactors",
     "KFACState",
     "projected_covariance",

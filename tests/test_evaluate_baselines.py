@@ -26,7 +26,7 @@ def test_exact_influence_matches_direct_damped_solve(n, p):
     np.testing.assert_allclose(blocks, _direct(te, tr, tr), rtol=1e-9, atol=1e-10)
 
 
-def test_dot_cosine_and_trak_reductions():
+def test_dot_cosine_and_projected_influence_reductions():
     rng = np.random.default_rng(1)
     tr, te = rng.normal(size=(15, 6)), rng.normal(size=(3, 6))
     np.testing.assert_allclose(bl.grad_dot(te, tr), te @ tr.T, rtol=1e-12)
@@ -36,15 +36,17 @@ def test_dot_cosine_and_trak_reductions():
     np.testing.assert_allclose(bl.grad_cosine(te, tr), cos, rtol=1e-10)
     # Identity projection, no preconditioning: exactly the gradient dot product.
     np.testing.assert_allclose(
-        bl.trak(te, tr, projection=np.eye(6), precondition=False), te @ tr.T, rtol=1e-12
+        bl.projected_influence(te, tr, projection=np.eye(6), precondition=False),
+        te @ tr.T,
+        rtol=1e-12,
     )
     # An orthogonal projection keeps the Fisher spectrum, so preconditioned TRAK = exact influence.
     q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
     np.testing.assert_allclose(
-        bl.trak(te, tr, projection=q), _direct(te, tr, tr), rtol=1e-9, atol=1e-10
+        bl.projected_influence(te, tr, projection=q), _direct(te, tr, tr), rtol=1e-9, atol=1e-10
     )
     # A wide Gaussian projection approximately preserves dot products (E[P P^T] = I).
-    s = bl.trak(te, tr, dim=4000, key=jax.random.PRNGKey(0), precondition=False)
+    s = bl.projected_influence(te, tr, dim=4000, key=jax.random.PRNGKey(0), precondition=False)
     assert np.corrcoef(np.ravel(s), np.ravel(te @ tr.T))[0, 1] > 0.95
 
 
@@ -152,7 +154,14 @@ def test_nnx_baselines_match_linen():
 
 
 @pytest.mark.parametrize(
-    "name", ["grad_dot", "grad_cosine", "exact_influence", "trak", "representation_similarity"]
+    "name",
+    [
+        "grad_dot",
+        "grad_cosine",
+        "exact_influence",
+        "projected_influence",
+        "representation_similarity",
+    ],
 )
 def test_every_flat_baseline_is_jittable_shaped_and_finite(name):
     rng = np.random.default_rng(4)
@@ -161,7 +170,9 @@ def test_every_flat_baseline_is_jittable_shaped_and_finite(name):
         "grad_dot": bl.grad_dot,
         "grad_cosine": bl.grad_cosine,
         "exact_influence": bl.exact_influence,
-        "trak": lambda a, b: bl.trak(a, b, projection=jnp.eye(7)[:, :5]),
+        "projected_influence": lambda a, b: bl.projected_influence(
+            a, b, projection=jnp.eye(7)[:, :5]
+        ),
         "representation_similarity": bl.representation_similarity,
     }
     s = jax.jit(fns[name])(te, tr)
@@ -172,6 +183,6 @@ def test_baselines_reject_mismatched_inputs():
     with pytest.raises(ValueError, match="columns"):
         bl.exact_influence(np.ones((2, 3)), np.ones((4, 5)))
     with pytest.raises(ValueError, match="projection"):
-        bl.trak(np.ones((2, 3)), np.ones((4, 3)))
+        bl.projected_influence(np.ones((2, 3)), np.ones((4, 3)))
     with pytest.raises(ValueError, match="layers differ"):
         bl.block_influence({"a": np.ones((2, 3))}, {"b": np.ones((4, 3))})

@@ -2,9 +2,11 @@
 
 Every function here maps test and train gradients (or features) to scores where a larger entry
 means the training example helps the test example more (lowers its loss). They are small-model
-references for LoGra (thesis 4.4.1): gradient dot product and cosine, TRAK-style dense Gaussian
-projection of the full gradient, influence with the exact damped empirical Fisher, KFAC and EKFAC
-influence, and representation similarity.
+references for LoGra (thesis 4.4.1): gradient dot product and cosine, random-projection
+influence, TRAK (margin gradients, ``1 - p`` weights, an ensemble), influence with the exact
+damped Fisher, KFAC and EKFAC influence, and representation similarity. The Fisher is
+empirical (true labels), sampled (labels drawn from the model) or true (the expectation over
+the model's predictive distribution): :func:`fisher_batch`.
 
 Influence with curvature ``F`` (empirical Fisher) and damping ``lambda`` is
 ``g_te^T (F + lambda I)^{-1} g_tr``, with ``lambda = damping_ratio * mean eigenvalue(F)``
@@ -37,7 +39,12 @@ __all__ = [
     "exact_influence",
     "block_influence",
     "gaussian_projection",
+    "projected_influence",
+    "margin_grads",
     "trak",
+    "fisher_batch",
+    "weight_rows",
+    "FISHERS",
     "representation_similarity",
     "dense_activations",
     "layer_grads_from_activations",
@@ -58,6 +65,12 @@ def per_example_grads(
     *,
     model=None,
     chunk_size: int = 256,
+    has_aux: bool = False,
+    fisher: str = "empirical",
+    logits_fn: Callable[[Any, Any], jax.Array] | None = None,
+    key: jax.Array | None = None,
+    samples: int = 1,
+    labels: str | int = "label",
 ) -> Any:
     """Per-example gradients: ``vmap(grad(loss_fn))`` over one-example batches, in chunks.
 
@@ -70,9 +83,29 @@ def per_example_grads(
       batch: pytree of arrays with a leading example axis ``n``.
       model: the NNX model, or ``None`` for Linen.
       chunk_size: examples per compiled call.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; then ``(grads, aux)`` is returned.
+      fisher, logits_fn, key, samples, labels: with ``fisher="sampled"`` or ``"true"``, the
+        gradients are those of :func:`fisher_batch`'s rows scaled by its weights, so that
+        ``G^T G / n_rows`` is that Fisher (the loss must read its labels from
+        ``batch[labels]``); ``"empirical"`` (default) is the batch as given.
     Returns:
-      A pytree shaped like ``params`` with a leading ``n`` axis on every leaf.
+      A pytree shaped like ``params`` with a leading ``n`` axis on every leaf (``n_rows``
+      for a sampled or true Fisher).
     """
+    if fisher != "empirical":
+        if has_aux:
+            raise ValueError("has_aux is not supported with a sampled or true Fisher")
+        rows, w = fisher_batch(
+            logits_fn,
+            params if model is None else model,
+            batch,
+            fisher=fisher,
+            key=key,
+            samples=samples,
+            labels=labels,
+        )
+        g = per_example_grads(loss_fn, params, rows, model=model, chunk_size=chunk_size)
+        return weight_rows(g, w)
     if model is None:
         loss = loss_fn
     else:
@@ -85,7 +118,7 @@ def per_example_grads(
             return loss_fn(nnx.merge(graphdef, copy(p), copy(rest)), b)
 
     def one(p, example):
-        return jax.grad(loss)(p, jax.tree.map(lambda v: v[None], example))
+        return jax.grad(loss, has_aux=has_aux)(p, jax.tree.map(lambda v: v[None], example))
 
     return _chunked(jax.jit(jax.vmap(one, in_axes=(None, 0))), params, batch, chunk_size)
 
@@ -158,6 +191,11 @@ def damped_inverse_apply(
     Returns:
       ``[m, P]``.
     """
+    return _damped_inverse(fisher_rows, vectors, damping_ratio, damping)[0]
+
+
+def _damped_inverse(fisher_rows, vectors, damping_ratio, damping):
+    """:func:`damped_inverse_apply` and the ``lambda`` it used."""
     g = _as_rows(fisher_rows, "fisher_rows")
     v = _as_rows(vectors, "vectors")
     n, p = g.shape
@@ -167,9 +205,9 @@ def damped_inverse_apply(
     lam = jnp.asarray(lam, g.dtype)
     if p <= n:
         f = g.T @ g / n + lam * jnp.eye(p, dtype=g.dtype)
-        return jnp.linalg.solve(f, v.T).T
+        return jnp.linalg.solve(f, v.T).T, lam
     k = g @ g.T + n * lam * jnp.eye(n, dtype=g.dtype)
-    return (v - (jnp.linalg.solve(k, g @ v.T)).T @ g) / lam
+    return (v - (jnp.linalg.solve(k, g @ v.T)).T @ g) / lam, lam
 
 
 def exact_influence(
@@ -179,24 +217,33 @@ def exact_influence(
     fisher_grads=None,
     damping_ratio: float = 0.1,
     damping: float | None = None,
+    return_damping: bool = False,
 ) -> jax.Array:
-    """Influence ``g_te^T (F + lambda I)^{-1} g_tr`` with the exact empirical Fisher of full gradients.
+    """Influence ``g_te^T (F + lambda I)^{-1} g_tr`` with the exact Fisher of full gradients.
 
     Args:
       test_grads: ``[n_test, P]``.
       train_grads: ``[n_train, P]``.
-      fisher_grads: rows defining ``F``; defaults to ``train_grads``.
+      fisher_grads: rows defining ``F``; defaults to ``train_grads`` (the empirical Fisher;
+        :func:`per_example_grads` with ``fisher="sampled"`` or ``"true"`` gives the others).
       damping_ratio, damping: see :func:`damped_inverse_apply`.
+      return_damping: also return the ``lambda`` used.
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``lambda`` with ``return_damping``).
     """
     te, tr = _as_rows(test_grads, "test_grads"), _as_rows(train_grads, "train_grads")
     fg = tr if fisher_grads is None else _as_rows(fisher_grads, "fisher_grads")
-    return damped_inverse_apply(fg, te, damping_ratio=damping_ratio, damping=damping) @ tr.T
+    pre, lam = _damped_inverse(fg, te, damping_ratio, damping)
+    return (pre @ tr.T, lam) if return_damping else pre @ tr.T
 
 
 def block_influence(
-    test: dict, train: dict, *, fisher: dict | None = None, damping_ratio: float = 0.1
+    test: dict,
+    train: dict,
+    *,
+    fisher: dict | None = None,
+    damping_ratio: float = 0.1,
+    return_damping: bool = False,
 ) -> jax.Array:
     """Block-diagonal influence: :func:`exact_influence` per layer (own damping), summed.
 
@@ -207,21 +254,28 @@ def block_influence(
       test, train: ``{layer: [n, ...]}`` with matching keys.
       fisher: ``{layer: [n_f, ...]}`` rows for each layer's Fisher; defaults to ``train``.
       damping_ratio: per-layer ``lambda = ratio * mean eigenvalue``.
+      return_damping: also return ``{layer: lambda}``.
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``{layer: lambda}`` with ``return_damping``).
     """
     if set(test) != set(train):
         raise ValueError(f"test and train layers differ: {sorted(set(test) ^ set(train))}")
-    total = None
+    total, lams = None, {}
     for layer in sorted(test):
         f = None if fisher is None else fisher[layer]
-        s = exact_influence(test[layer], train[layer], fisher_grads=f, damping_ratio=damping_ratio)
+        s, lams[layer] = exact_influence(
+            test[layer],
+            train[layer],
+            fisher_grads=f,
+            damping_ratio=damping_ratio,
+            return_damping=True,
+        )
         total = s if total is None else total + s
-    return total
+    return (total, lams) if return_damping else total
 
 
 # ---------------------------------------------------------------------------------------------
-# TRAK-style dense random projection.
+# Dense random projection: projected influence and TRAK.
 
 
 def gaussian_projection(key: jax.Array, n: int, k: int, dtype=jnp.float32) -> jax.Array:
@@ -229,7 +283,7 @@ def gaussian_projection(key: jax.Array, n: int, k: int, dtype=jnp.float32) -> ja
     return jax.random.normal(key, (n, k), dtype) / jnp.sqrt(jnp.asarray(k, dtype))
 
 
-def trak(
+def projected_influence(
     test_grads,
     train_grads,
     *,
@@ -238,13 +292,15 @@ def trak(
     projection=None,
     precondition: bool = True,
     damping_ratio: float = 0.1,
+    return_damping: bool = False,
 ) -> jax.Array:
-    """TRAK-style scores: project full gradients with a dense matrix, then damped influence.
+    """Random-projection influence: project full gradients with a dense matrix, then damp.
 
-    ``phi = g P`` with ``P`` Gaussian ``[P, dim]`` (Park et al. 2023, one checkpoint, no
-    ensembling); the score is ``phi_te^T (Phi^T Phi / n + lambda I)^{-1} phi_tr`` or, with
-    ``precondition=False``, ``phi_te . phi_tr``. Storage per example is ``dim`` floats, but the
-    projection matrix is ``P x dim`` (why LoGra factorizes it).
+    ``phi = g P`` with ``P`` Gaussian ``[P, dim]``; the score is
+    ``phi_te^T (Phi^T Phi / n + lambda I)^{-1} phi_tr`` or, with ``precondition=False``,
+    ``phi_te . phi_tr``. Storage per example is ``dim`` floats, but the projection matrix is
+    ``P x dim`` (why LoGra factorizes it). This is influence of loss gradients in a random
+    subspace; :func:`trak` is TRAK's estimator (margin gradients, ``1 - p`` weights, ensemble).
 
     Args:
       test_grads, train_grads: ``[n, P]`` full per-example gradients.
@@ -252,23 +308,256 @@ def trak(
       projection: an explicit ``[P, dim]`` matrix.
       precondition: apply the damped projected Fisher inverse.
       damping_ratio: ``lambda = ratio * mean eigenvalue``.
+      return_damping: also return the ``lambda`` used (0 without preconditioning).
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``lambda`` with ``return_damping``).
     """
     te, tr = _as_rows(test_grads, "test_grads"), _as_rows(train_grads, "train_grads")
-    if projection is None:
-        if dim is None or key is None:
-            raise ValueError("trak: give either `projection` or both `dim` and `key`")
-        projection = gaussian_projection(key, te.shape[1], dim, te.dtype)
-    projection = jnp.asarray(projection, te.dtype)
-    if projection.shape[0] != te.shape[1]:
-        raise ValueError(
-            f"trak: projection has {projection.shape[0]} rows, gradients have {te.shape[1]} columns"
-        )
+    projection = _projection(projection, dim, key, te.shape[1], te.dtype, "projected_influence")
     pte, ptr = te @ projection, tr @ projection
     if not precondition:
-        return pte @ ptr.T
-    return exact_influence(pte, ptr, damping_ratio=damping_ratio)
+        s = pte @ ptr.T
+        return (s, jnp.zeros((), s.dtype)) if return_damping else s
+    return exact_influence(pte, ptr, damping_ratio=damping_ratio, return_damping=return_damping)
+
+
+def _projection(projection, dim, key, p, dtype, name):
+    if projection is None:
+        if dim is None or key is None:
+            raise ValueError(f"{name}: give either `projection` or both `dim` and `key`")
+        projection = gaussian_projection(key, p, dim, dtype)
+    projection = jnp.asarray(projection, dtype)
+    if projection.ndim != 2 or projection.shape[0] != p:
+        raise ValueError(
+            f"{name}: projection has shape {projection.shape}, gradients have {p} columns"
+        )
+    return projection
+
+
+def margin_grads(
+    logits_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batch: Any,
+    *,
+    labels: str | int = "label",
+    model=None,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """TRAK's per-example margin gradients and correct-class probabilities.
+
+    The margin of example ``i`` with label ``y`` is
+    ``f_i = log(p_y / (1 - p_y)) = z_y - logsumexp_{c != y} z_c`` for logits ``z``.
+
+    Args:
+      logits_fn: ``logits_fn(params, batch) -> [n, C]`` (NNX: ``logits_fn(model, batch)``
+        with ``model`` given).
+      params: model parameters (NNX: ``nnx.state(model, nnx.Param)``).
+      batch: a pytree with a leading example axis; ``batch[labels]`` holds integer labels.
+      labels: where the labels are: a dict key, or an index into a tuple batch like ``(x, y)``.
+      model: the NNX model, or ``None`` for Linen.
+      chunk_size: examples per compiled call.
+    Returns:
+      ``(grads [n, P], p [n])``: flattened margin gradients (leaves in ``jax.tree`` order) and
+      the probability of the correct class.
+    """
+    _get_labels(batch, labels)
+
+    def margin(logits, y):
+        z = logits.reshape(-1)
+        others = jnp.where(jnp.arange(z.shape[0]) == y, -jnp.inf, z)
+        return z[y] - jax.nn.logsumexp(others), jax.nn.softmax(z)[y]
+
+    def loss(model_or_params, example):
+        logits = logits_fn(model_or_params, example)
+        m, p = margin(logits, example[labels][0])
+        return m, p
+
+    tree = per_example_grads(loss, params, batch, model=model, chunk_size=chunk_size, has_aux=True)
+    grads, p = tree
+    return flatten_per_example(grads), p
+
+
+def trak(
+    test_grads,
+    train_grads,
+    train_probs,
+    *,
+    dim: int | None = None,
+    key: jax.Array | None = None,
+    projections=None,
+    damping_ratio: float = 0.0,
+    return_damping: bool = False,
+) -> jax.Array:
+    """TRAK (Park et al. 2023): projected margin gradients, ``1 - p`` weights, an ensemble.
+
+    For models (or checkpoints) ``m = 1..M`` with margin gradients ``g`` (:func:`margin_grads`)
+    and random projections ``P_m``, ``phi = g P_m`` and ``Phi_m`` the train features; the score is
+
+    ``tau = [1/M sum_m phi_te,m^T (Phi_m^T Phi_m + lambda_m I)^{-1} Phi_m^T] diag(1/M sum_m (1 - p_m))``
+
+    with ``p_m`` the train examples' correct-class probabilities under model ``m`` (no soft
+    thresholding). ``lambda_m = damping_ratio * mean eigenvalue(Phi_m^T Phi_m)``, 0 by default
+    as in the paper (then ``dim`` must not exceed the number of train examples).
+
+    Args:
+      test_grads: ``[M, n_test, P]`` margin gradients of the test examples under each model
+        (``[n_test, P]`` for one model).
+      train_grads: ``[M, n_train, P]`` (or ``[n_train, P]``).
+      train_probs: ``[M, n_train]`` (or ``[n_train]``) correct-class probabilities.
+      dim, key: size of a fresh Gaussian projection per model (keys split from ``key``), or
+      projections: explicit ``[M, P, dim]`` (or ``[P, dim]``) matrices.
+      damping_ratio: relative ridge on ``Phi^T Phi``.
+      return_damping: also return ``[M]`` ridges ``lambda_m``.
+    Returns:
+      ``[n_test, n_train]`` scores (and ``lambda [M]`` with ``return_damping``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> g_te, g_tr = jnp.ones((2, 5)), jax.random.normal(jax.random.PRNGKey(0), (8, 5))
+      >>> trak(g_te, g_tr, jnp.full((8,), 0.5), dim=3, key=jax.random.PRNGKey(1)).shape
+      (2, 8)
+    """
+    te, tr, pr = jnp.asarray(test_grads), jnp.asarray(train_grads), jnp.asarray(train_probs)
+    if te.ndim == 2:
+        te, tr, pr = te[None], tr[None], pr[None]
+        projections = None if projections is None else jnp.asarray(projections)[None]
+    if te.ndim != 3 or tr.ndim != 3 or pr.ndim != 2:
+        raise ValueError(
+            "trak: test_grads, train_grads must be [M, n, P] and train_probs [M, n_train], got "
+            f"{te.shape}, {tr.shape}, {pr.shape}"
+        )
+    m = te.shape[0]
+    if tr.shape[0] != m or pr.shape != tr.shape[:2] or te.shape[2] != tr.shape[2]:
+        raise ValueError(
+            f"trak: shapes disagree: test {te.shape}, train {tr.shape}, train_probs {pr.shape}"
+        )
+    if projections is None:
+        if dim is None or key is None:
+            raise ValueError("trak: give either `projections` or both `dim` and `key`")
+        keys = jax.random.split(key, m)
+        projections = [gaussian_projection(k, te.shape[2], dim, te.dtype) for k in keys]
+    projections = jnp.asarray(projections, te.dtype)
+    if projections.ndim != 3 or projections.shape[:2] != (m, te.shape[2]):
+        raise ValueError(
+            f"trak: projections have shape {projections.shape}, expected [{m}, {te.shape[2]}, dim]"
+        )
+    total, lams = 0.0, []
+    for j in range(m):
+        pte, ptr = te[j] @ projections[j], tr[j] @ projections[j]
+        gram = ptr.T @ ptr
+        lams.append(relative_damping(damping_ratio, jnp.trace(gram), gram.shape[0]))
+        gram = gram + lams[-1] * jnp.eye(gram.shape[0], dtype=gram.dtype)
+        total = total + jnp.linalg.solve(gram, pte.T).T @ ptr.T
+    scores = (total / m) * jnp.mean(1.0 - pr, axis=0)[None, :]
+    return (scores, jnp.stack(lams)) if return_damping else scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Fisher choices: which labels the curvature's gradients are taken at.
+
+FISHERS = ("empirical", "sampled", "true")
+
+
+def _get_labels(batch, labels):
+    """``batch[labels]``: a dict key, or an index into a tuple batch such as ``(x, y)``."""
+    ok = (isinstance(batch, dict) and labels in batch) or (
+        isinstance(batch, (tuple, list))
+        and isinstance(labels, int)
+        and -len(batch) <= labels < len(batch)
+    )
+    if not ok:
+        raise ValueError(
+            f"the labels must be batch[{labels!r}] (a dict key or a tuple index); the batch is a "
+            f"{type(batch).__name__}"
+            + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+        )
+    return jnp.asarray(batch[labels])
+
+
+def _set_labels(batch, labels, new):
+    if isinstance(batch, dict):
+        return {**batch, labels: new}
+    out = list(batch)
+    out[labels] = new
+    return type(batch)(out)
+
+
+def fisher_batch(
+    logits_fn: Callable[[Any, Any], jax.Array] | None,
+    params: Any,
+    batch: Any,
+    *,
+    fisher: str = "empirical",
+    key: jax.Array | None = None,
+    samples: int = 1,
+    labels: str | int = "label",
+) -> tuple[Any, jax.Array]:
+    """Rows and weights whose weighted gradients define the chosen Fisher.
+
+    The loss reads its labels from ``batch[labels]``; this returns a batch of rows with labels
+    substituted and weights ``w`` such that the Fisher is ``mean_rows w^2 g g^T`` for ``g`` the
+    row's loss gradient (so ``w`` scales the output gradients, and KFAC's ``S`` and EKFAC's
+    eigenvalues, by ``w^2``):
+
+    - ``"empirical"``: the batch itself, ``w = 1`` (true labels).
+    - ``"sampled"``: each example repeated ``samples`` times (example-major) with labels drawn
+      from the model's predictive distribution ``softmax(logits_fn(params, batch))`` by ``key``;
+      ``w = 1``. Converges to ``"true"`` as ``samples`` grows.
+    - ``"true"``: each example repeated once per class ``c`` (example-major) with label ``c`` and
+      ``w = sqrt(C p_c)``, so ``mean_rows w^2 g g^T = 1/n sum_i sum_c p_ic g_ic g_ic^T`` exactly.
+
+    Args:
+      logits_fn: ``logits_fn(params, batch) -> [n, C]`` (NNX: pass the model as ``params``);
+        unused for ``"empirical"``.
+      params: what ``logits_fn`` takes first.
+      batch: a pytree with a leading example axis and integer labels at ``batch[labels]``.
+      fisher: one of :data:`FISHERS`.
+      key: PRNG key, required for ``"sampled"``.
+      samples: labels drawn per example for ``"sampled"``.
+      labels: where the labels are: a dict key, or an index into a tuple batch like ``(x, y)``.
+    Returns:
+      ``(rows, w [n_rows])``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logits_fn = lambda w, b: b["x"] @ w
+      >>> b = {"x": jnp.eye(2), "label": jnp.array([0, 1])}
+      >>> rows, w = fisher_batch(logits_fn, jnp.zeros((2, 3)), b, fisher="true")
+      >>> rows["label"].tolist(), w.shape
+      ([0, 1, 2, 0, 1, 2], (6,))
+    """
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    y = _get_labels(batch, labels)
+    if fisher == "empirical":
+        return batch, jnp.ones(y.shape[:1])
+    if logits_fn is None:
+        raise ValueError(f'fisher="{fisher}" needs `logits_fn` (the predictive distribution)')
+    logits = jnp.asarray(logits_fn(params, batch))
+    n = y.shape[0]
+    if logits.ndim != 2 or logits.shape[0] != n:
+        raise ValueError(f"logits_fn must return [n, C] = [{n}, C] logits, got {logits.shape}")
+    c = logits.shape[1]
+    if fisher == "sampled":
+        if key is None:
+            raise ValueError('fisher="sampled" needs an explicit `key`')
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        drawn = jax.random.categorical(key, logits[:, None, :], axis=-1, shape=(n, samples))
+        reps, new, w = samples, drawn.reshape(-1), jnp.ones((n * samples,), logits.dtype)
+    else:
+        p = jax.nn.softmax(logits, axis=-1)
+        reps, new = c, jnp.tile(jnp.arange(c), n)
+        w = jnp.sqrt(c * p).reshape(-1)
+    rows = jax.tree.map(lambda v: jnp.repeat(jnp.asarray(v), reps, axis=0), batch)
+    return _set_labels(rows, labels, new.astype(y.dtype)), w
+
+
+def weight_rows(tree: Any, w: jax.Array) -> Any:
+    """Scale per-example gradients (or :func:`dense_activations` output gradients) by ``w``."""
+    if isinstance(tree, dict) and all(isinstance(v, tuple) for v in tree.values()):
+        return {k: (a, d * w.reshape((-1,) + (1,) * (d.ndim - 1))) for k, (a, d) in tree.items()}
+    return jax.tree.map(lambda g: g * w.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +572,11 @@ def dense_activations(
     model=None,
     select=None,
     chunk_size: int = 256,
+    fisher: str = "empirical",
+    logits_fn: Callable[[Any, Any], jax.Array] | None = None,
+    key: jax.Array | None = None,
+    samples: int = 1,
+    labels: str | int = "label",
 ) -> dict:
     """Per-example inputs and output gradients of the captured layers (for KFAC/EKFAC baselines).
 
@@ -294,12 +588,30 @@ def dense_activations(
       model: the NNX model, or ``None`` for Linen.
       select: :class:`jaxinf.Select` rule(s), as for :func:`jaxinf.find_layers` (default: all).
       chunk_size: examples per compiled call.
+      fisher, logits_fn, key, samples, labels: which Fisher the activations define (as in
+        :func:`per_example_grads`): for ``"sampled"`` and ``"true"`` the rows of
+        :func:`fisher_batch` with ``d`` scaled by its weights, so :func:`kfac_eigenbasis` of
+        the result is KFAC/EKFAC of that Fisher.
     Returns:
       ``{layer_path: (a [n, T, n_in], d [n, T, n_out])}``: ``T`` flattens the token axes
       (sequence, patches; 1 if none), ``a`` ends with the constant-1 bias feature when the layer
       has a bias, ``d`` is the gradient of the example's loss w.r.t. the layer output. Layers of
       a stack are entries ``"path[i]"``. A layer called more than once raises.
     """
+    if fisher != "empirical":
+        rows, w = fisher_batch(
+            logits_fn,
+            params if model is None else model,
+            batch,
+            fisher=fisher,
+            key=key,
+            samples=samples,
+            labels=labels,
+        )
+        acts = dense_activations(
+            loss_fn, params, rows, model=model, select=select, chunk_size=chunk_size
+        )
+        return weight_rows(acts, w)
     from jaxinf._src.adapters import _example_fn, linen_capture, nnx_capture
     from jaxinf._src.discovery import find_layers
     from jaxinf._src.layers import (
@@ -414,6 +726,7 @@ def kfac_influence(
     eigenbasis: KFACEigenbasis | None = None,
     ekfac: bool = False,
     damping_ratio: float = 0.1,
+    return_damping: bool = False,
 ) -> jax.Array:
     """KFAC / EKFAC influence ``sum_layers <(F_l + lambda_l I)^{-1} G_te, G_tr>``.
 
@@ -425,8 +738,9 @@ def kfac_influence(
       eigenbasis: precomputed :func:`kfac_eigenbasis`; by default from ``train_acts``.
       ekfac: use corrected eigenvalues.
       damping_ratio: per-layer relative damping.
+      return_damping: also return ``{layer: lambda_l}``.
     Returns:
-      ``[n_test, n_train]`` scores.
+      ``[n_test, n_train]`` scores (and ``{layer: lambda_l}`` with ``return_damping``).
     """
     if set(test_acts) != set(train_acts):
         raise ValueError(
@@ -434,10 +748,10 @@ def kfac_influence(
         )
     if eigenbasis is None:
         eigenbasis = kfac_eigenbasis(train_acts, ekfac=ekfac)
-    total = None
+    total, lams = None, {}
     for layer in sorted(test_acts):
         qa, qs, lam = eigenbasis.q_in[layer], eigenbasis.q_out[layer], eigenbasis.eigenvalues[layer]
-        damp = relative_damping(damping_ratio, jnp.sum(lam), lam.size)
+        damp = lams[layer] = relative_damping(damping_ratio, jnp.sum(lam), lam.size)
         rte = jnp.einsum(
             "ij,nio,ok->njk", qa, layer_grads_from_activations({layer: test_acts[layer]})[layer], qs
         )
@@ -449,4 +763,4 @@ def kfac_influence(
         )
         s = jnp.einsum("mjk,njk->mn", rte / (lam + damp), rtr)
         total = s if total is None else total + s
-    return total
+    return (total, lams) if return_damping else total

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 __all__ = [
     "rankdata",
@@ -42,6 +43,7 @@ __all__ = [
     "LDSModelsResult",
     "lds_models",
     "subset_predictions",
+    "ensemble_scores",
     "BrittlenessResult",
     "brittleness",
 ]
@@ -288,6 +290,28 @@ class LDSModelsResult(NamedTuple):
     std: float
     per_model: np.ndarray
     results: tuple
+
+
+def ensemble_scores(scores: Sequence[ArrayLike], *, reduce: str = "mean") -> np.ndarray:
+    """Scores of an ensemble of models or checkpoints: the ``[n_test, n_train]`` matrices summed
+    or averaged (TracIn sums over checkpoints; TRAK and LoGra ensembles average).
+
+    Args:
+      scores: one ``[n_test, n_train]`` matrix per model or checkpoint, same shape.
+      reduce: ``"mean"`` or ``"sum"``.
+    Returns:
+      ``[n_test, n_train]``.
+    """
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f'reduce must be "mean" or "sum", got {reduce!r}')
+    mats = [np.asarray(s) for s in scores]
+    if not mats:
+        raise ValueError("ensemble_scores needs at least one score matrix")
+    shapes = {m.shape for m in mats}
+    if len(shapes) != 1 or mats[0].ndim != 2:
+        raise ValueError(f"score matrices must be 2-D and of one shape, got {sorted(shapes)}")
+    total = np.sum(mats, axis=0)
+    return total / len(mats) if reduce == "mean" else total
 
 
 def lds_models(

@@ -159,3 +159,21 @@ def kfac_factors(capture, layers, *, mask_fn=None, dtype=jnp.float32) -> Accumul
         return out
 
     return Accumulator(init, update, finalize)
+
+
+def kfac_factors_from_activations(acts: Mapping[str, Any]) -> dict:
+    """``{path: KFACFactors}`` from per-example activations (``jaxinf.dense_activations``).
+
+    ``C_F = sum a a^T / tokens`` and ``C_B = sum d d^T / tokens`` over rows and positions, the
+    normalisation of :func:`kfac_factors`. With ``dense_activations(..., fisher="sampled" |
+    "true")`` these are the factors of that Fisher, ready for ``pca_projections``.
+    """
+    out = {}
+    for path, (a, d) in acts.items():
+        tokens = jnp.asarray(a.shape[0] * a.shape[1], a.dtype)
+        out[path] = KFACFactors(
+            jnp.einsum("nti,ntj->ij", a, a) / tokens,
+            jnp.einsum("nti,ntj->ij", d, d) / tokens,
+            tokens,
+        )
+    return out

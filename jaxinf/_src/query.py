@@ -183,6 +183,9 @@ class QueryResult(NamedTuple):
     bottom_ids: np.ndarray
     bottom_rows: np.ndarray
     scores_path: str | None  # zarr array [n_test, n_rows] of all scores, when ``out`` was given
+    damping: dict | None = None  # {layer_path: λ_l} the scores were damped with
+    scores: np.ndarray | None = None  # top_k=None: all scores [n_test, n_rows], columns in id order
+    ids: np.ndarray | None = None  # top_k=None: the ids of those columns, sorted
 
 
 def _check_query(log, test_grads, projection) -> int:
@@ -335,7 +338,7 @@ def query(
     projection: Mapping,
     *,
     mode: str = "dot",
-    top_k: int = 10,
+    top_k: int | None = 10,
     damping_ratio: float = 0.1,
     damping: float | Mapping[str, float] | None = None,
     chunk_rows: int | None = None,
@@ -352,7 +355,9 @@ def query(
       test_grads: ``{layer: [n_test, k_out, k_in]}`` captured with the log's projection.
       projection: the projection metadata of the test capture; must equal the log's exactly.
       mode: "dot", "cosine" or "relatif" (see the module docstring; "self" is ``self_influence``).
-      top_k: rows kept per query and direction (clipped to the number of rows).
+      top_k: rows kept per query and direction (clipped to the number of rows); ``None``
+        keeps every row: the result's ``scores`` is the full ``[n_test, n_rows]`` matrix with
+        columns sorted by data id (``ids``), and its top/bottom fields rank all rows.
       damping_ratio / damping: see ``preconditioner``.
       chunk_rows: rows scored per step (default: a multiple of the log's chunk, ~8 MiB).
       prefetch: tensorstore reads kept in flight ahead of the chunk being scored.
@@ -365,7 +370,8 @@ def query(
       progress: show a tqdm progress bar.
 
     Returns:
-      ``QueryResult`` with the top-k most positive and most negative rows per query.
+      ``QueryResult`` with the top-k most positive and most negative rows per query and the
+      damping ``λ_l`` of every layer.
     """
     if isinstance(log, str):
         log = open_log(log)
@@ -377,8 +383,9 @@ def query(
     n_test = _check_query(log, test_grads, projection)
     if log.num_rows == 0:
         raise ValueError(f"log {log.path} has no committed rows")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    full = top_k is None
+    if not full and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     chunk_rows = chunk_rows or _default_chunk_rows(log)
     shards = _select_shards(log, shards)
     if out is not None and len(shards) != len(log.shards):
@@ -388,7 +395,7 @@ def query(
     n_rows = sum(s.rows for s in log.shards if s.name in shards)
     if n_rows == 0:
         raise ValueError(f"shards {shards} of {log.path} have no committed rows")
-    k = min(top_k, n_rows)
+    k = 1 if full else min(top_k, n_rows)
     pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
     test_rows = test_rows_checked(test_grads, log.layers)
     q, self_te = _prepare_test(test_rows, pre)
@@ -403,7 +410,8 @@ def query(
         jnp.full((n_test, k), -jnp.inf, dt),
         jnp.full((n_test, k), -1, idx_dt),
     )
-    step = _step_fn(tuple(log.layers), mode, k, out is not None)
+    step = _step_fn(tuple(log.layers), mode, k, out is not None or full)
+    columns = []  # top_k=None: (global rows, scores) per chunk
     writes = collections.deque()
     scores_arr = None
     if out is not None:
@@ -414,12 +422,16 @@ def query(
     for slot, chunk, n, g in reader:
         state, s = step(state, chunk, g, n, q_d, whiten_d, self_te_d)
         reader.release(slot, state)
+        if full:
+            columns.append((np.arange(g, g + n), np.asarray(s)[:, :n]))
         if scores_arr is not None:
             writes.append(scores_arr[:, g : g + n].write(np.asarray(s)[:, :n]))
             while len(writes) > prefetch:
                 writes.popleft().result()
     for w in writes:
         w.result()
+    if full:
+        return _full_result(log, columns, out, pre.damping)
     top_i, bot_i = np.asarray(state.top_i), np.asarray(state.bot_i)
     return QueryResult(
         np.asarray(state.top_v),
@@ -429,6 +441,30 @@ def query(
         log.ids_at(bot_i),
         bot_i,
         out,
+        dict(pre.damping),
+    )
+
+
+def _full_result(log, columns, out, damping) -> QueryResult:
+    """Every row ranked (ties: lower row first) and the score matrix in id order."""
+    rows = np.concatenate([r for r, _ in columns])
+    scores = np.concatenate([s for _, s in columns], axis=1)
+    ids = log.ids_at(rows)
+    by_id = np.argsort(ids, kind="stable")
+    top = np.lexsort((np.broadcast_to(rows, scores.shape), -scores), axis=1)
+    bot = np.lexsort((np.broadcast_to(rows, scores.shape), scores), axis=1)
+    top_rows, bot_rows = rows[top], rows[bot]
+    return QueryResult(
+        np.take_along_axis(scores, top, 1),
+        log.ids_at(top_rows),
+        top_rows,
+        np.take_along_axis(scores, bot, 1),
+        log.ids_at(bot_rows),
+        bot_rows,
+        out,
+        dict(damping),
+        scores[:, by_id],
+        ids[by_id],
     )
 
 
@@ -461,12 +497,13 @@ def merge_results(results: Sequence[QueryResult], top_k: int | None = None) -> Q
         [r.bottom_rows for r in results],
         -1.0,
     )
-    return QueryResult(*top, *bot, None)
+    return QueryResult(*top, *bot, None, results[0].damping)
 
 
 class SelfInfluence(NamedTuple):
     scores: np.ndarray  # [n_rows]: g^T (F + λI)^-1 g per logged row, global row order
     ids: np.ndarray  # [n_rows]
+    damping: dict | None = None  # {layer_path: λ_l}
 
 
 def self_influence(
@@ -497,7 +534,7 @@ def self_influence(
         reader.release(slot, out)
         parts.append((out, n))
     scores = np.concatenate([np.asarray(p)[:n] for p, n in parts])
-    return SelfInfluence(scores, log.ids())
+    return SelfInfluence(scores, log.ids(), dict(pre.damping))
 
 
 def influence_scores(
@@ -508,6 +545,7 @@ def influence_scores(
     covariance: Mapping[str, Any] | None = None,
     damping_ratio: float = 0.1,
     damping: float | Mapping[str, float] | None = None,
+    return_damping: bool = False,
 ) -> jax.Array:
     """In-memory influence scores (no log): the dense counterpart of ``query``.
 
@@ -516,9 +554,11 @@ def influence_scores(
       test_grads: ``{layer: [n_test, k_out, k_in]}`` (ignored for mode "self").
       mode: "dot", "cosine", "relatif" or "self".
       covariance: ``{layer: F [d, d]}``; default: the empirical Fisher of ``train_grads``.
+      return_damping: also return ``{layer: λ_l}``.
 
     Returns:
-      ``[n_test, n_train]`` scores, or ``[n_train]`` self-influences for mode "self".
+      ``[n_test, n_train]`` scores, or ``[n_train]`` self-influences for mode "self" (and
+      ``{layer: λ_l}`` with ``return_damping``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -532,9 +572,11 @@ def influence_scores(
     x = _fmt.pack_rows(train_grads, layers, dt)
     whiten = [jnp.asarray(w, dt) for w in pre.whiten]
     if mode == "self":
-        return _self_train(x, whiten, layers)
-    if test_grads is None:
-        raise ValueError(f"mode {mode!r} needs test_grads")
-    _fmt.check_grads(test_grads, layers, "test_grads")
-    q, self_te = _prepare_test(test_rows_checked(test_grads, layers), pre)
-    return _scores(x, jnp.asarray(q, dt), whiten, jnp.asarray(self_te, dt), layers, mode)
+        s = _self_train(x, whiten, layers)
+    else:
+        if test_grads is None:
+            raise ValueError(f"mode {mode!r} needs test_grads")
+        _fmt.check_grads(test_grads, layers, "test_grads")
+        q, self_te = _prepare_test(test_rows_checked(test_grads, layers), pre)
+        s = _scores(x, jnp.asarray(q, dt), whiten, jnp.asarray(self_te, dt), layers, mode)
+    return (s, dict(pre.damping)) if return_damping else s
