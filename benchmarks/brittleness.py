@@ -23,26 +23,36 @@ sys.path[:0] = [os.path.dirname(_HERE), _HERE]  # the repo root; this folder for
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from lds import logra_grads  # noqa: E402
+from lds import batch_loss, logra_grads  # noqa: E402
 
 import jaxinf  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
-from jaxinf._src import examples  # noqa: E402
+from jaxinf import examples  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", default="benchmarks/results/brittleness_cpu.json")
-    ap.add_argument("--task", choices=("mlp", "lm"), default="mlp")
-    ap.add_argument("--num-test", type=int, default=10)
+    ap.add_argument(
+        "--out", default="benchmarks/results/brittleness_cpu.json", help="JSON results file"
+    )
+    ap.add_argument(
+        "--task", choices=("mlp", "lm"), default="mlp", help="digits MLP or byte-level LM"
+    )
+    ap.add_argument(
+        "--num-test", type=int, default=10, help="correctly predicted test examples examined"
+    )
     ap.add_argument(
         "--ks", default=None, help="comma-separated removal sizes (default 10,25,50; LM 0,5,10,20)"
     )
-    ap.add_argument("--num-seeds", type=int, default=2)
-    ap.add_argument("--small", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-seeds", type=int, default=2, help="retraining seeds per removal")
+    ap.add_argument(
+        "--small", action="store_true", help="smaller training set and fewer steps (smoke run)"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the task and the test examples drawn"
+    )
     args = ap.parse_args(argv)
     lm = args.task == "lm"
     ks = [int(k) for k in (args.ks or ("0,5,10,20" if lm else "10,25,50")).split(",")]
@@ -67,16 +77,14 @@ def main(argv=None):
     chosen = np.sort(rng.choice(pool, size=args.num_test, replace=False))
 
     batch = (task.x_train, task.y_train)
-    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(task.example_loss, params, batch))
+    g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(batch_loss(task), params, batch))
     g_te = jaxinf.flatten_per_example(
-        jaxinf.per_example_grads(task.example_loss, params, (task.x_test, task.y_test))
+        jaxinf.per_example_grads(batch_loss(task), params, (task.x_test, task.y_test))
     )
-    model_in = (lambda x: x[:, :-1]) if lm else (lambda x: x)  # the LM reads all but the last byte
-    acts_tr = jaxinf.dense_activations(
-        task.model, params, task.out_loss, model_in(batch[0]), batch[1]
-    )
+    dense = jaxinf.Select(types=("dense",))
+    acts_tr = jaxinf.dense_activations(batch_loss(task), params, batch, select=dense)
     acts_te = jaxinf.dense_activations(
-        task.model, params, task.out_loss, model_in(task.x_test), task.y_test
+        batch_loss(task), params, (task.x_test, task.y_test), select=dense
     )
     init = "random" if lm else "pca"  # the better LoGra init per task in benchmarks/lds.py
     tr, te, nbytes = logra_grads(task, params, 16, init, seed=args.seed)

@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import jaxcommon  # noqa: E402
 import jaxinf  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
 
@@ -98,6 +99,102 @@ class LM(nn.Module):
         for _ in range(self.layers):
             x = Block(self.width, self.heads)(x, mask)
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+class ScanBlock(nn.Module):
+    """``Block`` as a scan body: ``(carry, mask) -> (carry, None)``."""
+
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, mask):
+        return Block(self.width, self.heads, name="block")(x, mask), None
+
+
+class ScannedLM(nn.Module):
+    """The LM with its blocks under ``nn.scan`` over stacked parameters (MaxText-style)."""
+
+    vocab: int
+    width: int
+    heads: int
+    layers: int
+
+    @nn.compact
+    def __call__(self, ids, mask):
+        x = nn.Embed(self.vocab, self.width)(ids)
+        x = x + nn.Embed(ids.shape[1], self.width)(jnp.arange(ids.shape[1]))
+        blocks = nn.scan(
+            ScanBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=self.layers,
+        )(self.width, self.heads, name="blocks")
+        x, _ = blocks(x, mask)
+        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def scanned_rows(cfg, ranks, repeats):
+    """Tokens/s of LoGra logging (with and without the projected covariance) over a plain
+    jitted ``value_and_grad`` step, on the scanned LM, one row per rank."""
+    lm = ScannedLM(cfg["vocab"], cfg["width"], cfg["heads"], cfg["layers"])
+    b, t = cfg["lm_batch"], cfg["seq"]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(t // 2, t + 1, size=b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    batch = {"ids": jnp.asarray(rng.integers(0, cfg["vocab"], size=(b, t)) * mask)}
+    batch["mask"] = jnp.asarray(mask)
+    params = lm.init(jax.random.key(1), batch["ids"], batch["mask"])["params"]
+
+    def loss(p, bt):
+        logits = lm.apply({"params": p}, bt["ids"], bt["mask"])
+        w = bt["mask"][:, 1:] * bt["mask"][:, :-1]
+        return xent(logits[:, :-1], bt["ids"][:, 1:], w) / jnp.maximum(jnp.sum(w), 1)
+
+    plain = jax.jit(jax.value_and_grad(loss))
+    cap = jaxinf.linen_capture(loss)
+    layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("dense",)))
+    tokens = int(mask.sum())
+    rows = []
+    for rank in ranks:
+        projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=rank, k_out=rank)
+        extract = jaxinf.projected_gradients(
+            cap, projs, layers=layers, mask_fn=lambda bt: bt["mask"]
+        )
+        cov = jaxinf.projected_covariance()
+        state = cov.init(extract(params, batch))
+        with_cov = jax.jit(lambda p, bt, s: cov.update(s, extract.jitted(p, bt, projs)))
+        t_plain, t_log = time_pair(
+            lambda: jax.block_until_ready(plain(params, batch)),
+            lambda: jax.block_until_ready(extract(params, batch)),
+            repeats,
+        )
+        t_plain2, t_cov = time_pair(
+            lambda: jax.block_until_ready(plain(params, batch)),
+            lambda: jax.block_until_ready(with_cov(params, batch, state)),
+            repeats,
+        )
+        row = {
+            "model": f"scanned_lm_{cfg['layers']}x{cfg['width']}_seq{t}",
+            "layers_logged": len(layers),
+            "stacked_layers_logged": sum(s.stack is not None for s in layers.values()),
+            "rank": rank,
+            "batch": b,
+            "tokens_per_batch": tokens,
+            "plain_step_s": t_plain,
+            "logging_step_s": t_log,
+            "plain_step_s_cov_run": t_plain2,
+            "logging_with_covariance_step_s": t_cov,
+            "plain_tokens_per_s": tokens / t_plain,
+            "logging_tokens_per_s": tokens / t_log,
+            "logging_with_covariance_tokens_per_s": tokens / t_cov,
+            "time_ratio_logging_over_plain": t_log / t_plain,
+            "time_ratio_logging_with_covariance_over_plain": t_cov / t_plain2,
+        }
+        print(json.dumps(row, indent=1))
+        rows.append(row)
+    return rows
 
 
 def time_pair(f, g, repeats):
@@ -322,21 +419,57 @@ def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="model and batch sizes (small: CPU minutes; full: larger models)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=20, help="timed calls per measurement (median kept)"
+    )
     ap.add_argument("--rank", type=int, default=None, help="k_in = k_out per layer")
-    ap.add_argument("--out", default=os.path.join(_here, "results", "logging_cpu.json"))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(_here, "results", "logging_cpu.json"),
+        help="JSON results file",
+    )
+    ap.add_argument(
+        "--scanned",
+        action="store_true",
+        help="only the nn.scan'ed LM at k = 16 and 64 (with and without the covariance)",
+    )
     args = ap.parse_args()
     cfg = SIZES[args.size]
     rank = args.rank or cfg["rank"]
     rows = []
+    if args.scanned:
+        cfg = dict(cfg, layers=4)
+        ranks = [args.rank] if args.rank else [16, 64]
+        result = {
+            "benchmark": "logra_logging_scanned",
+            "command": "python benchmarks/logra_logging.py " + " ".join(sys.argv[1:]),
+            "size": args.size,
+            "config": dict(cfg, ranks=ranks),
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "notes": "Linen LM with nn.scan over 4 stacked blocks; LoGra on every Dense and "
+            "DenseGeneral (one logged layer per slice of the stack), padding masked; median of "
+            "--repeats calls after a warm-up, plain and logging calls interleaved; plain = "
+            "jit(value_and_grad(loss)) on the same batch; with_covariance = logging plus the "
+            "projected_covariance update in one jitted call",
+            "results": scanned_rows(cfg, ranks, args.repeats),
+        }
+        write_json(args.out, result)
+        return
 
     # Digits MLP (scikit-learn's 8x8 digits, 64 features).
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
+    X, y = jaxcommon.load_digits()
     n = cfg["mlp_batch"]
-    batch = {"x": jnp.asarray(X[:n] / 16.0, jnp.float32), "y": jnp.asarray(y[:n])}
+    batch = {"x": jnp.asarray(X[:n]), "y": jnp.asarray(y[:n])}
     mlp = MLP(cfg["mlp_width"])
     params = mlp.init(jax.random.key(0), batch["x"])["params"]
 

@@ -186,9 +186,18 @@ def _write(result: dict, args, tag: str, date: str) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=("small", "large"), default="small")
+    ap.add_argument(
+        "--size",
+        choices=("small", "large"),
+        default="small",
+        help="small: CPU sizes (about 10 minutes on 2 cores); large: GPU sizes",
+    )
     ap.add_argument("--only", default=None, help="comma-separated benchmark names")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument(
+        "--out-dir",
+        default=os.path.join(HERE, "results"),
+        help="folder of the combined JSON results file",
+    )
     ap.add_argument(
         "--budget-s",
         type=float,

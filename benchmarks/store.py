@@ -15,6 +15,21 @@ under ``--tmp``, then in the same run measures:
 The log was just written, so reads are served from the page cache for both the raw read and
 the query alike (the comparison is like for like; disk-cold numbers would be lower for both).
 The temporary log is deleted at the end. LogIX is compared only where ``logix`` is importable.
+
+With ``--robustness`` it measures instead (and writes ``--out``, e.g.
+``benchmarks/results/store_robustness_cpu.json``):
+
+- the writer's peak RSS per million rows for int and string ids, each in a fresh child process
+  (peak RSS after ``2 * --rss-rows`` rows minus the peak after ``--rss-rows``: the
+  marginal growth, past the writer's fixed buffers), and the id index's bytes
+  per row; with ``--baseline`` the same for the writer of an older ``store.py``;
+- the write throughput of this writer (locks, the id index, the non-finite checks) against the
+  ``--baseline`` writer, runs interleaved in one process (old, new, old, new, ...), median of
+  ``--reps``. The baseline is a copy of the old module, e.g.
+  ``git show 9c7af20:jaxinf/_src/store.py > /tmp/store_old.py``.
+
+    python benchmarks/store.py --robustness --baseline /tmp/store_old.py \
+        --out benchmarks/results/store_robustness_cpu.json
 """
 
 from __future__ import annotations
@@ -66,27 +81,47 @@ def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--k-out", type=int, default=8)
-    p.add_argument("--k-in", type=int, default=8)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--rows", type=int, default=200_000, help="rows written to the log")
+    p.add_argument("--layers", type=int, default=16, help="layers per row")
+    p.add_argument("--k-out", type=int, default=8, help="k_out of every layer")
+    p.add_argument("--k-in", type=int, default=8, help="k_in of every layer")
+    p.add_argument("--batch", type=int, default=512, help="rows per write")
     p.add_argument("--queries", default="1,64", help="comma-separated numbers of test rows")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the rows on disk",
+    )
     p.add_argument("--in-flight", type=int, default=16, help="reads in flight, raw-read variant")
     p.add_argument("--prefetch", type=int, default=2, help="query reads in flight")
     p.add_argument(
         "--reps", type=int, default=3, help="rounds of raw reads and queries (best kept)"
     )
-    p.add_argument("--tmp", default="/tmp/jaxinf_store_bench")
+    p.add_argument(
+        "--tmp",
+        default="/tmp/jaxinf_store_bench",
+        help="directory of the benchmark log (overwritten)",
+    )
     p.add_argument(
         "--logix-rows",
         type=int,
         default=5000,
         help="rows of the LogIX side-by-side log (its query is slow: ~20k pairs/s on CPU)",
     )
-    p.add_argument("--out", default="benchmarks/results/store_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/store_cpu.json", help="JSON results file")
+    p.add_argument("--robustness", action="store_true", help="RSS and lock/index cost only")
+    p.add_argument("--baseline", default=None, help="path of an older store.py to compare")
+    p.add_argument(
+        "--rss-rows", type=int, default=1_000_000, help="rows written for the peak-RSS runs"
+    )
+    p.add_argument("--write-rows", type=int, default=100_000, help="rows per throughput run")
+    p.add_argument("--rss-child", nargs=3, metavar=("IMPL", "KIND", "ROWS"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rss_child:
+        return _rss_child(args, *args.rss_child)
+    if args.robustness:
+        return _robustness(args)
 
     layers = [f"blocks/{i}/mlp" for i in range(args.layers)]
     dim = args.layers * args.k_out * args.k_in
@@ -271,9 +306,9 @@ def main():
 
 def _raw_write(path: str, log, args) -> dict:
     """tensorstore alone writing the log's bytes: whole chunks, ``--in-flight`` writes outstanding."""
-    from jaxinf._src.store import _create_array
+    from jaxinf._src.store_files import create_array
 
-    arr = _create_array(
+    arr = create_array(
         path, (args.rows, log.dim), (log.chunk_rows, log.dim), log.meta["storage_dtype"]
     )
     block = np.asarray(
@@ -382,6 +417,145 @@ def _logix(args, layers, nq: int, path: str) -> dict:
             "here; its rate can only fall with more rows"
         ),
     }
+
+
+def _writer_class(impl: str, baseline: str | None):
+    """``LogWriter`` of this checkout ("new") or of the ``--baseline`` module ("old")."""
+    if impl == "new":
+        return jaxinf.LogWriter
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_store_baseline", baseline)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.LogWriter
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rss_child(args, impl: str, kind: str, rows: str) -> None:
+    """One child run: write ``rows`` rows of 16 float32 columns with int or string ids."""
+    rows = int(rows)
+    writer_cls = _writer_class(impl, args.baseline)
+    proj = {"layers": {"l": {"k_in": 4, "k_out": 4}}, "init": "random", "seed": 0}
+    batch = 4096
+    g = {"l": np.random.default_rng(0).normal(size=(batch, 4, 4)).astype(np.float32)}
+    path = os.path.join(args.tmp, f"rss_{impl}_{kind}_{rows}")
+    w = writer_cls(path, proj, writer_id="0", statistics=False)
+    for a in range(0, rows, batch):
+        b = min(batch, rows - a)
+        ids = np.arange(a, a + b)
+        if kind == "str":
+            ids = [f"example-{i:012d}" for i in ids]
+        w.write_async(g if b == batch else {"l": g["l"][:b]}, ids)
+    w.close()
+    index = getattr(w, "_index", None)
+    print(
+        json.dumps(
+            {
+                "peak_rss_bytes": _peak_rss_bytes(),
+                "index_bytes": None if index is None else index.nbytes,
+            }
+        )
+    )
+
+
+def _robustness(args) -> None:
+    import statistics as pystats
+    import subprocess
+
+    shutil.rmtree(args.tmp, ignore_errors=True)
+    os.makedirs(args.tmp)
+    impls = ["new"] + (["old"] if args.baseline else [])
+    result = {
+        "benchmark": "store_robustness",
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "command": "python benchmarks/store.py --robustness"
+        + (f" --baseline {args.baseline}" if args.baseline else "")
+        + f" --rss-rows {args.rss_rows} --write-rows {args.write_rows} --reps {args.reps}",
+        "baseline": args.baseline,
+    }
+    try:
+        rss = {}
+        for impl in impls:
+            for kind in ("int", "str"):
+                peaks = {}
+                # whole batches only: a ragged last batch would compile a new shape, whose
+                # compiler memory is not the writer's
+                n_rows = -(-args.rss_rows // 4096) * 4096
+                for rows in (n_rows, 2 * n_rows):
+                    cmd = [sys.executable, __file__, "--tmp", args.tmp]
+                    if args.baseline:
+                        cmd += ["--baseline", args.baseline]
+                    cmd += ["--rss-child", impl, kind, str(rows)]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    peaks[rows] = json.loads(out.stdout.strip().splitlines()[-1])
+                one, two = peaks[n_rows], peaks[2 * n_rows]
+                per_row = (two["peak_rss_bytes"] - one["peak_rss_bytes"]) / n_rows
+                rss[f"{impl}_{kind}_ids"] = {
+                    "rows": [n_rows, 2 * n_rows],
+                    "peak_rss_bytes": [one["peak_rss_bytes"], two["peak_rss_bytes"]],
+                    "peak_rss_growth_MB_per_million_rows": per_row,
+                    "peak_rss_growth_bytes_per_row": per_row,
+                    "id_index_bytes_per_row": (
+                        None if two["index_bytes"] is None else two["index_bytes"] / (2 * n_rows)
+                    ),
+                }
+                shutil.rmtree(args.tmp)
+                os.makedirs(args.tmp)
+        result["writer_memory"] = rss
+        if args.baseline:
+            layers = [f"blocks/{i}/mlp" for i in range(args.layers)]
+            proj = {
+                "layers": {l: {"k_in": args.k_in, "k_out": args.k_out} for l in layers},
+                "init": "random",
+                "seed": 0,
+            }
+            key = jax.random.PRNGKey(0)
+            pool = []
+            for j in range(4):
+                ks = jax.random.split(jax.random.fold_in(key, j), args.layers)
+                pool.append(
+                    {
+                        l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
+                        for l, k in zip(layers, ks)
+                    }
+                )
+            classes = {impl: _writer_class(impl, args.baseline) for impl in impls}
+            times = {impl: [] for impl in impls}
+            for rep in range(args.reps + 1):  # the first round compiles and is dropped
+                for impl in impls:
+                    path = os.path.join(args.tmp, f"w_{impl}_{rep}")
+                    t = time.perf_counter()
+                    with classes[impl](path, proj, writer_id="0") as w:
+                        _write_rows(w, pool, args.write_rows, args.batch)
+                    if rep:
+                        times[impl].append(time.perf_counter() - t)
+                    shutil.rmtree(path)
+            med = {impl: pystats.median(v) for impl, v in times.items()}
+            result["write_throughput"] = {
+                "rows": args.write_rows,
+                "dim": args.layers * args.k_out * args.k_in,
+                "batch": args.batch,
+                "how": "old and new runs interleaved in one process; median of --reps",
+                "seconds": times,
+                "rows_per_s_median": {k: args.write_rows / v for k, v in med.items()},
+                "new_over_old_seconds": med["new"] / med["old"],
+                "target": "new_over_old_seconds <= 1.05",
+            }
+    finally:
+        shutil.rmtree(args.tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
 
 
 def _timed(fn) -> float:

@@ -1,5 +1,6 @@
 """jaxinf: training-data attribution (influence functions) at scale in JAX."""
 
+from jaxinf._src.adapters import Capture, linen_capture, nnx_capture
 from jaxinf._src.baselines import (
     KFACEigenbasis,
     block_influence,
@@ -17,19 +18,8 @@ from jaxinf._src.baselines import (
     representation_similarity,
     trak,
 )
-from jaxinf._src.capture import (
-    Capture,
-    LayerSpec,
-    LoGra,
-    Select,
-    UncapturedLayerWarning,
-    find_layers,
-    kfac_batch_sums,
-    linen_capture,
-    logra,
-    nnx_capture,
-    projected_gradients,
-)
+from jaxinf._src.capture import LoGra, logra, projected_gradients
+from jaxinf._src.discovery import find_layers
 from jaxinf._src.evaluate import (
     BrittlenessResult,
     LDSModelsResult,
@@ -43,12 +33,16 @@ from jaxinf._src.evaluate import (
     spearman,
     subset_predictions,
 )
+from jaxinf._src.kfac import KFACFactors, KFACState, kfac_batch_sums, kfac_factors
+from jaxinf._src.layers import LayerSpec, Select, UncapturedLayerWarning
+from jaxinf._src.metagrad import (
+    metagradient_scores,
+    weighted_train,
+)
 from jaxinf._src.parallel import (
     LoggingState,
     LoggingStatistics,
     ShardedLogging,
-    count_collectives,
-    data_mesh,
     log_sharded,
     save_shard_statistics,
     sharded_logging,
@@ -74,20 +68,11 @@ from jaxinf._src.query import (
     query,
     self_influence,
 )
-from jaxinf._src.statistics import (
-    Accumulator,
-    KFACFactors,
-    KFACState,
-    kfac_factors,
-    projected_covariance,
-)
-from jaxinf._src.store import (
-    LayerStatistics,
-    Log,
-    LogWriter,
-    WriteHandle,
-    open_log,
-)
+from jaxinf._src.reader import LayerStatistics, Log, open_log
+from jaxinf._src.statistics import Accumulator, projected_covariance
+from jaxinf._src.store_files import LogLockedError
+from jaxinf._src.store_format import LogFormatError
+from jaxinf._src.writer import LogWriter, WriteHandle
 
 __version__ = "0.1.0"
 
@@ -133,9 +118,10 @@ __all__ = [
     "retrain",
     "spearman",
     "subset_predictions",
-    # parallel (count_collectives and data_mesh are shared with jaxmlo)
-    "count_collectives",
-    "data_mesh",
+    # metagrad
+    "metagradient_scores",
+    "weighted_train",
+    # parallel (meshes: jaxmlo.data_mesh)
     "log_sharded",
     "LoggingState",
     "LoggingStatistics",
@@ -170,6 +156,8 @@ __all__ = [
     # store
     "LayerStatistics",
     "Log",
+    "LogFormatError",
+    "LogLockedError",
     "LogWriter",
     "open_log",
     "WriteHandle",

@@ -4,6 +4,9 @@ Test hooks (the engine's per-problem gradients, collective counts) live in
 :mod:`jaxmlo.testing`.
 """
 
+# Checkpointed scans: reverse-mode memory O(sqrt(T)) through long unrolls.
+from jaxmlo._src.checkpointing import checkpointed_scan
+
 # Programs: problems, the graph, its state, one compiled step and the run driver.
 from jaxmlo._src.driver import RunResult, restore_checkpoint, run, save_checkpoint
 from jaxmlo._src.engine import (
@@ -78,6 +81,8 @@ __all__ = [
     "SolveInfo",
     "unroll",
     "Unrolled",
+    # checkpointing
+    "checkpointed_scan",
     # data parallelism
     "data_mesh",
     "mixed_precision",

@@ -408,13 +408,14 @@ def test_pca_projections_are_top_eigenvectors_of_kfac_factors(mlp):
 
 
 def test_capture_does_not_change_loss_or_parameter_gradients(lm, lm_logra):
-    from jaxinf._src.capture import _config, _logra_tap, _project_inputs
+    from jaxinf._src.layers import _config, _project_inputs
+    from jaxinf._src.taps import _logra_tap
 
     params, batch, loss_fn = lm
     cap, _, projs, losses, _ = lm_logra
 
     def tapped_loss(p):
-        def tap(path, module, x, y):
+        def tap(path, module, x, y, stacked=None, stack=None):
             cfg = _config(path, module, x, y)
             pa = _project_inputs(cfg, x, projs[path].p_in)
             b = jnp.zeros((projs[path].p_out.shape[0], pa.shape[1]))
@@ -483,14 +484,24 @@ def test_errors_name_the_layer_or_rule(mlp):
     with pytest.raises(ValueError, match="matches no layer"):
         jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=(nn.Conv,)))
     layers = jaxinf.find_layers(cap, params, batch)
+    # Sizes larger than a layer are clipped to it by default; clip_k=False keeps the error.
+    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=4)
+    assert projs["Dense_0"].p_in.shape == (7, 7) and projs["Dense_0"].p_out.shape == (4, 5)
+    assert projs["head"].p_in.shape == (6, 6) and projs["head"].p_out.shape == (3, 3)
     with pytest.raises(
         ValueError, match="'Dense_0'.*k_in=8 is larger than the layer's input size 7"
     ):
-        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=2)
+        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=8, k_out=2, clip_k=False)
     with pytest.raises(
         ValueError, match="'head'.*k_out=4 is larger than the layer's output size 3"
     ):
-        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=4)
+        jaxinf.random_projections(layers, key=jax.random.key(0), k_in=2, k_out=4, clip_k=False)
+    factors = {
+        "head": jaxinf.KFACFactors(jnp.eye(6), jnp.eye(3), jnp.asarray(1.0)),
+    }
+    assert jaxinf.pca_projections(factors, k_in=9, k_out=9)["head"].p_out.shape == (3, 3)
+    with pytest.raises(ValueError, match="'head'.*k_in=9 is larger"):
+        jaxinf.pca_projections(factors, k_in=9, k_out=9, clip_k=False)
     # Per-rule sizes override the defaults, and are checked the same way.
     sel = [jaxinf.Select(pattern="Dense_0", k_in=7, k_out=5), jaxinf.Select(pattern="head")]
     layers = jaxinf.find_layers(cap, params, batch, select=sel)
@@ -765,15 +776,17 @@ class ScannedMLP(nn.Module):
         return nn.Dense(3, name="head")(x)
 
 
-def test_layers_inside_nn_scan_are_reported_not_silently_dropped(mlp):
+def test_layers_inside_nn_scan_are_listed_per_layer(mlp):
+    # Numerical checks of stacked layers: tests/test_capture_scan.py.
     _, _, batch, _ = mlp
     model = ScannedMLP()
     params = jax.eval_shape(model.init, jax.random.key(0), batch["x"])["params"]
     cap = jaxinf.linen_capture(lambda p, b: xent(model.apply({"params": p}, b["x"]), b["y"]))
-    with pytest.warns(jaxinf.UncapturedLayerWarning, match="'blocks/dense'.*nn.scan"):
-        assert list(jaxinf.find_layers(cap, params, batch)) == ["head"]
-    with pytest.raises(ValueError, match="'blocks/dense'.*nn.scan"):
-        jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(pattern="blocks/.*"))
+    assert list(jaxinf.find_layers(cap, params, batch)) == [
+        "blocks/dense[0]",
+        "blocks/dense[1]",
+        "head",
+    ]
     # A bare layer applied as the model is still captured.
     dense = nn.Dense(3)
     cap = jaxinf.linen_capture(lambda p, b: xent(dense.apply({"params": p}, b["x"]), b["y"]))

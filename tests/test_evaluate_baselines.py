@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxinf._src import baselines as bl
 
@@ -75,23 +76,30 @@ class _Net(nn.Module):
         return h.sum(0)
 
 
-def test_dense_activations_reproduce_per_example_gradients():
+def _data():
     rng = np.random.default_rng(3)
-    net = _Net()
     x = jnp.asarray(rng.normal(size=(5, 2, 3)))
     y = jnp.asarray(rng.integers(0, 2, size=5))
     params = jax.tree.map(
-        lambda v: v.astype(jnp.float64), net.init(jax.random.PRNGKey(0), x[0])["params"]
+        lambda v: v.astype(jnp.float64), _Net().init(jax.random.PRNGKey(0), x[0])["params"]
     )
+    return params, (x, y)
 
-    def out_loss(out, t):
-        return -jax.nn.log_softmax(out)[t]
 
-    acts = bl.dense_activations(net, params, out_loss, x, y, chunk_size=2)
+def _per_example(out):
+    return jax.vmap(lambda o, t: -jax.nn.log_softmax(o)[t])
+
+
+def _linen_loss(p, b):  # the capture loss: one-example batch -> that example's loss
+    out = jax.vmap(lambda xi: _Net().apply({"params": p}, xi))(b[0])
+    return jnp.sum(_per_example(out)(out, b[1]))
+
+
+def test_dense_activations_reproduce_per_example_gradients():
+    params, batch = _data()
+    acts = bl.dense_activations(_linen_loss, params, batch, chunk_size=2)
     assert set(acts) == {"Dense_0", "head"}
-    grads = bl.per_example_grads(
-        lambda p, ex: out_loss(net.apply({"params": p}, ex[0]), ex[1]), params, (x, y), chunk_size=3
-    )
+    grads = bl.per_example_grads(_linen_loss, params, batch, chunk_size=3)
     g = bl.layer_grads_from_activations(acts)
     # Same derivatives by a different route (outer products vs autodiff): float64 rounding.
     np.testing.assert_allclose(
@@ -103,6 +111,44 @@ def test_dense_activations_reproduce_per_example_gradients():
     np.testing.assert_allclose(g["head"], grads["head"]["kernel"], rtol=1e-10, atol=1e-12)
     flat = bl.flatten_per_example(grads)
     assert flat.shape == (5, 3 * 4 + 4 + 4 * 2)
+
+
+class _NNet(nnx.Module):
+    def __init__(self, params):
+        f = dict(param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        self.Dense_0 = nnx.Linear(3, 4, **f)
+        self.head = nnx.Linear(4, 2, use_bias=False, **f)
+        self.Dense_0.kernel[...] = params["Dense_0"]["kernel"]
+        self.Dense_0.bias[...] = params["Dense_0"]["bias"]
+        self.head.kernel[...] = params["head"]["kernel"]
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.Dense_0(x))).sum(0)
+
+
+def _nnx_loss(m, b):
+    out = jax.vmap(m)(b[0])
+    return jnp.sum(_per_example(out)(out, b[1]))
+
+
+def test_nnx_baselines_match_linen():
+    params, batch = _data()
+    model = _NNet(params)
+    acts = bl.dense_activations(_linen_loss, params, batch)
+    nacts = bl.dense_activations(_nnx_loss, nnx.state(model), batch, model=model)
+    assert set(nacts) == set(acts)
+    for k in acts:
+        for u, v in zip(nacts[k], acts[k]):
+            np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14, err_msg=k)
+    grads = bl.per_example_grads(_linen_loss, params, batch)
+    ngrads = bl.per_example_grads(_nnx_loss, nnx.state(model, nnx.Param), batch, model=model)
+    np.testing.assert_allclose(ngrads["head"]["kernel"][...], grads["head"]["kernel"], rtol=1e-12)
+    for ek in (False, True):
+        np.testing.assert_allclose(
+            bl.kfac_influence(nacts, nacts, ekfac=ek),
+            bl.kfac_influence(acts, acts, ekfac=ek),
+            rtol=1e-9,
+        )
 
 
 @pytest.mark.parametrize(

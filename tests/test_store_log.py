@@ -38,7 +38,7 @@ def test_roundtrip_and_plain_zarr_layout(tmp_path):
     }
     ids = [f"doc-{i}-é" for i in range(11)]
     proj = {"layers": {}, "init": "pca", "seed": 1, "fingerprint": "abc"}
-    with LogWriter(path, proj, chunk_rows=4) as w:
+    with LogWriter(path, proj, chunk_rows=4, writer_id="0") as w:
         w.write_async({k: v[:6] for k, v in g.items()}, ids[:6])
         h = w.write_async({k: v[6:] for k, v in g.items()}, ids[6:])
         h.result()
@@ -67,7 +67,7 @@ def test_roundtrip_and_plain_zarr_layout(tmp_path):
     assert plain.shape[0] >= 11
     # reopening resumes after a partial last chunk (11 rows, chunks of 4) and appends in place
     more = {k: rng.normal(size=(5,) + v.shape[1:]).astype(np.float32) for k, v in g.items()}
-    with LogWriter(path, proj) as w:
+    with LogWriter(path, proj, writer_id="0") as w:
         assert w.committed_rows == 11
         w.write(more, [f"more-{i}" for i in range(5)])
     got, got_ids = open_log(path).read()
@@ -85,7 +85,7 @@ def test_bfloat16_is_stored_as_uint16_bits(tmp_path):
     path = str(tmp_path / "log")
     g, ids = _batch(0)
     g = {"a": g["a"] / 1000.0}
-    with LogWriter(path, PROJ, dtype="bfloat16") as w:
+    with LogWriter(path, PROJ, dtype="bfloat16", writer_id="0") as w:
         w.write(g, ids)
     raw = ts.open(
         {"driver": "zarr", "kvstore": {"driver": "file", "path": f"{path}/shards/0/grads"}}
@@ -102,7 +102,7 @@ def test_bfloat16_is_stored_as_uint16_bits(tmp_path):
 
 def test_async_writes_are_bounded_and_commit_in_order(tmp_path):
     path = str(tmp_path / "log")
-    w = LogWriter(path, PROJ, chunk_rows=4, max_in_flight=2)
+    w = LogWriter(path, PROJ, chunk_rows=4, max_in_flight=2, writer_id="0")
     for i in range(10):
         g, ids = _batch(i)
         w.write_async(g, ids)
@@ -116,7 +116,7 @@ def test_async_writes_are_bounded_and_commit_in_order(tmp_path):
 
 def test_write_error_surfaces_in_the_caller(tmp_path):
     path = str(tmp_path / "log")
-    w = LogWriter(path, PROJ, chunk_rows=4, max_in_flight=8)
+    w = LogWriter(path, PROJ, chunk_rows=4, max_in_flight=8, writer_id="0")
     w.write(*_batch(0))
     # a directory where chunk 1 should go makes tensorstore's background write fail
     os.makedirs(os.path.join(path, "shards/0/grads/1.0/blocker"))
@@ -134,7 +134,7 @@ sys.path.insert(0, {root!r})
 import numpy as np
 from jaxinf import LogWriter
 proj = {proj!r}
-w = LogWriter({path!r}, proj, chunk_rows=4, max_in_flight=3)
+w = LogWriter({path!r}, proj, chunk_rows=4, max_in_flight=3, writer_id="0")
 for i in range(400):
     ids = np.arange(i * 4, (i + 1) * 4)
     g = (1000.0 * ids[:, None] + np.arange(6)[None, :]).reshape(4, 2, 3).astype(np.float32)
@@ -170,7 +170,9 @@ def test_killed_writer_resumes_with_every_row_exactly_once(tmp_path):
     done = log.num_rows
     assert 0 < done < 1600 and done % 4 == 0
     # resume: rerun the whole loop; committed ids are skipped, the rest appended once
-    with LogWriter(path, PROJ, on_duplicate="skip") as w:
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        w = LogWriter(path, PROJ, on_duplicate="skip", writer_id="0")
+    with w:
         assert w.committed_rows == done
         for i in range(50):
             w.write_async(*_batch(i))
@@ -190,7 +192,7 @@ def test_killed_writer_resumes_with_every_row_exactly_once(tmp_path):
 
 def test_duplicate_ids_are_errors(tmp_path):
     path = str(tmp_path / "log")
-    with LogWriter(path, PROJ) as w:
+    with LogWriter(path, PROJ, writer_id="0") as w:
         w.write(*_batch(0))
         with pytest.raises(ValueError, match=r"already in the log.*\[0, 1, 2, 3\]"):
             w.write(*_batch(0))
@@ -249,7 +251,7 @@ def test_truncated_or_foreign_directories_are_errors(tmp_path):
         open_log(str(foreign))
 
     path = str(tmp_path / "log")
-    with LogWriter(path, PROJ, chunk_rows=4) as w:
+    with LogWriter(path, PROJ, chunk_rows=4, writer_id="0") as w:
         for i in range(3):
             w.write_async(*_batch(i))
     meta_text = open(os.path.join(path, "metadata.json")).read()
@@ -261,7 +263,7 @@ def test_truncated_or_foreign_directories_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"chunk 1.0 .*missing.*truncated"):
         open_log(path)
     with pytest.raises(ValueError, match="truncated"):
-        LogWriter(path, PROJ)
+        LogWriter(path, PROJ, writer_id="0")
     os.remove(os.path.join(path, "shards/0/grads/.zarray"))
     with pytest.raises(ValueError, match="missing zarr array"):
         open_log(path)

@@ -1,5 +1,7 @@
 """Streamed influence queries against an in-memory float64 brute force."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -164,25 +166,37 @@ def test_in_memory_scores_match_brute_force(data, mode):
     np.testing.assert_allclose(got, _brute(train, test, mode), rtol=1e-10, atol=1e-12)
 
 
-def test_statistics_are_saved_in_the_log(logs, data):
+def test_statistics_are_saved_only_when_asked_as_a_stamped_version(logs, data, tmp_path):
+    import shutil
+
+    from jaxinf._src.reader import statistics_version
+
     train, _ = data
-    log = open_log(logs["float64"])
+    path = str(tmp_path / "copy")
+    shutil.copytree(logs["float64"], path)
+    log = open_log(path)
     stats = log.statistics()
+    assert not os.path.exists(os.path.join(path, "statistics"))  # a reader writes nothing
     g = train["mlp/up"].reshape(N, -1)
     np.testing.assert_allclose(stats["mlp/up"].covariance, g.T @ g / N, rtol=1e-12)
     evals = np.linalg.eigvalsh(g.T @ g / N)
     np.testing.assert_allclose(stats["mlp/up"].eigenvalues, evals, rtol=1e-10)
+    open_log(path).statistics(cache=True)
+    version = statistics_version({s.name: s.rows for s in log.shards})
+    assert os.listdir(os.path.join(path, "statistics")) == [version]
     # saved as zarr arrays next to the rows, readable without our code
     cov = ts.open(
         {
             "driver": "zarr",
             "kvstore": {
                 "driver": "file",
-                "path": f"{logs['float64']}/statistics/layer_1/covariance",
+                "path": f"{path}/statistics/{version}/layer_1/covariance",
             },
         }
     ).result()
     np.testing.assert_array_equal(cov.read().result(), stats["mlp/up"].covariance)
+    again = open_log(path).statistics()  # read from the version
+    np.testing.assert_array_equal(again["mlp/up"].eigenvectors, stats["mlp/up"].eigenvectors)
 
 
 def test_bfloat16_log_scores_close_to_float32(logs, data):

@@ -10,9 +10,12 @@ Influence with curvature ``F`` (empirical Fisher) and damping ``lambda`` is
 ``g_te^T (F + lambda I)^{-1} g_tr``, with ``lambda = damping_ratio * mean eigenvalue(F)``
 (0.1 by default, thesis C.2).
 
-Full per-example gradients come from ``jax.vmap(jax.grad(loss_fn))``
-(:func:`per_example_grads`). KFAC needs each dense layer's inputs and output gradients, which
-:func:`dense_activations` captures from a Flax Linen model with ``nn.intercept_methods``.
+One loss signature serves capture and baselines: ``loss_fn(params, batch) -> scalar`` (Linen;
+``loss_fn(model, batch)`` for NNX with ``model=``), the batch with a leading example axis, and
+on a one-example batch that example's loss. Full per-example gradients come from
+``jax.vmap(jax.grad(...))`` over one-example batches (:func:`per_example_grads`); KFAC needs
+each layer's inputs and output gradients, which :func:`dense_activations` takes with the
+capture taps (Linen and NNX, stacked layers included).
 """
 
 from __future__ import annotations
@@ -49,21 +52,42 @@ __all__ = [
 
 
 def per_example_grads(
-    loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any, *, chunk_size: int = 256
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batch: Any,
+    *,
+    model=None,
+    chunk_size: int = 256,
 ) -> Any:
-    """Per-example gradients ``vmap(grad(loss_fn))`` in chunks.
+    """Per-example gradients: ``vmap(grad(loss_fn))`` over one-example batches, in chunks.
 
     Args:
-      loss_fn: ``loss_fn(params, example) -> scalar`` on ONE example (no batch axis).
-      params: model parameters.
+      loss_fn: the capture loss: ``loss_fn(params, batch) -> scalar`` (Linen), or
+        ``loss_fn(model, batch)`` with ``model`` given (NNX); on a one-example batch (leading
+        axis of size 1) it must return that example's loss.
+      params: model parameters (NNX: ``nnx.state(model, nnx.Param)``; the model's other
+        state is taken from ``model``).
       batch: pytree of arrays with a leading example axis ``n``.
+      model: the NNX model, or ``None`` for Linen.
       chunk_size: examples per compiled call.
     Returns:
       A pytree shaped like ``params`` with a leading ``n`` axis on every leaf.
     """
-    return _chunked(
-        jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))), params, batch, chunk_size
-    )
+    if model is None:
+        loss = loss_fn
+    else:
+        from flax import nnx
+
+        graphdef, rest = nnx.graphdef(model), nnx.state(model, nnx.Not(nnx.Param))
+
+        def loss(p, b):
+            copy = lambda s: jax.tree.map(lambda v: v, s)  # noqa: E731  Variables of this trace
+            return loss_fn(nnx.merge(graphdef, copy(p), copy(rest)), b)
+
+    def one(p, example):
+        return jax.grad(loss)(p, jax.tree.map(lambda v: v[None], example))
+
+    return _chunked(jax.jit(jax.vmap(one, in_axes=(None, 0))), params, batch, chunk_size)
 
 
 def _chunked(fn, params, data, chunk_size: int):
@@ -251,81 +275,88 @@ def trak(
 # KFAC / EKFAC.
 
 
-def _tap_dense(next_fun, args, kwargs, context):
-    import flax.linen as nn
-
-    module = context.module
-    if isinstance(module, nn.Dense) and context.method_name == "__call__":
-        x = args[0]
-        if module.use_bias:  # bias = weight on a constant input 1
-            x = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
-        module.sow("intermediates", "kfac_inputs", x)
-        return module.perturb("kfac_outputs", next_fun(*args, **kwargs))
-    return next_fun(*args, **kwargs)
-
-
 def dense_activations(
-    model,
+    loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
-    loss_fn: Callable[[jax.Array, Any], jax.Array],
-    inputs,
-    targets,
+    batch: Any,
     *,
+    model=None,
+    select=None,
     chunk_size: int = 256,
 ) -> dict:
-    """Per-example inputs and output gradients of every ``flax.linen.Dense`` call.
+    """Per-example inputs and output gradients of the captured layers (for KFAC/EKFAC baselines).
 
     Args:
-      model: a Linen module; ``model.apply({"params": params}, x)`` on ONE example ``x``.
-      params: its parameters.
-      loss_fn: ``loss_fn(model_output, target) -> scalar`` for one example.
-      inputs, targets: batched, leading axis ``n``.
+      loss_fn: the capture loss: Linen ``loss_fn(params, batch)``, NNX (``model`` given)
+        ``loss_fn(model, batch)``; on a one-example batch, that example's loss.
+      params: Linen parameters, or ``nnx.state(model)``.
+      batch: pytree with a leading example axis ``n``.
+      model: the NNX model, or ``None`` for Linen.
+      select: :class:`jaxinf.Select` rule(s), as for :func:`jaxinf.find_layers` (default: all).
       chunk_size: examples per compiled call.
     Returns:
-      ``{layer_path: (a [n, T, n_in(+1)], d [n, T, n_out])}`` where ``T`` flattens any extra
-      axes (sequence, spatial positions; 1 if none) and ``a`` has a trailing 1 for a bias. A
-      layer called more than once must not be used (its calls would be mixed up).
+      ``{layer_path: (a [n, T, n_in], d [n, T, n_out])}``: ``T`` flattens the token axes
+      (sequence, patches; 1 if none), ``a`` ends with the constant-1 bias feature when the layer
+      has a bias, ``d`` is the gradient of the example's loss w.r.t. the layer output. Layers of
+      a stack are entries ``"path[i]"``. A layer called more than once raises.
     """
-    import flax.linen as nn
+    from jaxinf._src.adapters import _example_fn, linen_capture, nnx_capture
+    from jaxinf._src.discovery import find_layers
+    from jaxinf._src.layers import (
+        _check_layer,
+        _config,
+        _input_features,
+        _on_output,
+        group_stacks,
+    )
+    from jaxinf._src.taps import _acts_tap
 
-    x0 = jax.tree.map(lambda x: x[0], inputs)
-    with nn.intercept_methods(_tap_dense):
-        pert = model.init(jax.random.PRNGKey(0), x0)["perturbations"]
+    capture = linen_capture(loss_fn) if model is None else nnx_capture(loss_fn, model)
+    layers = find_layers(capture, params, batch, select=select)
+    plain, stacks = group_stacks(layers, layers)
+    tokens = {p: s.tokens for p, s in layers.items()}
 
-    def one(p, x, y):
-        def f(pert):
-            with nn.intercept_methods(_tap_dense):
-                out, st = model.apply(
-                    {"params": p, "perturbations": pert}, x, mutable=["intermediates"]
-                )
-            return loss_fn(out, y), st["intermediates"]
+    def zeros(spec, lead=()):
+        t = tokens[spec.path]
+        return jnp.zeros(lead + (t, spec.n_in)), jnp.zeros(lead + (t, spec.n_out))
 
-        d, inter = jax.grad(f, has_aux=True)(pert)
-        return d, inter
+    def tap_factory(state, mask):
+        z, zs, calls = state
 
+        def tap(path, module, x, y, stacked=None, stack=None, **call):
+            if stack is not None:
+                pair, spec = stack, layers[stacks[path][1][0]]
+            elif path in z and stacked is None:
+                pair, spec = z[path], layers[path]
+            else:
+                return y
+            if path in calls:
+                raise ValueError(f"dense_activations: layer {path!r} is called more than once")
+            calls.add(path)
+            cfg = _config(path, module, x, y, **call)
+            _check_layer(path, cfg, spec.n_in, spec.n_out, "its LayerSpec")
+            a = _input_features(cfg, jax.lax.stop_gradient(x)).astype(pair[0].dtype)
+            return _on_output(cfg, y, lambda y: _acts_tap(y, a, *pair))
+
+        return tap
+
+    f = _example_fn(
+        capture, tap_factory, lambda st: {b: (ax, st[1][b]) for b, (ax, _) in stacks.items()}
+    )
+
+    def one(p, example, index):
+        z = {path: zeros(layers[path]) for path in plain}
+        zs = {b: zeros(layers[ns[0]], (len(ns),)) for b, (_, ns) in stacks.items()}
+        calls = set()  # trace-time bookkeeping only
+        ga, gs = jax.grad(lambda z, zs: f(p, (z, zs, calls), example, None, index), (0, 1))(z, zs)
+        for b, (_, ns) in stacks.items():
+            ga.update({n: (gs[b][0][j], gs[b][1][j]) for j, n in enumerate(ns)})
+        return ga
+
+    n = jax.tree.leaves(batch)[0].shape[0]
     fn = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
-    d_tree, a_tree = _chunked(lambda p, xy: fn(p, *xy), params, (inputs, targets), chunk_size)
-
-    out = {}
-
-    def walk(dt, at, path):
-        if "kfac_outputs" in dt:
-            a = at["kfac_inputs"]
-            if len(a) != 1:
-                raise ValueError(
-                    f"dense_activations: layer {'/'.join(path)} is called {len(a)} times; not supported"
-                )
-            a, d = a[0], dt["kfac_outputs"]
-            out["/".join(path)] = (
-                a.reshape(a.shape[0], -1, a.shape[-1]),
-                d.reshape(d.shape[0], -1, d.shape[-1]),
-            )
-        for k in dt:
-            if k != "kfac_outputs":
-                walk(dt[k], at[k], path + (k,))
-
-    walk(d_tree, a_tree, ())
-    return out
+    out = _chunked(lambda p, b: fn(p, *b), params, (batch, jnp.arange(n)), chunk_size)
+    return {p: out[p] for p in layers}
 
 
 def layer_grads_from_activations(acts: dict) -> dict:

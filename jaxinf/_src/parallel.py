@@ -33,16 +33,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+# The mesh-axis check and float cast both libraries use.
+from jaxcommon import axis_size as _axis_size
+from jaxcommon import cast_floats as _cast_floats
 from jaxinf._src import query as _query
-from jaxinf._src import store as _store
-from jaxinf._src.capture import kfac_batch_sums, projected_gradients
-from jaxinf._src.statistics import KFACFactors
-
-# One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
-# libraries (jaxmlo is the home).
-from jaxmlo import data_mesh  # noqa: F401 - re-exported by jaxinf
-from jaxmlo._src.parallel import _axis_size, _cast_floats
-from jaxmlo.testing import count_collectives  # noqa: F401 - re-exported by jaxinf
+from jaxinf._src import reader as _reader
+from jaxinf._src import store_format as _fmt
+from jaxinf._src import writer as _writer
+from jaxinf._src.capture import projected_gradients
+from jaxinf._src.kfac import KFACFactors, kfac_batch_sums
+from jaxinf._src.statistics import add_outer, covariance_from_sums
 
 # ---------------------------------------------------------------------------------------------
 # Sharded logging
@@ -97,7 +97,7 @@ def sharded_logging(
       capture: from ``jaxinf.linen_capture`` / ``jaxinf.nnx_capture``.
       projections: ``{path: Projection}``; ``None`` for a statistics-only pass (e.g. KFAC
         factors for ``pca_projections`` before the logging pass).
-      mesh: a mesh with axis ``axis`` (see :func:`data_mesh`); batches must have a leading
+      mesh: a mesh with axis ``axis`` (see ``jaxmlo.data_mesh``); batches must have a leading
         dimension divisible by its size.
       kfac_layers: ``{path: LayerSpec}`` whose KFAC factors are accumulated, or ``None``.
       covariance: accumulate the covariance (empirical Fisher) of the projected gradients.
@@ -107,14 +107,25 @@ def sharded_logging(
       stats_dtype: accumulation dtype of the statistics.
 
     Returns:
-      A :class:`ShardedLogging`. Example::
+      A :class:`ShardedLogging`.
 
-        logging = sharded_logging(capture, projs, mesh=data_mesh())
-        state = logging.init()
-        for batch in batches:
-            state, grads = logging.step(state, params, batch)
-            write_sharded(writer, grads, batch_ids)
-        stats = logging.finalize(state)          # the only cross-device reduction
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from jaxinf import find_layers, linen_capture, random_projections
+      >>> model = nn.Sequential([nn.Dense(3)])
+      >>> params = model.init(jax.random.key(0), jnp.ones(4))["params"]
+      >>> capture = linen_capture(lambda p, batch: jnp.sum(model.apply({"params": p}, batch) ** 2))
+      >>> batch = jnp.ones((8, 4))
+      >>> layers = find_layers(capture, params, batch)
+      >>> projs = random_projections(layers, key=jax.random.key(0), k_in=2, k_out=2)
+      >>> mesh = jax.sharding.Mesh(jax.devices(), ("data",))  # or jaxmlo.data_mesh()
+      >>> logging = sharded_logging(capture, projs, mesh=mesh)
+      >>> state = logging.init()
+      >>> for _ in range(2):  # write_sharded(writer, grads, ids) would log each batch's rows
+      ...     state, grads = logging.step(state, params, batch)
+      >>> stats = logging.finalize(state)  # the only cross-device reduction
+      >>> grads["layers_0"].shape, int(stats.count)
+      ((8, 2, 2), 16)
     """
     n_dev = _axis_size(mesh, axis)
     projections = None if projections is None else dict(projections)
@@ -158,12 +169,7 @@ def sharded_logging(
         if proj_fn is not None:
             grads = proj_fn.jitted(params, batch, projs)
             if covariance:
-
-                def add(acc, g):
-                    g = g.reshape(n, -1).astype(stats_dtype)
-                    return acc + (g.T @ g)[None]
-
-                cov = {p: add(cov[p], grads[p]) for p in cov}
+                cov = {p: add_outer(cov[p][0], grads[p])[None] for p in cov}
         kf = state.kfac
         if kfac_fn is not None:
             sums = kfac_fn(params, batch)
@@ -210,7 +216,7 @@ def sharded_logging(
     def finalize(state) -> LoggingStatistics:
         s = _finalize(state)
         n = jnp.maximum(s.count, 1).astype(stats_dtype)
-        cov = {p: v / n for p, v in s.covariance.items()}
+        cov = {p: covariance_from_sums(v, n) for p, v in s.covariance.items()}
         kf = {}
         for p, (sf, sb, tok) in s.kfac.items():
             t = jnp.maximum(tok, 1)
@@ -279,8 +285,7 @@ def save_shard_statistics(writer, state: LoggingState) -> bool:
     """
     if not state.covariance:
         return False
-    names = {l.path: f"layer_{i}" for i, l in enumerate(writer.layers)}
-    if set(names) != set(state.covariance):
+    if {l.path for l in writer.layers} != set(state.covariance):
         return False
 
     def local_sum(a):
@@ -289,11 +294,8 @@ def save_shard_statistics(writer, state: LoggingState) -> bool:
     count = int(local_sum(state.count))
     if count != writer.committed_rows:
         return False
-    sums = {names[p]: local_sum(v) for p, v in state.covariance.items()}
-    from jaxinf._src.statistics import CovarianceState
-
-    acc_state = CovarianceState(sums, count)
-    _store._save_fisher(writer._shard_dir, acc_state, count, writer.layers)
+    sums = [local_sum(state.covariance[l.path]) for l in writer.layers]
+    _writer.save_fisher(writer._shard_dir, sums, count)
     return True
 
 
@@ -421,13 +423,13 @@ def sharded_query(
     Each device keeps a running top-k; one ``all_gather`` + top-k at the end gives the global
     result, identical to ``query``'s up to float rounding and the order of tied scores.
 
-    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see :func:`data_mesh`).
+    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see ``jaxmlo.data_mesh``).
 
     Returns:
       ``QueryResult`` (``scores_path`` is None: the full score matrix is not written).
     """
     if isinstance(log, str):
-        log = _store.open_log(log)
+        log = _reader.open_log(log)
     if mode not in ("dot", "cosine", "relatif"):
         raise ValueError(f"mode must be 'dot', 'cosine' or 'relatif', got {mode!r}")
     n_test = _query._check_query(log, test_grads, projection)
@@ -441,9 +443,7 @@ def sharded_query(
     pre = _query.preconditioner(
         log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping
     )
-    q, self_te = _query._prepare_test(
-        np.asarray(_store.pack_rows(test_grads, log.layers), np.float64), pre
-    )
+    q, self_te = _query._prepare_test(_query.test_rows_checked(test_grads, log.layers), pre)
     dt = _query._compute_dtype(log.dtype)
     idx_dt = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
     rep = NamedSharding(mesh, P())
@@ -498,7 +498,7 @@ def sharded_query(
                     fut, n, g = reads[i]
                     full[:n] = fut.result()
                     bar.update(n)
-                chunks.append(jax.device_put(_store._values(full, log.dtype), devices[i]))
+                chunks.append(jax.device_put(_fmt.values(full, log.dtype), devices[i]))
                 starts.append(jax.device_put(np.asarray([g], idx_dt), devices[i]))
                 valids.append(jax.device_put(np.asarray([n], np.int32), devices[i]))
             shape_chunk = (n_dev * chunk_rows, log.dim)
@@ -507,8 +507,13 @@ def sharded_query(
             valid = jax.make_array_from_single_device_arrays((n_dev,), dev, valids)
             state = step(state, chunk, start, valid, q_d, whiten_d, self_te_d)
     out = finish(state)
-    ids = log.ids()
     top_i, bot_i = np.asarray(out.top_i), np.asarray(out.bot_i)
     return _query.QueryResult(
-        np.asarray(out.top_v), ids[top_i], top_i, -np.asarray(out.bot_v), ids[bot_i], bot_i, None
+        np.asarray(out.top_v),
+        log.ids_at(top_i),
+        top_i,
+        -np.asarray(out.bot_v),
+        log.ids_at(bot_i),
+        bot_i,
+        None,
     )

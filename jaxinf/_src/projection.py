@@ -43,7 +43,7 @@ def _layer_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _resolve_k(path: str, name: str, k_layer, k_default, n: int) -> int:
+def _resolve_k(path: str, name: str, k_layer, k_default, n: int, clip: bool) -> int:
     k = k_layer if k_layer is not None else k_default
     if k is None:
         raise ValueError(
@@ -53,9 +53,12 @@ def _resolve_k(path: str, name: str, k_layer, k_default, n: int) -> int:
     if k < 1:
         raise ValueError(f"layer {path!r}: {name}={k} must be >= 1")
     if k > n:
+        if clip:  # a projection wider than the layer only adds dependent rows
+            return n
         side = "input" if name == "k_in" else "output"
         raise ValueError(
-            f"layer {path!r}: projection {name}={k} is larger than the layer's {side} size {n}"
+            f"layer {path!r}: projection {name}={k} is larger than the layer's {side} size {n} "
+            "(clip_k=True clips it to the layer)"
         )
     return k
 
@@ -67,6 +70,7 @@ def random_projections(
     k_in: int | None = None,
     k_out: int | None = None,
     dtype=jnp.float32,
+    clip_k: bool = True,
 ) -> dict[str, Projection]:
     """Gaussian LoGra projections, one per layer, derived from ``key`` and the layer path.
 
@@ -81,14 +85,16 @@ def random_projections(
       k_in, k_out: default projection sizes; a layer's own ``k_in``/``k_out`` (set by its
         :class:`Select` rule) take precedence.
       dtype: dtype of the projection matrices.
+      clip_k: clip a size larger than the layer to the layer's size (``k_out=16`` on a
+        10-class head gives ``k_out=10``); ``False`` raises instead.
 
     Returns:
       ``{path: Projection(p_in [k_in, n_in], p_out [k_out, n_out])}``.
     """
     sizes = {}
     for path, spec in layers.items():
-        ki = _resolve_k(path, "k_in", getattr(spec, "k_in", None), k_in, spec.n_in)
-        ko = _resolve_k(path, "k_out", getattr(spec, "k_out", None), k_out, spec.n_out)
+        ki = _resolve_k(path, "k_in", getattr(spec, "k_in", None), k_in, spec.n_in, clip_k)
+        ko = _resolve_k(path, "k_out", getattr(spec, "k_out", None), k_out, spec.n_out, clip_k)
         sizes[path] = ((ki, spec.n_in), (ko, spec.n_out))
     return dict(_random_projections(key, tuple(sizes.items()), jnp.dtype(dtype)))
 
@@ -125,6 +131,7 @@ def pca_projections(
     k_out: int | None = None,
     layers: Mapping[str, Any] | None = None,
     dtype=jnp.float32,
+    clip_k: bool = True,
 ) -> dict[str, Projection]:
     """LoGra-PCA projections: top eigenvectors of each layer's KFAC factors (thesis 4.3.2).
 
@@ -137,13 +144,14 @@ def pca_projections(
       k_in, k_out: default sizes; per-layer sizes from ``layers[path].k_in/k_out`` win.
       layers: optional ``{path: LayerSpec}`` carrying per-layer sizes.
       dtype: dtype of the projection matrices.
+      clip_k: clip sizes larger than the layer to the layer's size; ``False`` raises.
     """
     out = {}
     for path, f in factors.items():
         spec = layers[path] if layers is not None else None
         n_in, n_out = f.forward.shape[0], f.backward.shape[0]
-        ki = _resolve_k(path, "k_in", getattr(spec, "k_in", None), k_in, n_in)
-        ko = _resolve_k(path, "k_out", getattr(spec, "k_out", None), k_out, n_out)
+        ki = _resolve_k(path, "k_in", getattr(spec, "k_in", None), k_in, n_in, clip_k)
+        ko = _resolve_k(path, "k_out", getattr(spec, "k_out", None), k_out, n_out, clip_k)
         out[path] = Projection(
             top_eigenvectors(f.forward, ki).astype(dtype),
             top_eigenvectors(f.backward, ko).astype(dtype),

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -28,8 +31,10 @@ import numpy as np
 import tensorstore as ts
 from tqdm.auto import tqdm
 
-from jaxinf._src import store as _store
-from jaxinf._src.statistics import projected_covariance, relative_damping
+from jaxinf._src import store_files as _files
+from jaxinf._src import store_format as _fmt
+from jaxinf._src.reader import LayerStatistics, open_log
+from jaxinf._src.statistics import fisher_eigh, projected_covariance, relative_damping
 
 MODES = ("dot", "cosine", "relatif", "self")
 # ~8 MiB reads: larger fresh buffers are mmap-ed (and page-faulted) by malloc on every read,
@@ -65,7 +70,7 @@ def preconditioner(
         if l.path not in statistics:
             raise ValueError(f"statistics have no entry for layer {l.path!r}")
         st = statistics[l.path]
-        if isinstance(st, _store.LayerStatistics):
+        if isinstance(st, LayerStatistics):
             evals, evecs = st.eigenvalues, st.eigenvectors
         else:
             cov = np.asarray(st, np.float64)
@@ -74,7 +79,7 @@ def preconditioner(
                     f"covariance of layer {l.path!r} has shape {cov.shape}, "
                     f"expected {(l.dim, l.dim)}"
                 )
-            evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
+            evals, evecs = fisher_eigh(cov)
         evals = np.maximum(np.asarray(evals, np.float64), 0.0)  # round-off can leave tiny negatives
         if damping is None:
             lam = float(relative_damping(damping_ratio, evals.sum(), evals.size))
@@ -181,12 +186,54 @@ class QueryResult(NamedTuple):
 
 
 def _check_query(log, test_grads, projection) -> int:
-    diffs = _store.diff_metadata(log.projection, _store._json_roundtrip(projection, "projection"))
+    diffs = _fmt.diff_metadata(log.projection, _fmt.json_roundtrip(projection, "projection"))
     if diffs:
         raise ValueError(
             f"query projection differs from the log at {log.path}: " + "; ".join(diffs)
         )
-    return _store.check_grads(test_grads, log.layers, "test_grads")
+    return _fmt.check_grads(test_grads, log.layers, "test_grads")
+
+
+def test_rows_checked(test_grads, layers) -> np.ndarray:
+    """Packed float64 test rows [n, D]; a NaN or Inf is refused, naming the row and layer."""
+    rows = np.asarray(_fmt.pack_rows(test_grads, layers), np.float64)
+    _fmt.check_finite_rows(rows, layers, list(range(len(rows))), "test_grads")
+    return rows
+
+
+_SCORES_ATTRS = {"jaxinf": "query scores"}
+
+
+def _is_scores(path: str) -> bool:
+    """True only for a directory holding nothing but a score matrix written by ``query``."""
+    try:
+        names = os.listdir(path)
+        with open(os.path.join(path, ".zattrs")) as f:
+            attrs = json.load(f)
+    except (OSError, ValueError):
+        return False
+    extra = [n for n in names if n not in (".zarray", ".zattrs") and not n.isdigit()]
+    extra = [n for n in extra if not all(p.isdigit() for p in n.split("."))]
+    return attrs == _SCORES_ATTRS and not extra
+
+
+def _create_scores(out: str, log, shape, chunks, dtype: str, overwrite: bool):
+    out = os.path.abspath(out)
+    if out == log.path or out.startswith(log.path + os.sep) or log.path.startswith(out + os.sep):
+        raise ValueError(f"out={out} overlaps the log {log.path}; a query never writes to a log")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FileExistsError(
+                f"out={out} exists; pass overwrite=True to replace a score matrix that an "
+                "earlier query wrote there"
+            )
+        if not _is_scores(out):
+            raise FileExistsError(
+                f"out={out} exists and is not a score matrix written by jaxinf.query; "
+                "it is left untouched (choose a new path)"
+            )
+        shutil.rmtree(out)
+    return _files.create_array(out, shape, chunks, dtype, attrs=_SCORES_ATTRS)
 
 
 def _select_shards(log, shards) -> list[str]:
@@ -238,7 +285,7 @@ class _Reader:
         self.prefetch = max(1, prefetch)
         storage = np.dtype(log.meta["storage_dtype"])
         self.buffers = [
-            _store._aligned_empty((chunk_rows, log.dim), storage) for _ in range(self.prefetch + 2)
+            _files.aligned_empty((chunk_rows, log.dim), storage) for _ in range(self.prefetch + 2)
         ]
         self.busy = [None] * len(self.buffers)
         total = sum(s.rows for s in log.shards if s.name in shards)
@@ -275,7 +322,7 @@ class _Reader:
                 issue()
                 fut.result()
                 # rows past n hold an earlier chunk's data: callers mask or slice them off
-                x = jax.device_put(_store._values(self.buffers[slot], self.log.dtype))
+                x = jax.device_put(_fmt.values(self.buffers[slot], self.log.dtype))
                 yield slot, x, n, g
                 self.bar.update(n)
         finally:
@@ -294,6 +341,7 @@ def query(
     chunk_rows: int | None = None,
     prefetch: int = 2,
     out: str | None = None,
+    overwrite: bool = False,
     shards: Sequence[str] | None = None,
     progress: bool = True,
 ) -> QueryResult:
@@ -308,8 +356,10 @@ def query(
       damping_ratio / damping: see ``preconditioner``.
       chunk_rows: rows scored per step (default: a multiple of the log's chunk, ~8 MiB).
       prefetch: tensorstore reads kept in flight ahead of the chunk being scored.
-      out: if given, a directory where the full score matrix ``[n_test, n_rows]`` is written as
-        a zarr array (columns in the global row order of ``Log.ids()``).
+      out: if given, a new directory where the full score matrix ``[n_test, n_rows]`` is written
+        as a zarr array (columns in the global row order of ``Log.ids()``); outside the log.
+      overwrite: replace an existing ``out`` -- only a score matrix an earlier query wrote; any
+        other existing path is refused and left untouched.
       shards: score only these shards (e.g. one per process); row indices stay global, so
         ``merge_results`` of the per-process results equals a query over the whole log.
       progress: show a tqdm progress bar.
@@ -318,7 +368,7 @@ def query(
       ``QueryResult`` with the top-k most positive and most negative rows per query.
     """
     if isinstance(log, str):
-        log = _store.open_log(log)
+        log = open_log(log)
     if mode not in ("dot", "cosine", "relatif"):
         raise ValueError(
             f"mode must be 'dot', 'cosine' or 'relatif' (use self_influence() for "
@@ -340,7 +390,7 @@ def query(
         raise ValueError(f"shards {shards} of {log.path} have no committed rows")
     k = min(top_k, n_rows)
     pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
-    test_rows = np.asarray(_store.pack_rows(test_grads, log.layers), np.float64)
+    test_rows = test_rows_checked(test_grads, log.layers)
     q, self_te = _prepare_test(test_rows, pre)
     dt = _compute_dtype(log.dtype)
     q_d = jnp.asarray(q, dt)
@@ -357,8 +407,8 @@ def query(
     writes = collections.deque()
     scores_arr = None
     if out is not None:
-        scores_arr = _store._create_array(
-            out, (n_test, log.num_rows), (n_test, chunk_rows), np.dtype(dt).str
+        scores_arr = _create_scores(
+            out, log, (n_test, log.num_rows), (n_test, chunk_rows), np.dtype(dt).str, overwrite
         )
     reader = _Reader(log, chunk_rows, prefetch, progress, f"query ({mode})", shards)
     for slot, chunk, n, g in reader:
@@ -370,10 +420,15 @@ def query(
                 writes.popleft().result()
     for w in writes:
         w.result()
-    ids = log.ids()
     top_i, bot_i = np.asarray(state.top_i), np.asarray(state.bot_i)
     return QueryResult(
-        np.asarray(state.top_v), ids[top_i], top_i, -np.asarray(state.bot_v), ids[bot_i], bot_i, out
+        np.asarray(state.top_v),
+        log.ids_at(top_i),
+        top_i,
+        -np.asarray(state.bot_v),
+        log.ids_at(bot_i),
+        bot_i,
+        out,
     )
 
 
@@ -425,7 +480,7 @@ def self_influence(
 ) -> SelfInfluence:
     """Self-influence ``g^T (F + λI)^-1 g`` of every logged row, streamed."""
     if isinstance(log, str):
-        log = _store.open_log(log)
+        log = open_log(log)
     if log.num_rows == 0:
         raise ValueError(f"log {log.path} has no committed rows")
     chunk_rows = chunk_rows or _default_chunk_rows(log)
@@ -467,19 +522,19 @@ def influence_scores(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    layers = _store.layers_from_grads(train_grads)
-    _store.check_grads(train_grads, layers, "train_grads")
+    layers = _fmt.layers_from_grads(train_grads)
+    _fmt.check_grads(train_grads, layers, "train_grads")
     if covariance is None:
         acc = projected_covariance()
         covariance = acc.finalize(acc.update(acc.init(train_grads), train_grads))
     pre = preconditioner(covariance, layers, damping_ratio=damping_ratio, damping=damping)
     dt = jnp.result_type(*[jnp.asarray(g).dtype for g in train_grads.values()], jnp.float32)
-    x = _store.pack_rows(train_grads, layers, dt)
+    x = _fmt.pack_rows(train_grads, layers, dt)
     whiten = [jnp.asarray(w, dt) for w in pre.whiten]
     if mode == "self":
         return _self_train(x, whiten, layers)
     if test_grads is None:
         raise ValueError(f"mode {mode!r} needs test_grads")
-    _store.check_grads(test_grads, layers, "test_grads")
-    q, self_te = _prepare_test(np.asarray(_store.pack_rows(test_grads, layers), np.float64), pre)
+    _fmt.check_grads(test_grads, layers, "test_grads")
+    q, self_te = _prepare_test(test_rows_checked(test_grads, layers), pre)
     return _scores(x, jnp.asarray(q, dt), whiten, jnp.asarray(self_te, dt), layers, mode)

@@ -20,6 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinf  # noqa: E402
+import jaxmlo  # noqa: E402
+import jaxmlo.testing  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 out = {}
@@ -70,7 +72,7 @@ for b, g in zip(batches, ref_grads):
 ref_cov, ref_kfac = cov_acc.finalize(cs), kf_acc.finalize(ks)
 
 # ---- sharded logging pass
-mesh = jaxinf.data_mesh()
+mesh = jaxmlo.data_mesh()
 logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, kfac_layers=layers)
 state = logging.init()
 errs = []
@@ -94,9 +96,9 @@ out["kfac_tokens"] = [int(stats.kfac[p].tokens) for p in sorted(stats.kfac)]
 # communication: no collective in the per-batch step, one psum (all-reduce) at the end
 step_hlo = logging.step.lower(state, params, batches[0]).compile().as_text()
 fin_hlo = logging.finalize.lower(state).compile().as_text()
-out["step_all_reduce"] = jaxinf.count_collectives(step_hlo)["all-reduce"]
-out["step_collectives"] = sum(jaxinf.count_collectives(step_hlo).values())
-out["finalize_collectives"] = jaxinf.count_collectives(fin_hlo)
+out["step_all_reduce"] = jaxmlo.testing.count_collectives(step_hlo)["all-reduce"]
+out["step_collectives"] = sum(jaxmlo.testing.count_collectives(step_hlo).values())
+out["finalize_collectives"] = jaxmlo.testing.count_collectives(fin_hlo)
 
 # ---- rows written from each device's shard; store statistics from the pass's local sums
 tmp = tempfile.mkdtemp()
@@ -117,7 +119,8 @@ out["log_ids_in_order"] = bool(np.array_equal(got_ids, np.arange(n_batches * bsz
 out["log_rows_rel_err"] = max(
     rel(rows[p], np.concatenate([np.asarray(g[p]) for g in ref_grads])) for p in layers
 )
-out["fisher_cache_used"] = os.path.exists(os.path.join(path, "shards", "0", "fisher.json"))
+fisher = os.path.join(path, "shards", w.writer_id, "fisher", f"r{log.num_rows}")
+out["fisher_cache_used"] = os.path.exists(os.path.join(fisher, "fisher.json"))
 lst = log.statistics()
 out["log_cov_rel_err"] = max(rel(lst[p].covariance, ref_cov[p]) for p in ref_cov)
 out["stats2_cov_rel_err"] = max(rel(stats2.covariance[p], ref_cov[p]) for p in ref_cov)

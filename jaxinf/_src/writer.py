@@ -1,0 +1,654 @@
+"""The log writer: appends rows to one locked shard under a crash-safe commit protocol.
+
+Commit protocol of a shard (every step is one atomic single-key write; a crash between any two
+leaves a shard that opens and resumes with every committed row exactly once):
+
+1. take ``lock.json`` (exclusive create; a dead owner's lock is reported and taken over);
+2. with the shard's first rows: create ``grads/.zarray`` then ``ids/.zarray`` if absent (never
+   over an existing array), then ``committed.json`` ``{"rows": 0}`` if absent;
+3. to append rows ``[n, m)``: grow ``grads`` if it is shorter than ``m``, then ``ids`` (each on
+   its own: a crash between leaves both at least ``n`` long), write their chunks;
+4. when the chunk writes of a contiguous prefix ``[0, m)`` have completed, replace
+   ``committed.json`` with ``{"rows": m}``: rows past the record are ignored and overwritten;
+5. at ``close()``, only if rows were added: the Fisher sums as a new version ``fisher/r<m>``
+   (one directory rename), the arrays trimmed to whole chunks, then the lock removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import shutil
+import time
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf._src import store_files as files
+from jaxinf._src import store_format as fmt
+from jaxinf._src.statistics import projected_covariance
+from jaxinf._src.store_index import IdIndex, id_keys
+
+_TARGET_CHUNK_BYTES = 8 << 20
+_ACC = projected_covariance()
+
+
+def _before_write(step: str) -> None:
+    """Called before every write of the commit protocol (tests inject crashes here)."""
+
+
+def default_writer_id() -> str:
+    """A shard name unique to this job and process: ``<UTC time>-<random>-p<process index>``.
+
+    Names sort by start time, so the shards of successive jobs keep their order in the log.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{stamp}-{uuid.uuid4().hex[:8]}-p{jax.process_index()}"
+
+
+# ----------------------------------------------------------------------------- Fisher sums
+
+
+@functools.partial(jax.jit, static_argnames=("layers",))
+def _acc_rows(state, rows, keep, layers):
+    """Add ``sum g g^T`` of packed rows [b, D] (rows with keep=0 add nothing) per layer."""
+    dt = jax.tree.leaves(state.sum_outer)[0].dtype
+    x = rows.astype(dt) * keep.astype(dt)[:, None]
+    return _ACC.update(
+        state, {f"layer_{i}": x[:, l.offset : l.offset + l.dim] for i, l in enumerate(layers)}
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("layers", "dtype"))
+def _pack(grads, layers, dtype):
+    """Packed rows cast to the storage dtype, and [b, n_layers] flags: non-finite input, and
+    non-finite after the cast (an overflow when the input was finite)."""
+    rows = fmt.pack_rows(grads, layers)
+    cast = rows.astype(jnp.dtype(dtype))
+
+    def per_layer(x):
+        bad = ~jnp.isfinite(x)
+        return jnp.stack([bad[:, l.offset : l.offset + l.dim].any(1) for l in layers], 1)
+
+    return cast, per_layer(rows), per_layer(cast)
+
+
+def acc_dtype(log_dtype: str):
+    # accumulate float64 logs in float64 (when enabled), everything else in float32
+    return jnp.float64 if (log_dtype == "float64" and jax.config.jax_enable_x64) else jnp.float32
+
+
+def fisher_sums_from_rows(grads_arr, rows: int, layers, log_dtype: str, chunk_rows: int):
+    """Recompute ``sum g g^T`` per layer over rows [0, rows) of a shard (in memory)."""
+    dt = acc_dtype(log_dtype)
+    state = _ACC.init({f"layer_{i}": jnp.zeros((1, l.dim), dt) for i, l in enumerate(layers)})
+    for a in range(0, rows, chunk_rows):
+        b = min(rows, a + chunk_rows)
+        block = fmt.values(grads_arr[a:b].read().result(), log_dtype)
+        state = _acc_rows(state, jnp.asarray(block), jnp.ones((b - a,), dt), tuple(layers))
+    return state
+
+
+def save_fisher(shard_dir: str, sums: Sequence, rows: int) -> bool:
+    """Write ``fisher/r<rows>`` (one array per layer) as a new version; keep the previous one."""
+    parent = os.path.join(shard_dir, "fisher")
+    arrays = {f"layer_{i}": np.asarray(s, np.float64) for i, s in enumerate(sums)}
+    made = files.write_version(parent, f"r{rows}", arrays, "fisher.json", {"rows": int(rows)})
+    # older versions go to a trash name first (one rename), so no reader sees half of one
+    olds = sorted(
+        (int(n[1:]) for n in os.listdir(parent) if n[:1] == "r" and n[1:].isdigit()),
+        reverse=True,
+    )
+    for old in olds[2:]:
+        trash = os.path.join(parent, f".trash-r{old}-{uuid.uuid4().hex}")
+        try:
+            os.rename(os.path.join(parent, f"r{old}"), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        except OSError:
+            pass
+    return made
+
+
+def load_fisher(shard_dir: str, rows: int, n_layers: int) -> list[np.ndarray] | None:
+    """The Fisher sums version of exactly ``rows`` rows, or None (raises if one is damaged)."""
+    d = os.path.join(shard_dir, "fisher", f"r{rows}")
+    if not os.path.isdir(d):
+        return None
+    rec = files.read_json(os.path.join(d, "fisher.json"), "shard Fisher sums", fmt.LogFormatError)
+    if rec.get("rows") != rows:
+        raise fmt.LogFormatError(f"{d}/fisher.json covers {rec.get('rows')!r} rows, not {rows}")
+    try:
+        return [
+            files.read_array(os.path.join(d, f"layer_{i}"), "shard Fisher sums")
+            for i in range(n_layers)
+        ]
+    except fmt.LogFormatError as e:
+        raise fmt.LogFormatError(f"{e}; delete {d} to have the sums recomputed") from None
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class _Pending(NamedTuple):
+    stop: int  # rows [.., stop) are durable once these futures complete
+    futures: list
+
+
+class WriteHandle:
+    """Completion handle of ``write_async``: ``result()`` waits until the batch's rows are committed."""
+
+    def __init__(self, writer: LogWriter, stop: int):
+        self._writer, self._stop = writer, stop
+
+    def done(self) -> bool:
+        self._writer._reap(block=False)
+        return self._writer.committed_rows >= self._stop
+
+    def result(self) -> None:
+        self._writer.flush(upto=self._stop)
+
+
+class LogWriter:
+    """Appends projected per-example gradients and their data ids to one locked shard of a log.
+
+    Args:
+      path: the log directory (created if needed).
+      projection: the capture's JSON-able projection metadata (layers, init, seed, fingerprint);
+        stored verbatim and required to match exactly when the log already exists.
+      dtype: storage dtype: "float32" (default), "bfloat16", "float16" or "float64".
+      writer_id: this writer's shard name. The default is unique to the job and process
+        (``<UTC time>-<random>-p<process index>``), so jobs never share a shard; pass a fixed
+        id to resume a shard after its committed rows. A shard is locked by its writer:
+        a second writer with the same id raises ``LogLockedError`` here. Not thread-safe.
+      chunk_rows: rows per zarr chunk (default: about 8 MiB per chunk). Rows are written in whole
+        chunks, so a chunk is the unit of durability.
+      max_in_flight: chunk writes in flight before ``write_async`` waits for the oldest.
+      on_duplicate: "error" (default): a data id already in the log (any shard, as of opening,
+        or written by this writer) raises ``ValueError``; "skip": such rows are dropped, which
+        makes re-running an interrupted loop append exactly the missing rows.
+      on_nonfinite: "error" (default): a NaN or Inf raises ``ValueError`` naming the row's id
+        and the layer; "skip": such rows are dropped. A cast to float16/bfloat16 that overflows
+        is always an error.
+      max_id_bytes: fixed width of string ids (UTF-8 bytes).
+      statistics: accumulate the empirical Fisher ``sum g g^T`` per layer while writing.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from jaxinf import open_log
+      >>> projection = {"layers": {"Dense_0": {"k_in": 2, "k_out": 2}}}  # from the capture
+      >>> path = tempfile.mkdtemp() + "/log"
+      >>> with LogWriter(path, projection) as w:
+      ...     for step in range(3):
+      ...         grads = {"Dense_0": np.ones((4, 2, 2), np.float32)}
+      ...         _ = w.write_async(grads, ids=range(4 * step, 4 * step + 4))
+      >>> open_log(path).num_rows
+      12
+    """
+
+    def __init__(
+        self,
+        path: str,
+        projection: Mapping,
+        *,
+        dtype: str = "float32",
+        writer_id: str | None = None,
+        chunk_rows: int | None = None,
+        max_in_flight: int = 4,
+        on_duplicate: str = "error",
+        on_nonfinite: str = "error",
+        max_id_bytes: int = 64,
+        statistics: bool = True,
+    ):
+        if writer_id is None:
+            writer_id = default_writer_id()
+        if dtype not in fmt.DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(fmt.DTYPES)}, got {dtype!r}")
+        if not isinstance(writer_id, str) or not fmt.WRITER_ID.match(writer_id):
+            raise ValueError(f"writer_id must match {fmt.WRITER_ID.pattern}, got {writer_id!r}")
+        if on_duplicate not in ("error", "skip"):
+            raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+        if on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.path = os.path.abspath(path)
+        self.projection = fmt.json_roundtrip(projection, "projection")
+        self.dtype, self.writer_id = dtype, writer_id
+        self._chunk_rows_arg, self.max_in_flight = chunk_rows, max_in_flight
+        self.on_duplicate, self.on_nonfinite = on_duplicate, on_nonfinite
+        self._max_id_bytes = max_id_bytes
+        self._statistics = statistics
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._error: BaseException | None = None
+        self._closed = False
+        self.meta: dict | None = None
+        self.committed_rows = 0
+        self._shard_dir = os.path.join(self.path, "shards", self.writer_id)
+        has_meta = os.path.exists(os.path.join(self.path, fmt.METADATA_FILE))
+        if (
+            not has_meta
+            and os.path.exists(self.path)
+            and os.listdir(self.path)
+            and not os.path.isdir(os.path.join(self.path, "shards"))
+        ):
+            raise ValueError(f"{self.path} exists, is not empty and is not a jaxinf log")
+        files.makedirs(self._shard_dir)
+        self._lock = files.ShardLock(self._shard_dir)
+        self._lock.acquire()
+        # a writer dropped without close() frees its shard (its uncommitted rows are lost)
+        self._release = weakref.finalize(self, self._lock.release)
+        try:
+            if has_meta:
+                self._attach(fmt.load_metadata(self.path))
+        except BaseException:
+            self._release()
+            raise
+
+    # -- setup
+
+    def _check_compatible(self, meta: dict) -> None:
+        if meta["dtype"] != self.dtype:
+            raise ValueError(
+                f"dtype mismatch: the log at {self.path} stores {meta['dtype']}, "
+                f"this writer was asked for {self.dtype}"
+            )
+        diffs = fmt.diff_metadata(meta["projection"], self.projection)
+        if diffs:
+            raise ValueError(
+                f"projection metadata differs from the log at {self.path}: " + "; ".join(diffs)
+            )
+        if self._chunk_rows_arg is not None and self._chunk_rows_arg != meta["chunk_rows"]:
+            raise ValueError(
+                f"chunk_rows mismatch: the log uses {meta['chunk_rows']}, "
+                f"this writer was asked for {self._chunk_rows_arg}"
+            )
+
+    def _open_or_create(self, name: str, shape, chunks, dtype: str, rows: int | None):
+        d = os.path.join(self._shard_dir, name)
+        if os.path.exists(os.path.join(d, ".zarray")):
+            arr = files.open_array(d, f"shard {name}")
+        elif rows:
+            raise fmt.LogFormatError(
+                f"shard {self._shard_dir}: {rows} rows are committed but {d}/.zarray is missing; "
+                f"restore it from a backup, or delete {self._shard_dir} to drop the shard "
+                "(the writer never recreates an array over committed rows)"
+            )
+        else:
+            _before_write(f"create {name}")
+            arr = files.create_array(d, shape, chunks, dtype)
+        if tuple(arr.shape[1:]) != tuple(shape[1:]) or arr.dtype.numpy_dtype.str != (
+            np.dtype(dtype).str
+        ):
+            raise fmt.LogFormatError(
+                f"shard {d}: array is {arr.dtype.numpy_dtype}{list(arr.shape)}, the log "
+                f"metadata says {dtype} [rows, {', '.join(map(str, shape[1:]))}]"
+            )
+        if arr.shape[0] < (rows or 0):
+            raise fmt.LogFormatError(
+                f"shard {d}: array holds {arr.shape[0]} rows but {rows} are committed "
+                "(truncated log)"
+            )
+        return arr
+
+    def _attach(self, meta: dict) -> None:
+        """Open (or create) this writer's shard of an existing log, resuming after committed rows."""
+        self._check_compatible(meta)
+        self.meta = meta
+        self.layers = fmt.layers_from_meta(meta, os.path.join(self.path, fmt.METADATA_FILE))
+        self.dim, self.chunk_rows = meta["dim"], meta["chunk_rows"]
+        self._id_kind, self._max_id_bytes = meta["ids"]["kind"], meta["ids"]["max_bytes"]
+        rows = files.committed_rows(self._shard_dir)
+        cr = self.chunk_rows
+        # a shard that has no commit record yet is created with its first rows (protocol step
+        # 2), so a writer that adds nothing leaves nothing behind
+        self._grads = self._ids = None
+        if rows is not None:
+            self._open_shard(rows)
+            files.check_chunks_present(
+                os.path.join(self._shard_dir, "grads"), rows, cr, 2, "shard grads"
+            )
+            files.check_chunks_present(
+                os.path.join(self._shard_dir, "ids"), rows, cr, self._ids.rank, "shard ids"
+            )
+        self.committed_rows = self._opened_rows = rows or 0
+        rows = self.committed_rows
+        self._build_index()
+        self._next_row = self.committed_rows  # first row of the chunk being filled
+        # A ring of reused chunk buffers: batches are copied into the current one, a full one is
+        # handed to tensorstore, and a buffer is refilled only once tensorstore has copied it
+        # out. Fresh multi-MB arrays per chunk cost more in page faults than the copy itself.
+        n_slots = self.max_in_flight + 1
+        st = np.dtype(meta["storage_dtype"])
+        self._ring_rows = [files.aligned_empty((cr, self.dim), st) for _ in range(n_slots)]
+        id_shape = (cr,) if self._id_kind == "int" else (cr, self._max_id_bytes)
+        id_dtype = np.int64 if self._id_kind == "int" else np.uint8
+        self._ring_ids = [np.zeros(id_shape, id_dtype) for _ in range(n_slots)]
+        self._ring_busy: list = [None] * n_slots  # futures: tensorstore has copied the buffer
+        self._slot = 0
+        self._fill = 0  # rows in the current buffer
+        self._acc_state = None
+        if self._statistics:
+            dt = acc_dtype(self.dtype)
+            cached = load_fisher(self._shard_dir, rows, len(self.layers)) if rows else None
+            if cached is not None:
+                zeros = {f"layer_{i}": jnp.zeros((1, l.dim), dt) for i, l in enumerate(self.layers)}
+                self._acc_state = _ACC.init(zeros)._replace(
+                    sum_outer={f"layer_{i}": jnp.asarray(s, dt) for i, s in enumerate(cached)},
+                    count=jnp.asarray(rows, jnp.int32),
+                )
+            else:  # killed before the sums were saved: recompute from the committed rows
+                self._acc_state = fisher_sums_from_rows(
+                    self._grads, rows, self.layers, self.dtype, cr
+                )
+
+    def _open_shard(self, rows: int | None) -> None:
+        """Protocol step 2: open this shard's arrays, creating those that are absent."""
+        cr = self.chunk_rows
+        self._grads = self._open_or_create(
+            "grads", (cr, self.dim), (cr, self.dim), self.meta["storage_dtype"], rows
+        )
+        if self._id_kind == "int":
+            self._ids = self._open_or_create("ids", (cr,), (cr,), "<i8", rows)
+        else:
+            w = self._max_id_bytes
+            self._ids = self._open_or_create("ids", (cr, w), (cr, w), "|u1", rows)
+        if rows is None:
+            _before_write("first commit record")
+            files.atomic_write_json(os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": 0})
+
+    def _build_index(self) -> None:
+        """Index the ids committed in every shard as of now (this one included)."""
+        self._index = IdIndex(self._id_kind)
+        self._shard_arrays = {}  # shard number -> ids array, to confirm hashed matches
+        names = files.shard_names(self.path)
+        if self.writer_id not in names:
+            names = sorted(names + [self.writer_id])
+        for num, name in enumerate(names):
+            sd = os.path.join(self.path, "shards", name)
+            if name == self.writer_id:
+                n, arr = self.committed_rows, self._ids
+                self._own_number = num
+            else:
+                n = files.committed_rows(sd) or 0
+                arr = files.open_array(os.path.join(sd, "ids"), "log ids") if n else None
+            self._shard_arrays[num] = (name, arr)
+            for a in range(0, n, 1 << 16):
+                b = min(n, a + (1 << 16))
+                keys = id_keys(arr[a:b].read().result(), self._id_kind)
+                self._index.add(keys, num, np.arange(a, b))
+
+    def _create(self, grads: Mapping, ids_kind: str) -> None:
+        layers = fmt.layers_from_grads(grads)
+        fmt.check_projection_layers(self.projection, layers, "grads")
+        dim = sum(l.dim for l in layers)
+        chunk_rows = self._chunk_rows_arg or max(
+            1, _TARGET_CHUNK_BYTES // (dim * fmt.DTYPES[self.dtype][1].itemsize)
+        )
+        meta = fmt.new_metadata(
+            layers, self.projection, self.dtype, chunk_rows, ids_kind, self._max_id_bytes
+        )
+        _before_write("metadata")
+        files.create_json_exclusive(os.path.join(self.path, fmt.METADATA_FILE), meta)
+        # another writer may have won the race: attach to whatever is on disk, after checking it
+        self._attach(fmt.load_metadata(self.path))
+
+    # -- writing
+
+    @property
+    def num_rows(self) -> int:
+        """Rows accepted by this writer's shard (committed + in flight + buffered)."""
+        return self._next_row + self._fill if self.meta else 0
+
+    def __contains__(self, data_id) -> bool:
+        if self.meta is None:
+            return False
+        stored, _, _ = fmt.normalize_ids([data_id], 1, self._id_kind, self._max_id_bytes)
+        return bool(self._duplicates(stored)[0])
+
+    def _raise_if_failed(self):
+        if self._error is not None:
+            raise RuntimeError(
+                f"log writer for {self._shard_dir} failed earlier: {self._error!r}"
+            ) from self._error
+        if self._closed:
+            raise ValueError(f"log writer for {self.path} is closed")
+
+    def _duplicates(self, stored: np.ndarray) -> np.ndarray:
+        """Bool [n]: which ids (storage form) are already in the log, hash matches confirmed."""
+        stored_ids = fmt.ids_to_storage(stored, self._id_kind, self._max_id_bytes)
+        keys = id_keys(stored_ids, self._id_kind)
+        if self._index.exact:
+            return self._index.member(keys)
+        hits = self._index.candidates(keys)
+        dup = np.zeros(len(stored), bool)
+        if any(s == self._own_number and r >= self.committed_rows for _, s, r in hits):
+            self.flush()  # confirm against rows of this writer that are still in flight
+        by_shard = collections.defaultdict(list)
+        for i, s, r in hits:
+            by_shard[s].append((i, r))
+        for s, pairs in by_shard.items():
+            arr = self._shard_arrays[s][1]
+            got = arr[np.asarray([r for _, r in pairs])].read().result()
+            for (i, _), row in zip(pairs, got):
+                if bytes(row) == bytes(stored_ids[i]):
+                    dup[i] = True
+        return dup
+
+    def write(self, grads: Mapping[str, Any], ids: Sequence) -> None:
+        """Append a batch and wait until everything written so far is committed."""
+        self.write_async(grads, ids)
+        self.flush()
+
+    def write_async(self, grads: Mapping[str, Any], ids: Sequence) -> WriteHandle:
+        """Append a batch ``{layer: [b, k_out, k_in]}`` with ``b`` data ids; returns at once.
+
+        Full chunks are handed to tensorstore in the background while the caller computes the
+        next batch; at most ``max_in_flight`` chunk writes are outstanding. Errors of earlier
+        writes are raised here (or by ``flush`` / ``close``).
+        """
+        self._raise_if_failed()
+        if self.meta is None:
+            # validate the first batch fully before its shapes become the log's metadata
+            n = fmt.check_grads(grads, fmt.layers_from_grads(grads), "grads")
+            kind = fmt.normalize_ids(ids, n, None, self._max_id_bytes)[2]
+            self._create(grads, kind)
+        n = fmt.check_grads(grads, self.layers, "grads")
+        id_arr, keys, _ = fmt.normalize_ids(ids, n, self._id_kind, self._max_id_bytes)
+        if len(set(keys)) != len(keys):
+            dup = [k for k, c in collections.Counter(keys).items() if c > 1][:5]
+            raise ValueError(f"duplicate data ids within one batch: {dup}")
+        keep = ~self._duplicates(id_arr)
+        if not keep.all() and self.on_duplicate == "error":
+            dup = [k for k, m in zip(keys, keep) if not m][:5]
+            raise ValueError(
+                f"data ids already in the log {self.path}: {dup} "
+                "(use on_duplicate='skip' to resume an interrupted run)"
+            )
+        if not keep.any():
+            return WriteHandle(self, self.committed_rows)
+        rows, bad_in, bad_cast = _pack(dict(grads), tuple(self.layers), self.dtype)
+        bad_in, bad_cast = np.asarray(bad_in), np.asarray(bad_cast)
+        over = bad_cast & ~bad_in & keep[:, None]
+        if over.any():
+            r, j = np.argwhere(over)[0]
+            raise ValueError(
+                f"grads: row {int(r)} (id {keys[int(r)]!r}) of layer "
+                f"{self.layers[int(j)].path!r} overflows {self.dtype} (a finite value beyond "
+                f"its range); scale the gradients or log float32"
+            )
+        bad_rows = bad_in.any(1) & keep
+        if bad_rows.any():
+            if self.on_nonfinite == "error":
+                r, j = np.argwhere(bad_in & keep[:, None])[0]
+                raise ValueError(
+                    f"grads: row {int(r)} (id {keys[int(r)]!r}) has a NaN or Inf in layer "
+                    f"{self.layers[int(j)].path!r} ({int(bad_rows.sum())} such row(s) in "
+                    "this batch; on_nonfinite='skip' drops them)"
+                )
+            keep = keep & ~bad_rows
+            if not keep.any():
+                return WriteHandle(self, self.committed_rows)
+        # the errors above wrote nothing of this batch and leave the writer usable; one below
+        # may have left part of it in flight, so the writer refuses further writes
+        try:
+            if self._acc_state is not None:
+                self._acc_state = _acc_rows(self._acc_state, rows, keep, tuple(self.layers))
+            host = np.asarray(rows)  # waits for this batch's compute only
+            if not keep.all():
+                host, id_arr = host[keep], id_arr[keep]
+            start = self.num_rows
+            stored = fmt.ids_to_storage(id_arr, self._id_kind, self._max_id_bytes)
+            self._index.add(
+                id_keys(stored, self._id_kind),
+                self._own_number,
+                np.arange(start, start + len(host)),
+            )
+            self._append(fmt.storage(host, self.dtype), stored)
+            self._reap(block=False)
+        except BaseException as e:
+            self._error = e
+            raise
+        return WriteHandle(self, self.num_rows)
+
+    def _append(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        """Copy rows into the ring; hand each chunk to tensorstore as soon as it is full."""
+        i = 0
+        while i < len(rows):
+            # the current chunk ends at the next chunk boundary (the first one may be partial
+            # after a resume or a flush)
+            target = self.chunk_rows - self._next_row % self.chunk_rows
+            take = min(target - self._fill, len(rows) - i)
+            self._ring_rows[self._slot][self._fill : self._fill + take] = rows[i : i + take]
+            self._ring_ids[self._slot][self._fill : self._fill + take] = ids[i : i + take]
+            self._fill += take
+            i += take
+            if self._fill == target:
+                self._issue()
+
+    def _grow(self, arr, stop: int):
+        """Protocol step 3: grow one array (one metadata write) to hold rows [0, stop)."""
+        if stop <= arr.shape[0]:
+            return arr
+        _before_write("grow")
+        cap = max(stop, 2 * arr.shape[0])
+        cap = -(-cap // self.chunk_rows) * self.chunk_rows
+        return arr.resize(exclusive_max=[cap] + [None] * (arr.rank - 1), expand_only=True).result()
+
+    def _issue(self) -> None:
+        """Hand the current buffer's rows to tensorstore and move to the next ring slot."""
+        count = self._fill
+        start, stop = self._next_row, self._next_row + count
+        if self._grads is None:
+            self._open_shard(files.committed_rows(self._shard_dir))
+        self._grads = self._grow(self._grads, stop)
+        self._ids = self._grow(self._ids, stop)
+        self._shard_arrays[self._own_number] = (self.writer_id, self._ids)
+        _before_write("grads chunk")
+        f1 = self._grads[start:stop].write(self._ring_rows[self._slot][:count])
+        _before_write("ids chunk")
+        f2 = self._ids[start:stop].write(self._ring_ids[self._slot][:count])
+        self._pending.append(_Pending(stop, [f1.commit, f2.commit]))
+        self._ring_busy[self._slot] = (f1.copy, f2.copy)
+        self._next_row, self._fill = stop, 0
+        self._slot = (self._slot + 1) % len(self._ring_rows)
+        # bounded in flight: wait for the oldest writes
+        while len(self._pending) > self.max_in_flight:
+            self._reap(block=True, one=True)
+        if self._ring_busy[self._slot] is not None:  # tensorstore may still be reading it
+            for f in self._ring_busy[self._slot]:
+                f.result()
+            self._ring_busy[self._slot] = None
+
+    def _commit(self) -> None:
+        """Protocol step 4: the commit record names the durable prefix."""
+        _before_write("commit record")
+        files.atomic_write_json(
+            os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": self.committed_rows}
+        )
+
+    def _reap(self, block: bool, one: bool = False) -> None:
+        """Retire completed writes in order and advance the committed row count."""
+        advanced = False
+        try:
+            while self._pending:
+                p = self._pending[0]
+                if not block and not all(f.done() for f in p.futures):
+                    break
+                for f in p.futures:
+                    f.result()  # raises the write's error here, in the caller's thread
+                self._pending.popleft()
+                self.committed_rows = p.stop
+                advanced = True
+                if one:
+                    break
+        except BaseException as e:
+            self._error = e
+            raise
+        finally:
+            if advanced:
+                self._commit()
+
+    def flush(self, upto: int | None = None) -> None:
+        """Write buffered rows (a partial last chunk too) and wait until they are committed."""
+        self._raise_if_failed()
+        if self.meta is None:
+            return
+        try:
+            if self._fill and (upto is None or upto > self._next_row):
+                self._issue()
+        except BaseException as e:
+            self._error = e
+            raise
+        while self._pending and (upto is None or self.committed_rows < upto):
+            self._reap(block=True, one=True)
+
+    def close(self) -> None:
+        """Flush, save the shard's Fisher sums, trim its arrays and release its lock.
+
+        Writes nothing when no row was added since the writer opened.
+        """
+        if self._closed:
+            return
+        try:
+            if self.meta is not None and self._error is None:
+                self.flush()
+                if self.committed_rows > self._opened_rows:
+                    self._finish()
+        finally:
+            self._closed = True
+            self._release()
+
+    def _finish(self) -> None:
+        """Protocol step 5 (only after rows were added)."""
+        if self._acc_state is not None:
+            sums = [self._acc_state.sum_outer[f"layer_{i}"] for i in range(len(self.layers))]
+            _before_write("fisher version")
+            save_fisher(self._shard_dir, sums, self.committed_rows)
+        cap = -(-max(self.committed_rows, 1) // self.chunk_rows) * self.chunk_rows
+        for name in ("_grads", "_ids"):
+            arr = getattr(self, name)
+            if cap < arr.shape[0]:
+                _before_write("trim")
+                arr = arr.resize(exclusive_max=[cap] + [None] * (arr.rank - 1), shrink_only=True)
+                setattr(self, name, arr.result())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:  # keep what is committed; do not mask the original error
+            try:
+                self.close()
+            except BaseException:
+                pass
+        return False
