@@ -25,9 +25,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import jaxcommon  # noqa: E402
 import jaxinf  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
+from jaxmlo import common  # noqa: E402
 
 SIZES = {
     # name: (mlp_batch, mlp_width, lm_layers, lm_width, lm_heads, lm_seq, lm_batch, vocab, rank)
@@ -467,7 +467,7 @@ def main():
         return
 
     # Digits MLP (scikit-learn's 8x8 digits, 64 features).
-    X, y = jaxcommon.load_digits()
+    X, y = common.load_digits()
     n = cfg["mlp_batch"]
     batch = {"x": jnp.asarray(X[:n]), "y": jnp.asarray(y[:n])}
     mlp = MLP(cfg["mlp_width"])

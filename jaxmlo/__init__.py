@@ -35,7 +35,6 @@ from jaxmlo._src.hypergrad import (
     meta_step,
     neumann,
     sama,
-    sama_adaptation,
     unroll,
 )
 
@@ -77,7 +76,6 @@ __all__ = [
     "meta_step",
     "neumann",
     "sama",
-    "sama_adaptation",
     "SolveInfo",
     "unroll",
     "Unrolled",

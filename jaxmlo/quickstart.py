@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxcommon
 import jaxmlo
+from jaxmlo import common
 
 METHODS = {
     "sama": lambda: jaxmlo.sama(),
@@ -35,7 +35,7 @@ METHODS = {
 
 def load_noisy_digits(noise: float = 0.4, n_meta: int = 100, seed: int = 0):
     """Digits split into a noisy training set, a small clean meta set and a clean test set."""
-    x, y = jaxcommon.load_digits()
+    x, y = common.load_digits()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     x, y = x[order], y[order]

@@ -1,4 +1,4 @@
-"""Hooks for tests and benchmarks: the engine's gradients and compiled-HLO inspection.
+"""Hooks for tests and benchmarks: the engine's gradients, SAMA's adaptation, compiled-HLO inspection.
 
 These are not needed to build or run a program; they expose what a step computes inside so
 that it can be compared with references.
@@ -7,10 +7,18 @@ that it can be compared with references.
 import collections
 import re
 
+from jaxmlo._src.adjoints import sama_adaptation
 from jaxmlo._src.engine import gradients, total_gradient
 from jaxmlo._src.parallel import count_collectives
 
-__all__ = ["count_collectives", "count_matmuls", "count_passes", "gradients", "total_gradient"]
+__all__ = [
+    "count_collectives",
+    "count_matmuls",
+    "count_passes",
+    "gradients",
+    "sama_adaptation",
+    "total_gradient",
+]
 
 # `%name = f32[32,10]{1,0} dot(...)` or `... convolution(...)`; the layout suffix is optional.
 _MATMUL = re.compile(r"=\s*(\w+)\[([\d,]*)\](?:\{[^}]*\})?\s+(dot|convolution)\(")

@@ -13,7 +13,7 @@ SKIP = {"jaxmlo.__main__", "jaxinf.__main__"}  # print on import-as-main only; n
 
 
 def _modules():
-    names = ["jaxcommon"]
+    names = []
     for pkg in (jaxmlo, jaxinf):
         names.append(pkg.__name__)
         for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxcommon
+from jaxmlo import common
 
 
 class Task(NamedTuple):
@@ -167,7 +167,7 @@ def _margin(logits, y):
 
 def load_digits_split(n_train: int = 1000, n_test: int = 200, *, seed: int = 0, flip: int = 0):
     """Digits as float32 in [0, 1]; returns x_tr, y_tr, x_te, y_te, flipped-index array."""
-    x, y = jaxcommon.load_digits()
+    x, y = common.load_digits()
     if n_train + n_test > len(x):
         raise ValueError(f"n_train + n_test must be <= {len(x)}, got {n_train + n_test}")
     rng = np.random.default_rng(seed)

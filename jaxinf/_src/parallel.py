@@ -33,9 +33,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-# The mesh-axis check and float cast both libraries use.
-from jaxcommon import axis_size as _axis_size
-from jaxcommon import cast_floats as _cast_floats
 from jaxinf._src import query as _query
 from jaxinf._src import reader as _reader
 from jaxinf._src import store_format as _fmt
@@ -43,6 +40,10 @@ from jaxinf._src import writer as _writer
 from jaxinf._src.capture import projected_gradients
 from jaxinf._src.kfac import KFACFactors, kfac_batch_sums
 from jaxinf._src.statistics import add_outer, covariance_from_sums
+
+# The mesh-axis check and float cast both libraries use.
+from jaxmlo.common import axis_size as _axis_size
+from jaxmlo.common import cast_floats as _cast_floats
 
 # ---------------------------------------------------------------------------------------------
 # Sharded logging

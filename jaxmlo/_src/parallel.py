@@ -41,9 +41,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcommon import axis_size as _axis_size
-from jaxcommon import cast_floats as _cast_floats
-from jaxcommon import count_collectives, data_mesh
 from jaxmlo._src.engine import (
     ProblemUpdate,
     nudge_deltas,
@@ -54,6 +51,9 @@ from jaxmlo._src.engine import (
 from jaxmlo._src.hypergrad import Unrolled, _add, _first, _norm
 from jaxmlo._src.nested import is_nested
 from jaxmlo._src.program import Program
+from jaxmlo.common import axis_size as _axis_size
+from jaxmlo.common import cast_floats as _cast_floats
+from jaxmlo.common import count_collectives, data_mesh
 
 __all__ = [
     "data_mesh",
