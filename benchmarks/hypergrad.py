@@ -45,6 +45,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jaxmlo as J  # noqa: E402
+import jaxmlo.testing  # noqa: E402, F401
 from benchmarks._common import write_json  # noqa: E402
 
 
@@ -186,12 +187,18 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
     first = jax.tree.map(lambda x: x[0], batches)
     plain = jax.jit(plain_step)
     args = (params, opt.init(params), first)
-    plain_mem = _memory(plain.lower(*args).compile())
+    plain_compiled = plain.lower(*args).compile()
+    plain_mem = _memory(plain_compiled)
+    # Model passes, counted by marker products: the logits [batch, classes] only a forward
+    # computes, the output layer's weight gradient only a backward computes.
+    head = params["params"][max(k for k in params["params"] if k.startswith("Dense_"))]["kernel"]
+    markers = dict(forward=(batch, 10), backward=head.shape)
     result = {
         "params": _n_params(params),
         "batch": batch,
         "unroll": unroll,
         "plain": plain_mem,
+        "plain_passes": J.testing.count_passes(plain_compiled.as_text(), **markers),
         "methods": {},
     }
     state = J.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
@@ -201,7 +208,9 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
                 method, base_loss, meta_loss, opt, meta_opt, s, b, mb
             )
         )
-        mem = _memory(step.lower(state, batches, meta_batch).compile())
+        compiled = step.lower(state, batches, meta_batch).compile()
+        mem = _memory(compiled)
+        passes = J.testing.count_passes(compiled.as_text(), **markers)
         t = _time_pair(plain, args, step, (state, batches, meta_batch), repeats)
         _, info = step(state, batches, meta_batch)
         (med, mn), (pmed, pmn) = t["meta"], t["plain"]
@@ -221,6 +230,7 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
             "time_ratio_to_plain": med / pmed,
             "min_time_ratio_to_plain": mn / pmn,
             "peak_ratio_to_plain": mem["peak_bytes"] / plain_mem["peak_bytes"],
+            "passes": passes,
             "finite": bool(info.finite),
             "solve_residual": float(info.solve.residual),
             "solve_iterations": int(info.solve.iterations),
@@ -238,6 +248,7 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
             f"{model_name:12s} {name:18s} {1e3 * mn:8.2f} ms (plain {1e3 * pmn:6.2f} ms)  "
             f"time x{mn / pmn:5.2f} (median x{med / pmed:5.2f})  "
             f"memory x{mem['peak_bytes'] / plain_mem['peak_bytes']:5.2f}  "
+            f"passes {passes['forward']} fwd {passes['backward']} bwd  "
             f"grad-through-unroll / hypergradient x{gmn / vmn:5.2f}  "
             f"residual {float(info.solve.residual):.2e} ({int(info.solve.iterations)} it)",
             flush=True,
@@ -410,6 +421,7 @@ def main(argv=None):
     ap.add_argument(
         "--models", default="mlp,transformer", help="comma-separated base models: mlp, transformer"
     )
+    ap.add_argument("--methods", default=None, help="comma-separated subset, e.g. sama")
     ap.add_argument("--no-betty", action="store_true", help="skip the Betty side-by-side run")
     ap.add_argument(
         "--small", action="store_true", help="tiny transformer, few repeats (smoke run)"
@@ -426,6 +438,10 @@ def main(argv=None):
         "sama": J.sama(),
     }
     defaults = {"cg()": J.cg(), "neumann()": J.neumann()}
+    if args.methods:
+        keep = args.methods.split(",")
+        methods = {k: v for k, v in methods.items() if k in keep}
+        defaults = {k: v for k, v in defaults.items() if k[:-2] in keep}
     out = {
         "benchmark": "hypergrad",
         "command": "python "

@@ -339,16 +339,18 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
         state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
         step = jaxmlo.parallel_step(prog, mesh)
         compiled = step.lower(state, data_v[0]).compile()
-        t, _ = timed(compiled, lambda i, state=state: (state, data_v[i % 3]), iters)
         rows[name] = {
-            "samples_per_s": B / t,
-            "step_s": t,
             "memory": memory(compiled),
+            "passes": jaxmlo.testing.count_matmuls(compiled.as_text()),
             "all_reduce": jaxmlo.testing.count_collectives(compiled.as_text())["all-reduce"],
         }
+        if iters:  # iters=0 (--memory-only): compiled memory analysis, no run
+            t, _ = timed(compiled, lambda i, state=state: (state, data_v[i % 3]), iters)
+            rows[name].update(samples_per_s=B / t, step_s=t)
         del state, compiled
     for name in ("sama", "cg", "neumann"):
-        rows[name]["time_over_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
+        if iters:
+            rows[name]["time_over_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
         pm = rows["plain"]["memory"].get("peak_estimate_bytes")
         if pm:
             rows[name]["memory_over_plain"] = rows[name]["memory"]["peak_estimate_bytes"] / pm
@@ -448,6 +450,11 @@ def main():
         default=None,
         help="bfloat16 compute (default: on for --size large)",
     )
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="reweighting: compiled memory and matmul counts only, no timed runs",
+    )
     ap.add_argument("--tmp", default=None, help="directory for the logs (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results/scale_cpu.json", help="JSON results file")
     args = ap.parse_args()
@@ -473,7 +480,8 @@ def main():
             if part == "logging":
                 result[part] = bench_logging(cfg, cfg["iters"], mesh, dtype, tmp)
             elif part == "reweighting":
-                result[part] = bench_reweighting(cfg, cfg["iters"], mesh, dtype)
+                iters = 0 if args.memory_only else cfg["iters"]
+                result[part] = bench_reweighting(cfg, iters, mesh, dtype)
             elif part == "query":
                 result[part] = bench_query(cfg, mesh, tmp)
             else:
