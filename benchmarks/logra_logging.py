@@ -196,13 +196,17 @@ def scanned_rows(cfg, ranks, repeats):
     return rows
 
 
-def llama_section(config, batch_size, rank, repeats, bf16, compile_only, write_batches, tmp):
+def llama_section(
+    config, batch_size, rank, repeats, bf16, compile_only, write_batches, tmp, full_seqs, save
+):
     """LoGra logging of the Llama-style NNX LM (``nnx.scan`` blocks) vs its plain step.
 
     Plain = ``jit(value_and_grad(loss))`` of the same model and batch (f32 parameters, compute in
     bf16 when ``bf16``). Logging = ``projected_gradients`` on every ``nnx.Linear`` (rank ``rank``
     per side). With ``compile_only`` nothing runs: both programs are lowered from abstract
     parameters and compiled, and their compiled memory is reported (the CPU-side estimate).
+    Sequences are right-padded to random lengths in [seq/2, seq] unless ``full_seqs``.
+    ``save(row)`` is called after each phase, so a later failure keeps what was measured.
     """
     from flax import nnx
 
@@ -211,7 +215,7 @@ def llama_section(config, batch_size, rank, repeats, bf16, compile_only, write_b
     cfg = llama_config(config, dtype="bfloat16" if bf16 else "float32")
     t = cfg.seq
     rng = np.random.default_rng(0)
-    lengths = rng.integers(t // 2, t + 1, size=batch_size)
+    lengths = np.full(batch_size, t) if full_seqs else rng.integers(t // 2, t + 1, size=batch_size)
     mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
     batch = {"ids": jnp.asarray(rng.integers(1, cfg.vocab, size=(batch_size, t)) * mask)}
     batch["mask"] = jnp.asarray(mask)
@@ -253,6 +257,7 @@ def llama_section(config, batch_size, rank, repeats, bf16, compile_only, write_b
         row["compiled_peak_ratio_logging_over_plain"] = (
             row["memory_logging"]["peak_bytes"] / row["memory_plain"]["peak_bytes"]
         )
+    save(row)
     if compile_only:
         return row
     t_plain, t_log = time_pair(
@@ -268,6 +273,7 @@ def llama_section(config, batch_size, rank, repeats, bf16, compile_only, write_b
         time_ratio_logging_over_plain=t_log / t_plain,
         device_peak_bytes_after_both=device_peak(),
     )
+    save(row)
     if write_batches:
         # End to end: capture + rows written to a tensorstore log (async, Fisher sums on).
         import shutil
@@ -564,6 +570,11 @@ def main():
         "--write-batches", type=int, default=0, help="Llama: batches also written to a log"
     )
     ap.add_argument("--tmp", default="/tmp/jaxinf_logging_bench", help="Llama: log directory")
+    ap.add_argument(
+        "--full-seqs",
+        action="store_true",
+        help="Llama: every sequence seq tokens long (no padding)",
+    )
     args = ap.parse_args()
     cfg = SIZES[args.size]
     if args.model == "llama":
@@ -582,6 +593,11 @@ def main():
             "outputs - aliased from XLA's compiled memory analysis",
         }
         os.makedirs(args.tmp, exist_ok=True)
+
+        def save(row):
+            result["results"] = [row]
+            write_json(args.out, result)
+
         result["results"] = [
             llama_section(
                 args.config,
@@ -592,6 +608,8 @@ def main():
                 args.compile_only,
                 args.write_batches,
                 args.tmp,
+                args.full_seqs,
+                save,
             )
         ]
         print(json.dumps(result["results"][0], indent=1))

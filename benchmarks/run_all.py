@@ -77,7 +77,7 @@ SECTIONS = {
             "small": ["--model", "llama", "--config", "small", "--repeats", "3"]
             + ["--write-batches", "2"],
             "large": ["--model", "llama", "--config", "134m", "--batch", "8", "--repeats", "10"]
-            + ["--write-batches", "20"],
+            + ["--write-batches", "20", "--full-seqs"],
         },
         0.35,
     ),
