@@ -22,14 +22,16 @@ from jaxmlo.examples import digits as dg
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="darts")  # plain | darts | sama | cg | neumann
-    ap.add_argument("--unroll", type=int, default=1)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--method", default="darts", help="Betty method: plain | darts | sama | cg | neumann"
+    )
+    ap.add_argument("--unroll", type=int, default=1, help="classifier steps per meta step")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden width of the classifier MLP")
+    ap.add_argument("--batch", type=int, default=128, help="classifier batch size")
+    ap.add_argument("--iters", type=int, default=50, help="steps per timed block")
+    ap.add_argument("--repeats", type=int, default=7, help="timed blocks (alternating with plain)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

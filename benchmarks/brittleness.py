@@ -27,22 +27,32 @@ from lds import batch_loss, logra_grads  # noqa: E402
 
 import jaxinf  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
-from jaxinf._src import examples  # noqa: E402
+from jaxinf import examples  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", default="benchmarks/results/brittleness_cpu.json")
-    ap.add_argument("--task", choices=("mlp", "lm"), default="mlp")
-    ap.add_argument("--num-test", type=int, default=10)
+    ap.add_argument(
+        "--out", default="benchmarks/results/brittleness_cpu.json", help="JSON results file"
+    )
+    ap.add_argument(
+        "--task", choices=("mlp", "lm"), default="mlp", help="digits MLP or byte-level LM"
+    )
+    ap.add_argument(
+        "--num-test", type=int, default=10, help="correctly predicted test examples examined"
+    )
     ap.add_argument(
         "--ks", default=None, help="comma-separated removal sizes (default 10,25,50; LM 0,5,10,20)"
     )
-    ap.add_argument("--num-seeds", type=int, default=2)
-    ap.add_argument("--small", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-seeds", type=int, default=2, help="retraining seeds per removal")
+    ap.add_argument(
+        "--small", action="store_true", help="smaller training set and fewer steps (smoke run)"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the task and the test examples drawn"
+    )
     args = ap.parse_args(argv)
     lm = args.task == "lm"
     ks = [int(k) for k in (args.ks or ("0,5,10,20" if lm else "10,25,50")).split(",")]

@@ -56,12 +56,22 @@ def main(argv=None):
         "--variants",
         nargs="+",
         default=["finetune only", "pretrain+finetune", "pretrain+finetune+reweight"],
+        help="programs to run (finetune only, 2 levels, 3 levels)",
     )
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--prox", type=float, default=0.05)
-    ap.add_argument("--out", default="benchmarks/results/domain_digits_cpu.json")
+    ap.add_argument(
+        "--seeds", type=int, default=3, help="seeds per variant (mean and std reported)"
+    )
+    ap.add_argument("--steps", type=int, default=1000, help="program steps")
+    ap.add_argument("--batch", type=int, default=64, help="batch size of every problem")
+    ap.add_argument(
+        "--prox",
+        type=float,
+        default=0.05,
+        help="weight of the finetuning pull ||v - w*||^2 towards the pretrained solution",
+    )
+    ap.add_argument(
+        "--out", default="benchmarks/results/domain_digits_cpu.json", help="JSON results file"
+    )
     args = ap.parse_args(argv)
     results = []
     for v in args.variants:

@@ -399,11 +399,17 @@ def betty_result(batch, iters):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/hypergrad_cpu.json")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument(
+        "--out", default="benchmarks/results/hypergrad_cpu.json", help="JSON results file"
+    )
+    ap.add_argument("--batch", type=int, default=32, help="training examples per step")
     ap.add_argument("--unroll", type=int, default=1, help="base steps per meta step")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--models", default="mlp,transformer")
+    ap.add_argument(
+        "--repeats", type=int, default=10, help="timed runs per method (minimum and median kept)"
+    )
+    ap.add_argument(
+        "--models", default="mlp,transformer", help="comma-separated base models: mlp, transformer"
+    )
     ap.add_argument("--no-betty", action="store_true", help="skip the Betty side-by-side run")
     ap.add_argument(
         "--small", action="store_true", help="tiny transformer, few repeats (smoke run)"

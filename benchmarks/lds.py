@@ -20,6 +20,23 @@ the models (thesis 4.4.1, appendix C.2), e.g.::
 
 ``--methods`` (method families, e.g. ``grad_dot,ekfac,logra,trak``) and ``--sizes`` (LoGra ``k``)
 restrict what is run.
+
+``metagrad`` (:func:`jaxinf.metagradient_scores`) differentiates the attribution model's own
+training run (same initial parameters, optimizer and minibatches, replayed from its key) with
+respect to per-example loss weights. Its entry adds the cost in multiples of one training run
+(compiled, timed after compilation), the compiled memory of both, and the replay check. Flags:
+``--metagrad-segments`` / ``--metagrad-test-block`` (memory trade-offs), ``--same-batches`` (a
+second ground truth: retraining on each subset with the *same* minibatches and the dropped
+examples' weights set to 0, the counterfactual the metagradient linearises; every method gets
+``lds_same_batches``), ``--memory-steps 50,100,200`` (compiled bytes of the metagradient
+against the number of steps T, checkpointed and plain) and ``--lrs 0.01,0.05,0.2`` (the digits
+MLP retrained and scored at each learning rate), e.g.::
+
+    python benchmarks/lds.py --tasks mlp,lm --methods metagrad,exact_influence,ekfac,logra,trak \\
+        --sizes 16 --same-batches --memory-steps 50,200,800 \\
+        --out benchmarks/results/lds_metagrad_cpu.json
+    python benchmarks/lds.py --tasks "" --lrs 0.01,0.05,0.2 --methods metagrad,exact_influence \\
+        --same-batches --out benchmarks/results/lds_metagrad_lr_cpu.json
 """
 
 from __future__ import annotations
@@ -30,15 +47,18 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 import jaxinf  # noqa: E402
-from jaxinf._src import examples  # noqa: E402
+from jaxinf import examples  # noqa: E402
 
 
 def _block(x):
@@ -88,6 +108,7 @@ METHOD_FAMILIES = (
     "representation_sim",
     "logra",
     "trak",
+    "metagrad",
 )
 
 
@@ -96,8 +117,185 @@ def model_seed(seed, k):
     return seed if k == 0 else seed + 1000 * k
 
 
-def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMILIES):
-    """Yields ``(method, scores [n_test, n_train], seconds, bytes_per_example, extra)`` for one model."""
+def train_keys(seed, k):
+    """Initial-parameter and minibatch keys of attribution model ``k``."""
+    ms = model_seed(seed, k)
+    return jax.random.PRNGKey(10_000 + ms), jax.random.PRNGKey(20_000 + ms)
+
+
+class Recipe(NamedTuple):
+    """What the metagradient needs beyond the task: the task's own optimizer and test function."""
+
+    optimizer: optax.GradientTransformation
+    test_fn: Callable  # (params, test example) -> scalar, the task's output_fn for one example
+    test_data: Any
+    segments: int | None = None
+    test_block: int = 64
+
+
+def task_recipe(name, task, lr, **kw):
+    """The optimizer ``examples`` builds for the task (same hyperparameters) and its output."""
+    if name == "lm":
+        # eps_root > 0: Adam's sqrt(nu) has an infinite derivative at nu = 0 (embedding rows of
+        # bytes never seen), which makes reverse mode NaN; the replay check measures how much
+        # 1e-16 changes the run.
+        opt = optax.adamw(lr, weight_decay=1e-2, eps_root=1e-16)
+        return Recipe(opt, lambda p, s: -task.example_loss(p, (s,)), task.x_test, **kw)
+    opt = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(lr, momentum=0.9))
+
+    def margin(p, ex):
+        return examples._margin(task.model.apply({"params": p}, ex[0]), ex[1])
+
+    return Recipe(opt, margin, (task.x_test, task.y_test), **kw)
+
+
+def replay_batches(task, key):
+    """The ``[T, B]`` minibatch indices ``task.train_fn`` draws with all weights 1 from ``key``."""
+    n, steps, b = task.x_train.shape[0], task.info["steps"], task.info["batch_size"]
+
+    def draw(key):
+        p = jnp.ones(n, jnp.float32)
+        p = p / jnp.sum(p)
+        return jax.vmap(lambda k: jax.random.choice(k, n, (b,), p=p))(jax.random.split(key, steps))
+
+    return jax.jit(draw)(key)
+
+
+def _memory(compiled):
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return {
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+    }
+
+
+def _scores_fn(task, recipe, segments):
+    def fn(p0, batches):
+        return jaxinf.metagradient_scores(
+            task.example_loss,
+            recipe.optimizer,
+            p0,
+            (task.x_train, task.y_train),
+            batches,
+            recipe.test_fn,
+            recipe.test_data,
+            segments=segments,
+            test_block=recipe.test_block,
+        )
+
+    return jax.jit(fn)
+
+
+def metagrad_scores(task, params, recipe, p0, train_key):
+    """Metagradient scores of the run that trained ``params``, with its cost against that run."""
+    n = task.x_train.shape[0]
+    batches = replay_batches(task, train_key)
+    replay = jaxinf.weighted_train(
+        task.example_loss, recipe.optimizer, p0, (task.x_train, task.y_train), batches
+    )
+    replay_diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(replay), jax.tree.leaves(params))
+    )
+    out_diff = float(
+        jnp.max(
+            jnp.abs(
+                jax.vmap(recipe.test_fn, (None, 0))(params, recipe.test_data)
+                - task.output_fn(params)
+            )
+        )
+    )
+    if out_diff > 1e-4:
+        raise RuntimeError(f"metagrad test_fn differs from the task's output_fn by {out_diff}")
+    ones = jnp.ones(n, jnp.float32)
+    train = jax.jit(task.train_fn).lower(p0, ones, train_key).compile()
+    _block(train(p0, ones, train_key))
+    t0 = time.perf_counter()
+    _block(train(p0, ones, train_key))
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = _scores_fn(task, recipe, recipe.segments).lower(p0, batches).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s = _block(compiled(p0, batches))
+    run_s = time.perf_counter() - t0
+    finite = float(jnp.mean(jnp.isfinite(s)))
+    if finite < 1.0:
+        # Reported, then ranked as the sign says (LDS uses ranks): NaN as 0, ±inf as ±max.
+        print(f"  metagrad: {100 * (1 - finite):.1f}% of the scores are not finite", flush=True)
+        s = jnp.nan_to_num(s, nan=0.0)
+    extra = {
+        "finite_fraction": finite,
+        "max_abs_finite_score": float(jnp.max(jnp.where(jnp.isfinite(s), jnp.abs(s), 0.0))),
+        "replay_max_abs_param_diff": replay_diff,
+        "compile_s": round(compile_s, 3),
+        "run_s": round(run_s, 3),
+        "train_run_s": round(train_s, 4),
+        "cost_x_training": round(run_s / train_s, 1),
+        "memory": _memory(compiled),
+        "train_memory": _memory(train),
+        "segments": recipe.segments,
+        "test_block": recipe.test_block,
+        "note": "no per-example store; new test functions need a new run",
+    }
+    return s, compile_s + run_s, extra
+
+
+def memory_vs_steps(task, recipe, steps_list, p0):
+    """Compiled bytes of the metagradient for each number of steps T, checkpointed and plain."""
+    b = task.info["batch_size"]
+    rows = []
+    for t in steps_list:
+        batches = jax.ShapeDtypeStruct((t, b), jnp.int32)
+        row = {"steps": t}
+        for label, seg in (("sqrt_segments", None), ("plain", 1)):
+            row[label] = _memory(_scores_fn(task, recipe, seg).lower(p0, batches).compile())
+        rows.append(row)
+        print(
+            f"  memory T={t:5d}: checkpointed {row['sqrt_segments']['temp_bytes'] / 2**20:8.2f} MiB, "
+            f"plain {row['plain']['temp_bytes'] / 2**20:8.2f} MiB",
+            flush=True,
+        )
+    return rows
+
+
+def same_batch_outputs(task, recipe, p0, batches, masks, chunk=16):
+    """``[M, n_test]`` outputs of the replayed run with each mask as the example weights."""
+    data = (task.x_train, task.y_train)
+
+    @jax.jit
+    def outs(ws):
+        return jax.vmap(
+            lambda w: task.output_fn(
+                jaxinf.weighted_train(task.example_loss, recipe.optimizer, p0, data, batches, w)
+            )
+        )(ws)
+
+    ws = jnp.asarray(masks, jnp.float32)
+    return np.concatenate([np.asarray(outs(ws[i : i + chunk])) for i in range(0, len(ws), chunk)])
+
+
+def method_scores(
+    name,
+    task,
+    params,
+    *,
+    sizes,
+    exact,
+    seed,
+    methods=METHOD_FAMILIES,
+    recipe=None,
+    init_params=None,
+    train_key=None,
+):
+    """Yields ``(method, scores [n_test, n_train], seconds, bytes_per_example, extra)`` for one model.
+
+    ``metagrad`` needs ``recipe`` (:func:`task_recipe`), and the ``init_params`` and
+    ``train_key`` that trained ``params``.
+    """
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
     want = set(methods)
 
@@ -178,6 +376,10 @@ def method_scores(name, task, params, *, sizes, exact, seed, methods=METHOD_FAMI
                     {"matches": f"logra {k}x{k}"},
                 )
 
+    if "metagrad" in want and recipe is not None:
+        s, seconds, extra = metagrad_scores(task, params, recipe, init_params, train_key)
+        yield "metagrad", s, seconds, 0, extra
+
 
 def run_task(
     name,
@@ -191,6 +393,8 @@ def run_task(
     progress=True,
     models=1,
     methods=METHOD_FAMILIES,
+    recipe=None,
+    same_batches=False,
 ):
     """Ground truth from retraining on random subsets, then every method's LDS.
 
@@ -199,6 +403,11 @@ def run_task(
     trained (model ``k`` from seed :func:`model_seed`), every method scores each of them, and the
     entry holds ``lds`` = mean over models, ``lds_std`` (sample std), ``lds_per_model`` and
     ``ci_per_model`` (:func:`jaxinf.lds_models`); ``time_s`` is the mean per model.
+
+    ``recipe`` (:func:`task_recipe`) enables ``metagrad``. With ``same_batches``, each model's
+    own minibatches are also replayed on every subset (:func:`jaxinf.weighted_train` with the
+    mask as weights) and every method gets ``lds_same_batches`` against those outputs (mean
+    over models).
     """
     n_train = task.x_train.shape[0]
     res = {
@@ -235,32 +444,50 @@ def run_task(
     collected = {}  # method -> {"scores": [...], "time_s": [...], "nbytes": int, "extra": dict}
     train_s, mean_out = [], []
     for k in range(models):
-        ms = model_seed(seed, k)
+        init_key, train_key = train_keys(seed, k)
+        p0 = task.init_fn(init_key)
         t0 = time.perf_counter()
-        params = jax.jit(task.train_fn)(
-            task.init_fn(jax.random.PRNGKey(10_000 + ms)),
-            jnp.ones(n_train, jnp.float32),
-            jax.random.PRNGKey(20_000 + ms),
-        )
+        params = jax.jit(task.train_fn)(p0, jnp.ones(n_train, jnp.float32), train_key)
         _block(params)
         train_s.append(time.perf_counter() - t0)
         mean_out.append(float(np.mean(np.asarray(task.output_fn(params)))))
         res["n_params"] = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+        same = None
+        if same_batches:
+            t0 = time.perf_counter()
+            same = same_batch_outputs(task, recipe, p0, replay_batches(task, train_key), masks)
+            res.setdefault("same_batches_retrain_s", []).append(time.perf_counter() - t0)
         for method, scores, seconds, nbytes, extra in method_scores(
-            name, task, params, sizes=sizes, exact=exact, seed=ms, methods=methods
+            name,
+            task,
+            params,
+            sizes=sizes,
+            exact=exact,
+            seed=model_seed(seed, k),
+            methods=methods,
+            recipe=recipe,
+            init_params=p0,
+            train_key=train_key,
         ):
             r = jaxinf.lds(np.asarray(scores, np.float64), masks, outputs, seed=seed)
             tag = f"model {k} " if models > 1 else ""
+            r_same = (
+                None if same is None else jaxinf.lds(np.asarray(scores, np.float64), masks, same)
+            )
             print(
                 f"  {name:5s} {tag}{method:22s} LDS {r.score:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
-                f"{nbytes:8d} B/ex  {seconds:6.2f} s",
+                f"{nbytes:8d} B/ex  {seconds:6.2f} s"
+                + ("" if r_same is None else f"  same-batch LDS {r_same.score:+.3f}"),
                 flush=True,
             )
             c = collected.setdefault(
-                method, {"scores": [], "time_s": [], "nbytes": int(nbytes), "extra": extra}
+                method,
+                {"scores": [], "time_s": [], "nbytes": int(nbytes), "extra": extra, "same": []},
             )
             c["scores"].append(np.asarray(scores, np.float64))
             c["time_s"].append(seconds)
+            if r_same is not None:
+                c["same"].append(r_same.score)
 
     if models == 1:
         res["train_full_s"] = train_s[0]
@@ -269,6 +496,12 @@ def run_task(
         res["train_full_s"] = train_s
         res["full_model_mean_output"] = mean_out
     for method, c in collected.items():
+        if c["same"]:
+            c["extra"] = {
+                **c["extra"],
+                "lds_same_batches": float(np.mean(c["same"])),
+                "lds_same_batches_per_model": c["same"],
+            }
         if models == 1:
             r = jaxinf.lds(c["scores"][0], masks, outputs, seed=seed)
             res["methods"][method] = {
@@ -303,10 +536,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", default="benchmarks/results/lds_cpu.json")
-    ap.add_argument("--tasks", default="mlp,cnn,lm")
+    ap.add_argument("--out", default="benchmarks/results/lds_cpu.json", help="JSON results file")
+    ap.add_argument(
+        "--tasks",
+        default="mlp,cnn,lm",
+        help="comma-separated tasks: mlp, cnn (digits), lm (byte LM on pydoc text)",
+    )
     ap.add_argument("--small", action="store_true", help="tiny smoke-test sizes")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tasks, subsets and retraining")
     ap.add_argument(
         "--models",
         type=int,
@@ -319,6 +556,30 @@ def main(argv=None):
         help="comma list of method families: " + ",".join(METHOD_FAMILIES),
     )
     ap.add_argument("--sizes", default=None, help="comma list of LoGra k (default: the task's)")
+    ap.add_argument(
+        "--metagrad-segments",
+        type=int,
+        default=None,
+        help="checkpointed segments of the metagradient's reverse pass (default ceil(sqrt(T)); 1 = plain)",
+    )
+    ap.add_argument(
+        "--metagrad-test-block", type=int, default=64, help="test functions per backward pass"
+    )
+    ap.add_argument(
+        "--same-batches",
+        action="store_true",
+        help="also retrain every subset on the model's own minibatches (lds_same_batches)",
+    )
+    ap.add_argument(
+        "--memory-steps",
+        default=None,
+        help="comma list of T: compiled metagradient bytes against T (first task), checkpointed and plain",
+    )
+    ap.add_argument(
+        "--lrs",
+        default=None,
+        help="comma list of learning rates: the digits MLP retrained and scored at each",
+    )
     args = ap.parse_args(argv)
     if args.models < 1:
         ap.error("--models must be >= 1")
@@ -330,33 +591,41 @@ def main(argv=None):
     small = args.small
     cfg = {
         "mlp": dict(
-            make=lambda: examples.digits_task(
+            make=lambda lr=0.05: examples.digits_task(
                 "mlp",
                 n_train=200 if small else 1000,
                 n_test=50 if small else 100,
                 steps=100 if small else 200,
+                lr=lr,
             ),
+            lr=0.05,
             num_subsets=16 if small else 48,
             num_seeds=2,
             sizes=(4, 8) if small else (4, 8, 16, 32),
             exact=True,
         ),
         "cnn": dict(
-            make=lambda: examples.digits_task(
+            make=lambda lr=0.05: examples.digits_task(
                 "cnn",
                 n_train=200 if small else 1000,
                 n_test=50 if small else 100,
                 steps=100 if small else 200,
+                lr=lr,
             ),
+            lr=0.05,
             num_subsets=16 if small else 32,
             num_seeds=2,
             sizes=(4, 8) if small else (4, 8, 16, 32),
             exact=True,
         ),
         "lm": dict(
-            make=lambda: examples.lm_task(
-                n_train=64 if small else 128, n_test=16 if small else 32, steps=50 if small else 100
+            make=lambda lr=3e-3: examples.lm_task(
+                n_train=64 if small else 128,
+                n_test=16 if small else 32,
+                steps=50 if small else 100,
+                lr=lr,
             ),
+            lr=3e-3,
             num_subsets=8 if small else 24,
             num_seeds=2,
             sizes=(4,) if small else (4, 8, 16),
@@ -373,15 +642,19 @@ def main(argv=None):
         "jax": jax.__version__,
         "tasks": {},
     }
-    t_all = time.perf_counter()
-    for name in args.tasks.split(","):
-        c = cfg[name]
-        print(f"[{name}]", flush=True)
-        t0 = time.perf_counter()
+
+    def recipe(name, task, lr):
+        if "metagrad" not in methods and not args.same_batches:
+            return None
+        return task_recipe(
+            name, task, lr, segments=args.metagrad_segments, test_block=args.metagrad_test_block
+        )
+
+    def one_task(name, c, task, lr):
         sizes = tuple(int(k) for k in args.sizes.split(",")) if args.sizes else c["sizes"]
-        r = run_task(
+        return run_task(
             name,
-            c["make"](),
+            task,
             num_subsets=c["num_subsets"],
             num_seeds=c["num_seeds"],
             sizes=sizes,
@@ -389,7 +662,29 @@ def main(argv=None):
             seed=args.seed,
             models=args.models,
             methods=methods,
+            recipe=recipe(name, task, lr),
+            same_batches=args.same_batches,
         )
+
+    t_all = time.perf_counter()
+    for name in [t for t in args.tasks.split(",") if t]:
+        c = cfg[name]
+        print(f"[{name}]", flush=True)
+        t0 = time.perf_counter()
+        task = c["make"]()
+        r = one_task(name, c, task, c["lr"])
+        if args.memory_steps and not results.get("metagrad_memory_vs_steps"):
+            rec = task_recipe(name, task, c["lr"], test_block=args.metagrad_test_block)
+            results["metagrad_memory_vs_steps"] = {
+                "task": name,
+                "batch_size": task.info["batch_size"],
+                "rows": memory_vs_steps(
+                    task,
+                    rec,
+                    [int(t) for t in args.memory_steps.split(",")],
+                    task.init_fn(train_keys(args.seed, 0)[0]),
+                ),
+            }
         r["total_s"] = time.perf_counter() - t0
         print(
             f"  retrain {r['retrain_s']:.1f} s, "
@@ -399,6 +694,14 @@ def main(argv=None):
         )
         results["tasks"][name] = r
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    for lr in [float(v) for v in args.lrs.split(",")] if args.lrs else []:
+        print(f"[mlp lr={lr}]", flush=True)
+        t0 = time.perf_counter()
+        r = one_task("mlp", cfg["mlp"], cfg["mlp"]["make"](lr), lr)
+        r["lr"], r["total_s"] = lr, time.perf_counter() - t0
+        results.setdefault("lr_sweep", []).append(r)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     results["total_s"] = time.perf_counter() - t_all

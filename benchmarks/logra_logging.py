@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 import jaxinf  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
+from jaxmlo import common  # noqa: E402
 
 SIZES = {
     # name: (mlp_batch, mlp_width, lm_layers, lm_width, lm_heads, lm_seq, lm_batch, vocab, rank)
@@ -541,10 +542,21 @@ def run_logix(cfg, rank, repeats, mlp_batch, lm_batch):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="model and batch sizes (small: CPU minutes; full: larger models)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=20, help="timed calls per measurement (median kept)"
+    )
     ap.add_argument("--rank", type=int, default=None, help="k_in = k_out per layer")
-    ap.add_argument("--out", default=os.path.join(_here, "results", "logging_cpu.json"))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(_here, "results", "logging_cpu.json"),
+        help="JSON results file",
+    )
     ap.add_argument(
         "--scanned",
         action="store_true",
@@ -641,11 +653,9 @@ def main():
         return
 
     # Digits MLP (scikit-learn's 8x8 digits, 64 features).
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
+    X, y = common.load_digits()
     n = cfg["mlp_batch"]
-    batch = {"x": jnp.asarray(X[:n] / 16.0, jnp.float32), "y": jnp.asarray(y[:n])}
+    batch = {"x": jnp.asarray(X[:n]), "y": jnp.asarray(y[:n])}
     mlp = MLP(cfg["mlp_width"])
     params = mlp.init(jax.random.key(0), batch["x"])["params"]
 

@@ -47,16 +47,30 @@ def train_one(method_name, imbalance, seed, steps, batch, progress=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--imbalance", type=float, nargs="+", default=[10, 50])
+    ap.add_argument(
+        "--imbalance",
+        type=float,
+        nargs="+",
+        default=[10, 50],
+        help="imbalance factors of the long-tailed training sets",
+    )
     ap.add_argument(
         "--methods",
         nargs="+",
         default=["plain", "plain+meta", "finite_difference", "sama", "sama(nudge=False)"],
+        help="methods to compare (plain training, controls, hypergradient methods)",
     )
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/mwn_digits_cpu.json")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="seeds per method and imbalance (mean and std reported)",
+    )
+    ap.add_argument("--steps", type=int, default=1000, help="program steps")
+    ap.add_argument("--batch", type=int, default=64, help="batch size of every problem")
+    ap.add_argument(
+        "--out", default="benchmarks/results/mwn_digits_cpu.json", help="JSON results file"
+    )
     args = ap.parse_args(argv)
     results = []
     for imb in args.imbalance:

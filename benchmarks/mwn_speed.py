@@ -131,12 +131,14 @@ def _subprocess_json(cmd):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256, help="hidden width of the classifier MLP")
+    ap.add_argument("--batch", type=int, default=128, help="classifier batch size")
     ap.add_argument("--iters", type=int, default=200, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=7, help="timed blocks (alternating with plain)")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="benchmarks/results/mwn_speed_cpu.json")
+    ap.add_argument(
+        "--out", default="benchmarks/results/mwn_speed_cpu.json", help="JSON results file"
+    )
     args = ap.parse_args(argv)
     if args.worker:  # one JAX case in this process; print one JSON line
         name, unroll = args.worker[0], int(args.worker[1])

@@ -46,15 +46,32 @@ def train_one(variant, noise, seed, steps, batch, method):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--noise", type=float, default=0.4)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument(
-        "--method", default="finite_difference", choices=["finite_difference", "sama", "cg"]
+        "--noise",
+        type=float,
+        default=0.4,
+        help="fraction of training labels replaced by random ones",
     )
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/noisy_digits_cpu.json")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help="programs to run (plain, plain+meta, reweight, reweight+correct)",
+    )
+    ap.add_argument(
+        "--method",
+        default="finite_difference",
+        choices=["finite_difference", "sama", "cg"],
+        help="hypergradient method of the upper problems",
+    )
+    ap.add_argument(
+        "--seeds", type=int, default=3, help="seeds per variant (mean and std reported)"
+    )
+    ap.add_argument("--steps", type=int, default=1000, help="program steps")
+    ap.add_argument("--batch", type=int, default=64, help="batch size of every problem")
+    ap.add_argument(
+        "--out", default="benchmarks/results/noisy_digits_cpu.json", help="JSON results file"
+    )
     args = ap.parse_args(argv)
     method = {
         "finite_difference": jaxmlo.finite_difference(),

@@ -229,10 +229,19 @@ def _write(result: dict, args, tag: str, date: str) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=("small", "large"), default="small")
+    ap.add_argument(
+        "--size",
+        choices=("small", "large"),
+        default="small",
+        help="small: CPU sizes (minutes on 2 cores); large: GPU sizes",
+    )
     ap.add_argument("--only", default=None, help="comma-separated section or benchmark names")
     ap.add_argument("--all", action="store_true", help="every benchmark script, not the sections")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument(
+        "--out-dir",
+        default=os.path.join(HERE, "results"),
+        help="folder of the combined JSON results file",
+    )
     ap.add_argument(
         "--budget-s",
         type=float,

@@ -434,8 +434,14 @@ def bench_query(cfg, mesh, tmp):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--parts", default="logging,reweighting,query")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default="small", help="small: CPU sizes; large: GPU sizes"
+    )
+    ap.add_argument(
+        "--parts",
+        default="logging,reweighting,query",
+        help="comma-separated parts to run: logging, reweighting, query",
+    )
     ap.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
@@ -443,12 +449,12 @@ def main():
         help="bfloat16 compute (default: on for --size large)",
     )
     ap.add_argument("--tmp", default=None, help="directory for the logs (default: a temp dir)")
-    ap.add_argument("--out", default="benchmarks/results/scale_cpu.json")
+    ap.add_argument("--out", default="benchmarks/results/scale_cpu.json", help="JSON results file")
     args = ap.parse_args()
     cfg = SIZES[args.size]
     bf16 = args.bf16 if args.bf16 is not None else args.size == "large"
     dtype = jnp.bfloat16 if bf16 else None
-    mesh = jaxinf.data_mesh()
+    mesh = jaxmlo.data_mesh()
     tmp = args.tmp or tempfile.mkdtemp(prefix="jaxmlo_scale_bench_")
     os.makedirs(tmp, exist_ok=True)
     result = {

@@ -81,29 +81,43 @@ def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--k-out", type=int, default=8)
-    p.add_argument("--k-in", type=int, default=8)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--rows", type=int, default=200_000, help="rows written to the log")
+    p.add_argument("--layers", type=int, default=16, help="layers per row")
+    p.add_argument("--k-out", type=int, default=8, help="k_out of every layer")
+    p.add_argument("--k-in", type=int, default=8, help="k_in of every layer")
+    p.add_argument("--batch", type=int, default=512, help="rows per write")
     p.add_argument("--queries", default="1,64", help="comma-separated numbers of test rows")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the rows on disk",
+    )
     p.add_argument("--in-flight", type=int, default=16, help="reads in flight, raw-read variant")
     p.add_argument("--prefetch", type=int, default=2, help="query reads in flight")
     p.add_argument(
         "--reps", type=int, default=3, help="rounds of raw reads and queries (best kept)"
     )
-    p.add_argument("--tmp", default="/tmp/jaxinf_store_bench")
+    p.add_argument(
+        "--tmp",
+        default="/tmp/jaxinf_store_bench",
+        help="directory of the benchmark log (overwritten)",
+    )
     p.add_argument(
         "--logix-rows",
         type=int,
         default=5000,
         help="rows of the LogIX side-by-side log (its query is slow: ~20k pairs/s on CPU)",
     )
-    p.add_argument("--out", default="benchmarks/results/store_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/store_cpu.json", help="JSON results file")
     p.add_argument("--robustness", action="store_true", help="RSS and lock/index cost only")
+    p.add_argument(
+        "--commit-cost", action="store_true", help="seconds per commit, against --baseline"
+    )
     p.add_argument("--baseline", default=None, help="path of an older store.py to compare")
-    p.add_argument("--rss-rows", type=int, default=1_000_000)
+    p.add_argument(
+        "--rss-rows", type=int, default=1_000_000, help="rows written for the peak-RSS runs"
+    )
     p.add_argument("--write-rows", type=int, default=100_000, help="rows per throughput run")
     p.add_argument("--rss-child", nargs=3, metavar=("IMPL", "KIND", "ROWS"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -111,6 +125,8 @@ def main():
         return _rss_child(args, *args.rss_child)
     if args.robustness:
         return _robustness(args)
+    if args.commit_cost:
+        return _commit_cost(args)
 
     layers = [f"blocks/{i}/mlp" for i in range(args.layers)]
     dim = args.layers * args.k_out * args.k_in
@@ -541,6 +557,40 @@ def _robustness(args) -> None:
             }
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+def _commit_cost(args) -> None:
+    """Seconds per commit (step 4 of the protocol) of this writer and of the --baseline one, on
+    a log with a second shard (so the commit lock and the other shard's record are read)."""
+    proj = {"layers": {"l": {"k_in": 32, "k_out": 32}}, "seed": 0}
+    g = {"l": np.ones((256, 32, 32), np.float32)}
+    classes = {"old": _writer_class("old", args.baseline), "new": jaxinf.LogWriter}
+    times = {"old": [], "new": []}
+    n = 300
+    for _ in range(args.reps):
+        for impl, cls in classes.items():
+            path = os.path.join(args.tmp, f"commit_{impl}")
+            shutil.rmtree(path, ignore_errors=True)
+            with jaxinf.LogWriter(path, proj, writer_id="other", chunk_rows=256) as o:
+                o.write(g, ids=np.arange(10**6, 10**6 + 256))
+            w = cls(path, proj, writer_id="0", chunk_rows=256)
+            w.write(g, ids=np.arange(256))
+            times[impl].append(_timed(lambda: [w._commit() for _ in range(n)]) / n)
+            w.close()
+            shutil.rmtree(path)
+    best = {k: min(v) for k, v in times.items()}
+    result = {
+        "benchmark": "store_commit_cost",
+        "command": f"python benchmarks/store.py --commit-cost --baseline {args.baseline} "
+        f"--reps {args.reps}",
+        "seconds_per_commit": times,
+        "best_seconds_per_commit": best,
+        "added_seconds_per_commit": best["new"] - best["old"],
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -35,12 +35,14 @@ from jaxinf._src.evaluate import (
 )
 from jaxinf._src.kfac import KFACFactors, KFACState, kfac_batch_sums, kfac_factors
 from jaxinf._src.layers import LayerSpec, Select, UncapturedLayerWarning
+from jaxinf._src.metagrad import (
+    metagradient_scores,
+    weighted_train,
+)
 from jaxinf._src.parallel import (
     LoggingState,
     LoggingStatistics,
     ShardedLogging,
-    count_collectives,
-    data_mesh,
     log_sharded,
     save_shard_statistics,
     sharded_logging,
@@ -116,9 +118,10 @@ __all__ = [
     "retrain",
     "spearman",
     "subset_predictions",
-    # parallel (count_collectives and data_mesh are shared with jaxmlo)
-    "count_collectives",
-    "data_mesh",
+    # metagrad
+    "metagradient_scores",
+    "weighted_train",
+    # parallel (meshes: jaxmlo.data_mesh)
     "log_sharded",
     "LoggingState",
     "LoggingStatistics",

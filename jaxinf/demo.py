@@ -27,15 +27,35 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--out", default="runs/demo", help="output directory (log, figure, summary.json)"
     )
-    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument(
+        "--n-train",
+        type=int,
+        default=1000,
+        help="training images (the rest of digits' 1797, up to 200, are test images)",
+    )
     ap.add_argument("--flip", type=int, default=50, help="training labels flipped on purpose")
     ap.add_argument(
         "--k", type=int, default=16, help="LoGra projection size per side (clipped per layer)"
     )
-    ap.add_argument("--init", choices=("pca", "random"), default="pca")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--num-queries", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--init",
+        choices=("pca", "random"),
+        default="pca",
+        help="LoGra projections: PCA of the KFAC factors, or random",
+    )
+    ap.add_argument("--steps", type=int, default=400, help="SGD steps when training the MLP")
+    ap.add_argument(
+        "--num-queries",
+        type=int,
+        default=4,
+        help="test predictions whose helpful and harmful training images are shown",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split, flipped labels, training and projections",
+    )
     args = ap.parse_args(argv)
 
     import jax
@@ -43,7 +63,7 @@ def main(argv=None) -> dict:
     import numpy as np
 
     import jaxinf
-    from jaxinf._src import examples
+    from jaxinf import examples
 
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)

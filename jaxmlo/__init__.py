@@ -4,6 +4,9 @@ Test hooks (the engine's per-problem gradients, collective counts) live in
 :mod:`jaxmlo.testing`.
 """
 
+# Checkpointed scans: reverse-mode memory O(sqrt(T)) through long unrolls.
+from jaxmlo._src.checkpointing import checkpointed_scan
+
 # Programs: problems, the graph, its state, one compiled step and the run driver.
 from jaxmlo._src.driver import RunResult, restore_checkpoint, run, save_checkpoint
 from jaxmlo._src.engine import (
@@ -32,7 +35,6 @@ from jaxmlo._src.hypergrad import (
     meta_step,
     neumann,
     sama,
-    sama_adaptation,
     unroll,
 )
 
@@ -74,10 +76,11 @@ __all__ = [
     "meta_step",
     "neumann",
     "sama",
-    "sama_adaptation",
     "SolveInfo",
     "unroll",
     "Unrolled",
+    # checkpointing
+    "checkpointed_scan",
     # data parallelism
     "data_mesh",
     "mixed_precision",

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 import jaxmlo
+from jaxmlo import common
 
 METHODS = {
     "sama": lambda: jaxmlo.sama(),
@@ -34,10 +35,7 @@ METHODS = {
 
 def load_noisy_digits(noise: float = 0.4, n_meta: int = 100, seed: int = 0):
     """Digits split into a noisy training set, a small clean meta set and a clean test set."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
+    x, y = common.load_digits()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     x, y = x[order], y[order]
@@ -87,11 +85,21 @@ def accuracy(params, x, y):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="sama", choices=sorted(METHODS))
+    parser.add_argument(
+        "--method",
+        default="sama",
+        choices=sorted(METHODS),
+        help="hypergradient method of the meta problem",
+    )
     parser.add_argument("--steps", type=int, default=300, help="meta steps")
     parser.add_argument("--unroll", type=int, default=5, help="base steps per meta step")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=128, help="training examples per base step")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data split, label noise, initialization and batches",
+    )
     args = parser.parse_args(argv)
 
     (x_tr, y_tr, noisy), meta, (x_te, y_te) = load_noisy_digits(seed=args.seed)

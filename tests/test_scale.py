@@ -144,7 +144,7 @@ def test_bfloat16_capture_and_storage(jaxinf_results):
 
 
 def test_count_collectives_parses_hlo():
-    import jaxinf
+    import jaxmlo.testing
 
     hlo = """
   %all-reduce.1 = f32[4]{0} all-reduce(f32[4]{0} %p), replica_groups={}, to_apply=%add
@@ -153,7 +153,7 @@ def test_count_collectives_parses_hlo():
   %ag = f32[8]{0} all-gather(f32[1]{0} %c), dimensions={0}
   %x = f32[4]{0} add(f32[4]{0} %all-reduce.1, f32[4]{0} %all-reduce.1)
 """
-    c = jaxinf.count_collectives(hlo)
+    c = jaxmlo.testing.count_collectives(hlo)
     assert c["all-reduce"] == 2 and c["all-gather"] == 1 and c["reduce-scatter"] == 0
 
 
@@ -265,7 +265,7 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
     import jaxinf
     import jaxmlo
 
-    mesh = jaxinf.data_mesh(jax.devices()[:1])
+    mesh = jaxmlo.data_mesh(jax.devices()[:1])
     model = nn.Dense(3)
     x = jax.random.normal(jax.random.key(0), (6, 4), jnp.float64)
     y = jnp.array([0, 1, 2, 0, 1, 2])

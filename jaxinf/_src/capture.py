@@ -240,10 +240,15 @@ def logra(
       dtype: projection dtype (also the dtype of the results).
       clip_k: see above.
 
-    Example::
-
-      lg = jaxinf.logra(loss_fn, params, batch, seed=0, k_in=16, k_out=16)
-      grads = lg.fn(params, batch)   # {"Dense_0": [batch, 16, 16], ...}
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+      >>> params = model.init(jax.random.key(0), jnp.ones(5))["params"]
+      >>> loss_fn = lambda p, batch: jnp.sum(model.apply({"params": p}, batch) ** 2)
+      >>> batch = jnp.ones((4, 5))
+      >>> lg = logra(loss_fn, params, batch, seed=0, k_in=2, k_out=2)
+      >>> {path: g.shape for path, g in lg.fn(params, batch).items()}
+      {'layers_0': (4, 2, 2), 'layers_2': (4, 2, 2)}
     """
     capture = linen_capture(loss_fn) if model is None else nnx_capture(loss_fn, model)
     layers = find_layers(capture, params, batch, select=select)

@@ -1,4 +1,4 @@
-"""Small offline tasks for evaluation, the demo, benchmarks and notebooks (not public API).
+"""Small offline tasks for evaluation, the demo, benchmarks and notebooks (``jaxinf.examples``).
 
 * digits: scikit-learn's 8x8 digits, an MLP or a small CNN (convolutions written as
   ``nn.Dense`` over 3x3 patches, so every layer is a dense layer for LoGra/KFAC).
@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxmlo import common
 
 
 class Task(NamedTuple):
@@ -165,11 +167,7 @@ def _margin(logits, y):
 
 def load_digits_split(n_train: int = 1000, n_test: int = 200, *, seed: int = 0, flip: int = 0):
     """Digits as float32 in [0, 1]; returns x_tr, y_tr, x_te, y_te, flipped-index array."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
+    x, y = common.load_digits()
     if n_train + n_test > len(x):
         raise ValueError(f"n_train + n_test must be <= {len(x)}, got {n_train + n_test}")
     rng = np.random.default_rng(seed)

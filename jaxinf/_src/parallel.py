@@ -41,11 +41,9 @@ from jaxinf._src.capture import projected_gradients
 from jaxinf._src.kfac import KFACFactors, kfac_batch_sums
 from jaxinf._src.statistics import add_outer, covariance_from_sums
 
-# One mesh helper, one HLO collective counter, one float cast and one mesh-axis check for both
-# libraries (jaxmlo is the home).
-from jaxmlo import data_mesh  # noqa: F401 - re-exported by jaxinf
-from jaxmlo._src.parallel import _axis_size, _cast_floats
-from jaxmlo.testing import count_collectives  # noqa: F401 - re-exported by jaxinf
+# The mesh-axis check and float cast both libraries use.
+from jaxmlo.common import axis_size as _axis_size
+from jaxmlo.common import cast_floats as _cast_floats
 
 # ---------------------------------------------------------------------------------------------
 # Sharded logging
@@ -100,7 +98,7 @@ def sharded_logging(
       capture: from ``jaxinf.linen_capture`` / ``jaxinf.nnx_capture``.
       projections: ``{path: Projection}``; ``None`` for a statistics-only pass (e.g. KFAC
         factors for ``pca_projections`` before the logging pass).
-      mesh: a mesh with axis ``axis`` (see :func:`data_mesh`); batches must have a leading
+      mesh: a mesh with axis ``axis`` (see ``jaxmlo.data_mesh``); batches must have a leading
         dimension divisible by its size.
       kfac_layers: ``{path: LayerSpec}`` whose KFAC factors are accumulated, or ``None``.
       covariance: accumulate the covariance (empirical Fisher) of the projected gradients.
@@ -110,14 +108,25 @@ def sharded_logging(
       stats_dtype: accumulation dtype of the statistics.
 
     Returns:
-      A :class:`ShardedLogging`. Example::
+      A :class:`ShardedLogging`.
 
-        logging = sharded_logging(capture, projs, mesh=data_mesh())
-        state = logging.init()
-        for batch in batches:
-            state, grads = logging.step(state, params, batch)
-            write_sharded(writer, grads, batch_ids)
-        stats = logging.finalize(state)          # the only cross-device reduction
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from jaxinf import find_layers, linen_capture, random_projections
+      >>> model = nn.Sequential([nn.Dense(3)])
+      >>> params = model.init(jax.random.key(0), jnp.ones(4))["params"]
+      >>> capture = linen_capture(lambda p, batch: jnp.sum(model.apply({"params": p}, batch) ** 2))
+      >>> batch = jnp.ones((8, 4))
+      >>> layers = find_layers(capture, params, batch)
+      >>> projs = random_projections(layers, key=jax.random.key(0), k_in=2, k_out=2)
+      >>> mesh = jax.sharding.Mesh(jax.devices(), ("data",))  # or jaxmlo.data_mesh()
+      >>> logging = sharded_logging(capture, projs, mesh=mesh)
+      >>> state = logging.init()
+      >>> for _ in range(2):  # write_sharded(writer, grads, ids) would log each batch's rows
+      ...     state, grads = logging.step(state, params, batch)
+      >>> stats = logging.finalize(state)  # the only cross-device reduction
+      >>> grads["layers_0"].shape, int(stats.count)
+      ((8, 2, 2), 16)
     """
     n_dev = _axis_size(mesh, axis)
     projections = None if projections is None else dict(projections)
@@ -415,7 +424,7 @@ def sharded_query(
     Each device keeps a running top-k; one ``all_gather`` + top-k at the end gives the global
     result, identical to ``query``'s up to float rounding and the order of tied scores.
 
-    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see :func:`data_mesh`).
+    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see ``jaxmlo.data_mesh``).
 
     Returns:
       ``QueryResult`` (``scores_path`` is None: the full score matrix is not written).

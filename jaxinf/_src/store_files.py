@@ -24,6 +24,7 @@ import tensorstore as ts
 from jaxinf._src.store_format import COMMIT_FILE, WRITER_ID, LogFormatError
 
 LOCK_FILE = "lock.json"
+COMMIT_LOCK_FILE = "commit.lock"  # log level: held only while one shard's commit record advances
 
 
 class LogLockedError(RuntimeError):
@@ -33,14 +34,15 @@ class LogLockedError(RuntimeError):
 # ----------------------------------------------------------------------------- JSON records
 
 
-def _write_temp_json(d: str, obj: Any) -> str:
+def _write_temp_json(d: str, obj: Any, sync: bool = True) -> str:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         # tensorstore's file driver syncs the chunks it writes; sync the record that vouches
         # for them too, so a commit survives a machine crash and not only a process kill
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; logs are meant to be read by others
     return tmp
 
@@ -51,9 +53,9 @@ def atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def create_json_exclusive(path: str, obj: Any) -> bool:
+def create_json_exclusive(path: str, obj: Any, sync: bool = True) -> bool:
     """Create ``path`` atomically unless it exists (several writers may race). True if created."""
-    tmp = _write_temp_json(os.path.dirname(path), obj)
+    tmp = _write_temp_json(os.path.dirname(path), obj, sync)
     try:
         os.link(tmp, path)  # fails if path exists: exactly one creator wins
         return True
@@ -223,11 +225,15 @@ class ShardLock:
 
     Taken with an atomic exclusive create. A lock left by a process that no longer runs on this
     host is reported (``RuntimeWarning``) and taken over; a live owner, or one on another host
-    whose liveness cannot be checked, raises ``LogLockedError``.
+    whose liveness cannot be checked, raises ``LogLockedError`` (after waiting up to ``wait_s``
+    seconds for a live owner on this host to release it).
     """
 
-    def __init__(self, shard_dir: str):
-        self.path = os.path.join(shard_dir, LOCK_FILE)
+    def __init__(self, directory: str, name: str = LOCK_FILE, wait_s: float = 0.0):
+        self.path = os.path.join(directory, name)
+        self.wait_s = wait_s
+        self._sync = wait_s == 0.0  # a short-lived lock need not survive a machine crash
+        self._remove_dir = name == LOCK_FILE
         pid = os.getpid()
         self.owner = {
             "host": socket.gethostname(),
@@ -239,30 +245,40 @@ class ShardLock:
         self.held = False
 
     def acquire(self) -> None:
-        for _ in range(3):
-            if create_json_exclusive(self.path, self.owner):
+        deadline = time.monotonic() + self.wait_s
+        pause = 1e-4
+        tries = 0
+        while True:
+            if create_json_exclusive(self.path, self.owner, self._sync):
                 self.held = True
                 return
             try:
-                other = read_json(self.path, "shard lock")
+                other = read_json(self.path, "lock")
             except ValueError:  # vanished (released) or unreadable: look again
                 if os.path.exists(self.path):
                     other = {}
                 else:
                     continue
             alive = _alive(other)
+            if alive and time.monotonic() < deadline:
+                time.sleep(pause)  # a commit lock is held for a few milliseconds
+                pause = min(2 * pause, 0.01)
+                continue
             if alive:
                 raise LogLockedError(
-                    f"shard {os.path.dirname(self.path)} is being written by process "
+                    f"{os.path.dirname(self.path)} is being written by process "
                     f"{other.get('pid')} on {other.get('host')} (lock {self.path}); use another "
                     "writer_id, or close the other writer first"
                 )
             if alive is None:
                 raise LogLockedError(
-                    f"shard {os.path.dirname(self.path)} is locked by process {other.get('pid')} "
+                    f"{os.path.dirname(self.path)} is locked by process {other.get('pid')} "
                     f"on host {other.get('host')!r}, whose liveness cannot be checked from "
                     f"{socket.gethostname()!r}; if that job has ended, delete {self.path}"
                 )
+            tries += 1
+            if tries > 3:
+                raise LogLockedError(f"could not take the lock {self.path} (contended)")
             # stale: move it aside (one taker wins the rename), then make sure we moved the
             # stale record and not a lock that a faster taker had just created
             aside = f"{self.path}.stale-{self.owner['token']}"
@@ -270,7 +286,7 @@ class ShardLock:
                 os.rename(self.path, aside)
             except FileNotFoundError:
                 continue
-            moved = read_json(aside, "shard lock") if os.path.exists(aside) else {}
+            moved = read_json(aside, "lock") if os.path.exists(aside) else {}
             if moved.get("token") != other.get("token"):
                 try:
                     os.link(aside, self.path)
@@ -285,22 +301,30 @@ class ShardLock:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        raise LogLockedError(f"could not take the lock {self.path} (contended)")
 
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
         try:
-            cur = read_json(self.path, "shard lock")
+            cur = read_json(self.path, "lock")
         except ValueError:
             return
         if cur.get("token") == self.owner["token"]:
             os.unlink(self.path)
-            try:  # a shard that never got rows leaves no directory behind
-                os.rmdir(os.path.dirname(self.path))
-            except OSError:
-                pass
+            if self._remove_dir:  # a shard that never got rows leaves no directory behind
+                try:
+                    os.rmdir(os.path.dirname(self.path))
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
 # ----------------------------------------------------------------------------- versions

@@ -8,8 +8,10 @@ leaves a shard that opens and resumes with every committed row exactly once):
    over an existing array), then ``committed.json`` ``{"rows": 0}`` if absent;
 3. to append rows ``[n, m)``: grow ``grads`` if it is shorter than ``m``, then ``ids`` (each on
    its own: a crash between leaves both at least ``n`` long), write their chunks;
-4. when the chunk writes of a contiguous prefix ``[0, m)`` have completed, replace
-   ``committed.json`` with ``{"rows": m}``: rows past the record are ignored and overwritten;
+4. when the chunk writes of a contiguous prefix ``[0, m)`` have completed, under the log's
+   ``commit.lock`` (held for this step only): check the rows against the ids other shards
+   committed since last seen, then replace ``committed.json`` with ``{"rows": m}`` (or the
+   first duplicate's row): rows past the record are ignored and overwritten;
 5. at ``close()``, only if rows were added: the Fisher sums as a new version ``fisher/r<m>``
    (one directory rename), the arrays trimmed to whole chunks, then the lock removed.
 """
@@ -144,14 +146,23 @@ class WriteHandle:
     """Completion handle of ``write_async``: ``result()`` waits until the batch's rows are committed."""
 
     def __init__(self, writer: LogWriter, stop: int):
-        self._writer, self._stop = writer, stop
+        self._writer, self._stop, self._drops_seen = writer, stop, len(writer._drops)
+
+    def _end(self) -> int:
+        # rows dropped at a commit (ids that a concurrent writer committed first) move the
+        # rows after them down; each drop lists the row numbers it removed
+        w = self._writer
+        for dropped in w._drops[self._drops_seen :]:
+            self._stop -= int(np.searchsorted(dropped, self._stop))
+        self._drops_seen = len(w._drops)
+        return self._stop
 
     def done(self) -> bool:
         self._writer._reap(block=False)
-        return self._writer.committed_rows >= self._stop
+        return self._writer.committed_rows >= self._end()
 
     def result(self) -> None:
-        self._writer.flush(upto=self._stop)
+        self._writer.flush(upto=self._end())
 
 
 class LogWriter:
@@ -169,20 +180,29 @@ class LogWriter:
       chunk_rows: rows per zarr chunk (default: about 8 MiB per chunk). Rows are written in whole
         chunks, so a chunk is the unit of durability.
       max_in_flight: chunk writes in flight before ``write_async`` waits for the oldest.
-      on_duplicate: "error" (default): a data id already in the log (any shard, as of opening,
-        or written by this writer) raises ``ValueError``; "skip": such rows are dropped, which
-        makes re-running an interrupted loop append exactly the missing rows.
+      on_duplicate: "error" (default): a data id already in the log (any shard, or written by
+        this writer) raises ``ValueError``; "skip": such rows are dropped, which makes
+        re-running an interrupted loop append exactly the missing rows. Writers running at the
+        same time are checked against each other at each commit: of two rows with one id, the
+        one committed first stays; the other raises ``ValueError`` from a later
+        ``write_async``, ``flush`` or ``close`` (rows before it stay committed), or is dropped.
       on_nonfinite: "error" (default): a NaN or Inf raises ``ValueError`` naming the row's id
         and the layer; "skip": such rows are dropped. A cast to float16/bfloat16 that overflows
         is always an error.
       max_id_bytes: fixed width of string ids (UTF-8 bytes).
       statistics: accumulate the empirical Fisher ``sum g g^T`` per layer while writing.
 
-    Example::
-
-        with LogWriter("/tmp/log", projection) as w:
-            for batch in data:
-                w.write_async(capture(batch), ids=batch["id"])
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from jaxinf import open_log
+      >>> projection = {"layers": {"Dense_0": {"k_in": 2, "k_out": 2}}}  # from the capture
+      >>> path = tempfile.mkdtemp() + "/log"
+      >>> with LogWriter(path, projection) as w:
+      ...     for step in range(3):
+      ...         grads = {"Dense_0": np.ones((4, 2, 2), np.float32)}
+      ...         _ = w.write_async(grads, ids=range(4 * step, 4 * step + 4))
+      >>> open_log(path).num_rows
+      12
     """
 
     def __init__(
@@ -225,6 +245,7 @@ class LogWriter:
         self._closed = False
         self.meta: dict | None = None
         self.committed_rows = 0
+        self._drops: list[np.ndarray] = []  # row numbers removed by each drop (see _commit)
         self._shard_dir = os.path.join(self.path, "shards", self.writer_id)
         has_meta = os.path.exists(os.path.join(self.path, fmt.METADATA_FILE))
         if (
@@ -312,7 +333,8 @@ class LogWriter:
             files.check_chunks_present(
                 os.path.join(self._shard_dir, "ids"), rows, cr, self._ids.rank, "shard ids"
             )
-        self.committed_rows = self._opened_rows = rows or 0
+        self.committed_rows = self._opened_rows = self._recorded_rows = rows or 0
+        self._accepted = self.committed_rows
         rows = self.committed_rows
         self._build_index()
         self._next_row = self.committed_rows  # first row of the chunk being filled
@@ -361,23 +383,50 @@ class LogWriter:
     def _build_index(self) -> None:
         """Index the ids committed in every shard as of now (this one included)."""
         self._index = IdIndex(self._id_kind)
-        self._shard_arrays = {}  # shard number -> ids array, to confirm hashed matches
+        self._shard_arrays = {}  # shard number -> (name, ids array), to confirm hashed matches
+        self._shard_numbers = {}  # shard name -> its number in the index
+        self._indexed_rows = {}  # other shard name -> its committed rows held in the index
+        # ids that other shards committed after some of this writer's rows were checked:
+        # (rows accepted so far when they were read, their keys sorted, their stored ids)
+        self._unchecked: list[tuple[int, np.ndarray, np.ndarray]] = []
         names = files.shard_names(self.path)
         if self.writer_id not in names:
             names = sorted(names + [self.writer_id])
-        for num, name in enumerate(names):
-            sd = os.path.join(self.path, "shards", name)
+        for name in names:
             if name == self.writer_id:
-                n, arr = self.committed_rows, self._ids
-                self._own_number = num
+                num = self._own_number = len(self._shard_arrays)
+                self._shard_numbers[name] = num
+                self._shard_arrays[num] = (name, self._ids)
+                for a in range(0, self.committed_rows, 1 << 16):
+                    b = min(self.committed_rows, a + (1 << 16))
+                    keys = id_keys(self._ids[a:b].read().result(), self._id_kind)
+                    self._index.add(keys, num, np.arange(a, b))
             else:
-                n = files.committed_rows(sd) or 0
-                arr = files.open_array(os.path.join(sd, "ids"), "log ids") if n else None
+                self._index_new_rows(name)
+
+    def _index_new_rows(self, name: str):
+        """Add the ids another shard committed since it was last indexed; returns them."""
+        sd = os.path.join(self.path, "shards", name)
+        n = files.committed_rows(sd) or 0
+        if name not in self._shard_numbers:
+            self._shard_numbers[name] = len(self._shard_arrays)
+            self._shard_arrays[self._shard_numbers[name]] = (name, None)
+            self._indexed_rows[name] = 0
+        num, old = self._shard_numbers[name], self._indexed_rows[name]
+        if n <= old:
+            return None
+        arr = self._shard_arrays[num][1]
+        if arr is None or arr.shape[0] < n:  # the other writer grew its array since
+            arr = files.open_array(os.path.join(sd, "ids"), "log ids")
             self._shard_arrays[num] = (name, arr)
-            for a in range(0, n, 1 << 16):
-                b = min(n, a + (1 << 16))
-                keys = id_keys(arr[a:b].read().result(), self._id_kind)
-                self._index.add(keys, num, np.arange(a, b))
+        new = []
+        for a in range(old, n, 1 << 16):
+            b = min(n, a + (1 << 16))
+            stored = arr[a:b].read().result()
+            self._index.add(id_keys(stored, self._id_kind), num, np.arange(a, b))
+            new.append(stored)
+        self._indexed_rows[name] = n
+        return np.concatenate(new)
 
     def _create(self, grads: Mapping, ids_kind: str) -> None:
         layers = fmt.layers_from_grads(grads)
@@ -425,6 +474,7 @@ class LogWriter:
         dup = np.zeros(len(stored), bool)
         if any(s == self._own_number and r >= self.committed_rows for _, s, r in hits):
             self.flush()  # confirm against rows of this writer that are still in flight
+            hits = self._index.candidates(keys)  # the flush's commits may have indexed more
         by_shard = collections.defaultdict(list)
         for i, s, r in hits:
             by_shard[s].append((i, r))
@@ -498,13 +548,7 @@ class LogWriter:
             host = np.asarray(rows)  # waits for this batch's compute only
             if not keep.all():
                 host, id_arr = host[keep], id_arr[keep]
-            start = self.num_rows
             stored = fmt.ids_to_storage(id_arr, self._id_kind, self._max_id_bytes)
-            self._index.add(
-                id_keys(stored, self._id_kind),
-                self._own_number,
-                np.arange(start, start + len(host)),
-            )
             self._append(fmt.storage(host, self.dtype), stored)
             self._reap(block=False)
         except BaseException as e:
@@ -514,6 +558,11 @@ class LogWriter:
 
     def _append(self, rows: np.ndarray, ids: np.ndarray) -> None:
         """Copy rows into the ring; hand each chunk to tensorstore as soon as it is full."""
+        start = self.num_rows
+        self._accepted = start + len(ids)  # rows checked for duplicates (see _commit)
+        self._index.add(
+            id_keys(ids, self._id_kind), self._own_number, np.arange(start, start + len(ids))
+        )
         i = 0
         while i < len(rows):
             # the current chunk ends at the next chunk boundary (the first one may be partial
@@ -562,11 +611,97 @@ class LogWriter:
             self._ring_busy[self._slot] = None
 
     def _commit(self) -> None:
-        """Protocol step 4: the commit record names the durable prefix."""
-        _before_write("commit record")
-        files.atomic_write_json(
-            os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": self.committed_rows}
+        """Protocol step 4: the commit record names the durable prefix.
+
+        Under the log's commit lock (held for this step only, never across chunk writes), the
+        ids that other shards committed since they were last indexed are read and the rows
+        about to be committed are checked against them, so that two writers running at once
+        never both commit one id: the rows committed first win.
+        """
+        lock = files.ShardLock(self.path, files.COMMIT_LOCK_FILE, wait_s=60.0)
+        with lock:
+            for name in files.shard_names(self.path):
+                if name != self.writer_id:
+                    new = self._index_new_rows(name)
+                    if new is not None:
+                        keys = id_keys(new, self._id_kind)
+                        order = np.argsort(keys, kind="stable")
+                        self._unchecked.append((self._accepted, keys[order], new[order]))
+            lo, hi = self._recorded_rows, self.committed_rows
+            dup = np.zeros(0, int)
+            if self._unchecked and max(u[0] for u in self._unchecked) > lo:
+                # rows [lo, hi) are written (their futures completed): read their ids back
+                own = self._ids[lo:hi].read().result()
+                dup = np.nonzero(self._unseen_duplicates(own, np.arange(lo, hi)))[0] + lo
+            if len(dup):
+                self.committed_rows = int(dup[0])
+            else:
+                self._unchecked = [u for u in self._unchecked if u[0] > hi]
+            _before_write("commit record")
+            files.atomic_write_json(
+                os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": self.committed_rows}
+            )
+            self._recorded_rows = self.committed_rows
+        if len(dup):  # outside the lock: resolving may wait for writes and commit again
+            self._resolve_duplicates(int(dup[0]))
+
+    def _unseen_duplicates(self, own: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Bool mask: which of this shard's ids (stored at ``rows``) another writer committed
+        after they were accepted (``_unchecked``), hash matches confirmed on the stored ids."""
+        own_keys = id_keys(own, self._id_kind)
+        dup = np.zeros(len(rows), bool)
+        for mark, keys, stored in self._unchecked:
+            lo = np.searchsorted(keys, own_keys, "left")
+            hi = np.searchsorted(keys, own_keys, "right")
+            for i in np.nonzero((hi > lo) & (rows < mark))[0]:
+                dup[i] = self._index.exact or any(
+                    bytes(stored[j]) == bytes(own[i]) for j in range(lo[i], hi[i])
+                )
+        return dup
+
+    def _resolve_duplicates(self, first: int) -> None:
+        """Rows from ``first`` on are not committed: raise, or append them again without the
+        ids that another writer committed first."""
+        name = fmt.ids_from_storage(
+            self._ids[first : first + 1].read().result(), self._id_kind
+        ).tolist()
+        if self.on_duplicate == "error":
+            self._error = ValueError(
+                f"data id {name[0]!r} (row {first} of shard {self.writer_id}) was committed to "
+                f"the log {self.path} by another writer running at the same time; the rows "
+                "before it are committed and this writer stops (on_duplicate='skip' drops "
+                "such rows instead)"
+            )
+            raise self._error
+        # wait for the writes in flight (not committed), read back every row past the prefix
+        for p in self._pending:
+            for f in p.futures:
+                f.result()
+        self._pending.clear()
+        for i, busy in enumerate(self._ring_busy):
+            for f in busy or ():
+                f.result()
+            self._ring_busy[i] = None
+        stop = self._next_row
+        grads = np.concatenate(
+            [self._grads[first:stop].read().result(), self._ring_rows[self._slot][: self._fill]]
         )
+        ids = np.concatenate(
+            [self._ids[first:stop].read().result(), self._ring_ids[self._slot][: self._fill]]
+        )
+        keep = ~self._unseen_duplicates(ids, np.arange(first, first + len(ids)))
+        not_copied = self._accepted - (stop + self._fill)  # rest of a batch being appended
+        self._drops.append(np.nonzero(~keep)[0] + first)
+        if self._acc_state is not None:  # take the dropped rows out of the Fisher sums
+            gone = jnp.asarray(fmt.values(grads[~keep], self.dtype))
+            zero = jax.tree.map(jnp.zeros_like, self._acc_state)
+            sub = _acc_rows(zero, gone, jnp.ones((len(gone),)), tuple(self.layers))
+            self._acc_state = jax.tree.map(lambda a, b: a - b, self._acc_state, sub)
+        self._next_row, self._fill, self._slot = first, 0, 0
+        self._append(grads[keep], ids[keep])
+        # the rows appended again are checked; the rest of that batch still has to be
+        self._accepted = self.num_rows + not_copied
+        self._unchecked = [(self._accepted, k, v) for _, k, v in self._unchecked]
 
     def _reap(self, block: bool, one: bool = False) -> None:
         """Retire completed writes in order and advance the committed row count."""
@@ -595,14 +730,18 @@ class LogWriter:
         self._raise_if_failed()
         if self.meta is None:
             return
-        try:
+        # a commit that drops rows (see _commit) may refill the buffer: loop until done
+        while True:
             if self._fill and (upto is None or upto > self._next_row):
-                self._issue()
-        except BaseException as e:
-            self._error = e
-            raise
-        while self._pending and (upto is None or self.committed_rows < upto):
-            self._reap(block=True, one=True)
+                try:
+                    self._issue()
+                except BaseException as e:
+                    self._error = e
+                    raise
+            elif self._pending and (upto is None or self.committed_rows < upto):
+                self._reap(block=True, one=True)
+            else:
+                break
 
     def close(self) -> None:
         """Flush, save the shard's Fisher sums, trim its arrays and release its lock.

@@ -338,8 +338,17 @@ def problem_gradient(program: Program, state: ProgramState, name: str, batches: 
       A :class:`ProblemGradient` ``(loss, direct, hypergrad, total)``.
 
     Example:
-      >>> g = jaxmlo.problem_gradient(program, state, "outer", {"outer": vb, "inner": tb})
-      >>> g.hypergrad  # shaped like state.params["outer"]
+      >>> import jax.numpy as jnp, optax, jaxmlo
+      >>> inner_loss = lambda w, deps, batch: jnp.sum((w - deps["outer"]) ** 2)
+      >>> outer_loss = lambda t, deps, batch: jnp.sum((deps["inner"] - batch) ** 2)
+      >>> program = jaxmlo.Program(
+      ...     [jaxmlo.Problem("inner", inner_loss, jnp.zeros(2), optax.sgd(0.1), method=jaxmlo.cg()),
+      ...      jaxmlo.Problem("outer", outer_loss, jnp.zeros(2), optax.adam(0.1))],
+      ...     u2l={"outer": ["inner"]}, l2u={"inner": ["outer"]})
+      >>> state = jaxmlo.init(program)
+      >>> g = jaxmlo.problem_gradient(program, state, "outer", {"outer": jnp.ones(2), "inner": None})
+      >>> g.hypergrad.shape  # shaped like state.params["outer"]
+      (2,)
     """
     if name not in program.problems:
         raise ValueError(f"problem_gradient: unknown problem {name!r}; known: {program.order}")

@@ -32,8 +32,7 @@ updates follow the global-batch gradient. Losses must be means over their batch'
 from __future__ import annotations
 
 import functools
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +51,9 @@ from jaxmlo._src.engine import (
 from jaxmlo._src.hypergrad import Unrolled, _add, _first, _norm
 from jaxmlo._src.nested import is_nested
 from jaxmlo._src.program import Program
+from jaxmlo.common import axis_size as _axis_size
+from jaxmlo.common import cast_floats as _cast_floats
+from jaxmlo.common import count_collectives, data_mesh
 
 __all__ = [
     "data_mesh",
@@ -61,33 +63,6 @@ __all__ = [
     "mixed_precision",
     "count_collectives",
 ]
-
-
-def data_mesh(devices: Sequence | None = None, *, axis: str = "data") -> Mesh:
-    """A one-axis mesh over ``devices`` (default: every device of every process).
-
-    On several hosts call ``jax.distributed.initialize()`` first; ``jax.devices()`` then lists
-    the devices of all processes.
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    if not devices:
-        raise ValueError("data_mesh: devices is empty")
-    return Mesh(np.asarray(devices), (axis,))
-
-
-def _cast_floats(tree, dtype):
-    """Floating leaves of ``tree`` cast to ``dtype`` (others kept); ``dtype=None``: unchanged."""
-    if dtype is None:
-        return tree
-    return jax.tree.map(
-        lambda v: v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v, tree
-    )
-
-
-def _axis_size(mesh: Mesh, axis: str) -> int:
-    if axis not in mesh.axis_names:
-        raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
-    return mesh.shape[axis]
 
 
 def shard_batches(batches, mesh: Mesh, *, axis: str = "data", batch_axis: int = 1):
@@ -306,20 +281,3 @@ def parallel_step(
     if jit:
         step = jax.jit(step, donate_argnums=(0,) if donate else ())
     return step
-
-
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-    """Count cross-device collective instructions in compiled HLO text.
-
-    Use ``step.lower(state, batches).compile().as_text()``. Async pairs
-    (``all-reduce-start`` / ``-done``) count once. A collective inside a loop body (e.g. CG's
-    ``while``) counts once here but runs once per iteration.
-    """
-    out = {}
-    for name in _COLLECTIVES:
-        pat = re.compile(r"=\s*[^=]*?\b" + re.escape(name) + r"(-start)?\(")
-        out[name] = len(pat.findall(hlo_text))
-    return out

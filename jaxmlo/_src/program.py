@@ -74,8 +74,16 @@ class Program:
         for a dependency the graph does not give.
 
     Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxmlo import Problem, sama
+      >>> def inner_loss(w, deps, batch):  # w is pulled towards the outer parameters
+      ...     return jnp.sum((w - deps["outer"]) ** 2)
+      >>> def outer_loss(theta, deps, batch):  # evaluated at inner's solution
+      ...     return jnp.sum((deps["inner"] - 1.0) ** 2)
+      >>> inner = Problem("inner", inner_loss, jnp.zeros(2), optax.sgd(0.1), method=sama())
+      >>> outer = Problem("outer", outer_loss, jnp.zeros(2), optax.adam(0.1))
       >>> prog = Program([outer, inner], u2l={"outer": ["inner"]}, l2u={"inner": ["outer"]})
-      >>> prog.order          # lowest first
+      >>> prog.order  # lowest first
       ('inner', 'outer')
     """
 

@@ -20,6 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinf  # noqa: E402
+import jaxmlo  # noqa: E402
+import jaxmlo.testing  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 out = {}
@@ -70,7 +72,7 @@ for b, g in zip(batches, ref_grads):
 ref_cov, ref_kfac = cov_acc.finalize(cs), kf_acc.finalize(ks)
 
 # ---- sharded logging pass
-mesh = jaxinf.data_mesh()
+mesh = jaxmlo.data_mesh()
 logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, kfac_layers=layers)
 state = logging.init()
 errs = []
@@ -94,9 +96,9 @@ out["kfac_tokens"] = [int(stats.kfac[p].tokens) for p in sorted(stats.kfac)]
 # communication: no collective in the per-batch step, one psum (all-reduce) at the end
 step_hlo = logging.step.lower(state, params, batches[0]).compile().as_text()
 fin_hlo = logging.finalize.lower(state).compile().as_text()
-out["step_all_reduce"] = jaxinf.count_collectives(step_hlo)["all-reduce"]
-out["step_collectives"] = sum(jaxinf.count_collectives(step_hlo).values())
-out["finalize_collectives"] = jaxinf.count_collectives(fin_hlo)
+out["step_all_reduce"] = jaxmlo.testing.count_collectives(step_hlo)["all-reduce"]
+out["step_collectives"] = sum(jaxmlo.testing.count_collectives(step_hlo).values())
+out["finalize_collectives"] = jaxmlo.testing.count_collectives(fin_hlo)
 
 # ---- rows written from each device's shard; store statistics from the pass's local sums
 tmp = tempfile.mkdtemp()

@@ -38,7 +38,7 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-mesh = jaxinf.data_mesh()
+mesh = jaxmlo.data_mesh()
 B = 16  # global batch: 8 rows per process, 2 per device
 half = slice(pid * B // 2, (pid + 1) * B // 2)
 
