@@ -197,6 +197,129 @@ def scanned_rows(cfg, ranks, repeats):
     return rows
 
 
+def llama_section(
+    config, batch_size, rank, repeats, bf16, compile_only, write_batches, tmp, full_seqs, save
+):
+    """LoGra logging of the Llama-style NNX LM (``nnx.scan`` blocks) vs its plain step.
+
+    Plain = ``jit(value_and_grad(loss))`` of the same model and batch (f32 parameters, compute in
+    bf16 when ``bf16``). Logging = ``projected_gradients`` on every ``nnx.Linear`` (rank ``rank``
+    per side). With ``compile_only`` nothing runs: both programs are lowered from abstract
+    parameters and compiled, and their compiled memory is reported (the CPU-side estimate).
+    Sequences are right-padded to random lengths in [seq/2, seq] unless ``full_seqs``.
+    ``save(row)`` is called after each phase, so a later failure keeps what was measured.
+    """
+    from flax import nnx
+
+    from jaxinf.examples import Llama, llama_config, llama_loss, token_mask
+
+    cfg = llama_config(config, dtype="bfloat16" if bf16 else "float32")
+    t = cfg.seq
+    rng = np.random.default_rng(0)
+    lengths = np.full(batch_size, t) if full_seqs else rng.integers(t // 2, t + 1, size=batch_size)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    batch = {"ids": jnp.asarray(rng.integers(1, cfg.vocab, size=(batch_size, t)) * mask)}
+    batch["mask"] = jnp.asarray(mask)
+    tokens = int(mask.sum())
+    make = lambda: Llama(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    model = nnx.eval_shape(make) if compile_only else make()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = nnx.state(model)
+
+    def loss(p, b):
+        return llama_loss(nnx.merge(graphdef, p, rest), b)
+
+    plain = jax.jit(jax.value_and_grad(loss))
+    cap = jaxinf.nnx_capture(llama_loss, model)
+    layers = jaxinf.find_layers(cap, state, batch, select=jaxinf.Select(types=(nnx.Linear,)))
+    projs = jaxinf.random_projections(layers, key=jax.random.key(0), k_in=rank, k_out=rank)
+    extract = jaxinf.projected_gradients(cap, projs, layers=layers, mask_fn=token_mask)
+    row = {
+        "model": f"llama_{config}",
+        "config": cfg._asdict(),
+        "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+        "layers_logged": len(layers),
+        "rank": rank,
+        "logged_dims_per_example": sum(p.p_in.shape[0] * p.p_out.shape[0] for p in projs.values()),
+        "batch": batch_size,
+        "seq": t,
+        "tokens_per_batch": tokens,
+        "compute_dtype": cfg.dtype,
+    }
+    t0 = time.perf_counter()
+    c_plain = plain.lower(params, batch).compile()
+    row["compile_plain_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c_log = extract.jitted.lower(state, batch, projs).compile()
+    row["compile_logging_s"] = time.perf_counter() - t0
+    row["memory_plain"] = compiled_memory(c_plain)
+    row["memory_logging"] = compiled_memory(c_log)
+    if row["memory_plain"] and row["memory_logging"]:
+        row["compiled_peak_ratio_logging_over_plain"] = (
+            row["memory_logging"]["peak_bytes"] / row["memory_plain"]["peak_bytes"]
+        )
+    save(row)
+    if compile_only:
+        return row
+    t_plain, t_log = time_pair(
+        lambda: jax.block_until_ready(c_plain(params, batch)),
+        lambda: jax.block_until_ready(c_log(state, batch, projs)),
+        repeats,
+    )
+    row.update(
+        plain_step_s=t_plain,
+        logging_step_s=t_log,
+        plain_tokens_per_s=tokens / t_plain,
+        logging_tokens_per_s=tokens / t_log,
+        time_ratio_logging_over_plain=t_log / t_plain,
+        device_peak_bytes_after_both=device_peak(),
+    )
+    save(row)
+    if write_batches:
+        # End to end: capture + rows written to a tensorstore log (async, Fisher sums on).
+        import shutil
+
+        path = os.path.join(tmp, f"llama_{config}_log")
+        shutil.rmtree(path, ignore_errors=True)
+        meta = jaxinf.projection_metadata(projs, init="random", seed=0)
+        with jaxinf.LogWriter(path, meta) as w:
+            w.write_async(c_log(state, batch, projs), ids=range(batch_size))
+            w.flush()  # the log's arrays exist and the Fisher update is compiled
+            t0 = time.perf_counter()
+            for i in range(1, write_batches + 1):
+                ids = range(i * batch_size, (i + 1) * batch_size)
+                w.write_async(c_log(state, batch, projs), ids=ids)
+        dt = time.perf_counter() - t0  # includes close(): every row committed
+        row["logging_and_write_tokens_per_s"] = tokens * write_batches / dt
+        row["logging_and_write_batches"] = write_batches
+        shutil.rmtree(path, ignore_errors=True)
+    return row
+
+
+def compiled_memory(compiled):
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return {
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "peak_bytes": int(
+            m.temp_size_in_bytes
+            + m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+        ),
+    }
+
+
+def device_peak():
+    try:
+        return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
+    except Exception:  # CPU devices have no memory stats
+        return None
+
+
 def time_pair(f, g, repeats):
     """Median seconds of f() and of g(), calls interleaved so that load changes hit both alike."""
     f(), g()  # compile / warm up
@@ -439,8 +562,71 @@ def main():
         action="store_true",
         help="only the nn.scan'ed LM at k = 16 and 64 (with and without the covariance)",
     )
+    ap.add_argument(
+        "--model",
+        choices=("default", "llama"),
+        default="default",
+        help="llama: only the Llama-style NNX LM (nnx.scan blocks) of --config",
+    )
+    ap.add_argument("--config", default="small", help="Llama config name: tiny, small, 134m")
+    ap.add_argument("--batch", type=int, default=8, help="Llama: sequences per batch")
+    ap.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=True, help="Llama: bf16 compute"
+    )
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="Llama: lower and compile from abstract shapes, report compiled memory, run nothing",
+    )
+    ap.add_argument(
+        "--write-batches", type=int, default=0, help="Llama: batches also written to a log"
+    )
+    ap.add_argument("--tmp", default="/tmp/jaxinf_logging_bench", help="Llama: log directory")
+    ap.add_argument(
+        "--full-seqs",
+        action="store_true",
+        help="Llama: every sequence seq tokens long (no padding)",
+    )
     args = ap.parse_args()
     cfg = SIZES[args.size]
+    if args.model == "llama":
+        result = {
+            "benchmark": "logra_logging_llama",
+            "command": "python benchmarks/logra_logging.py " + " ".join(sys.argv[1:]),
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "notes": "Flax NNX Llama-style LM, blocks under nnx.scan; LoGra (random projections) "
+            "on every nnx.Linear, one logged layer per slice of the stack, padding masked; "
+            "plain = jit(value_and_grad(loss)) on the same batch; median of --repeats calls "
+            "after a warm-up, plain and logging interleaved; peak_bytes = temp + arguments + "
+            "outputs - aliased from XLA's compiled memory analysis",
+        }
+        os.makedirs(args.tmp, exist_ok=True)
+
+        def save(row):
+            result["results"] = [row]
+            write_json(args.out, result)
+
+        result["results"] = [
+            llama_section(
+                args.config,
+                args.batch,
+                args.rank or 64,
+                args.repeats,
+                args.bf16,
+                args.compile_only,
+                args.write_batches,
+                args.tmp,
+                args.full_seqs,
+                save,
+            )
+        ]
+        print(json.dumps(result["results"][0], indent=1))
+        write_json(args.out, result)
+        return
     rank = args.rank or cfg["rank"]
     rows = []
     if args.scanned:

@@ -1,8 +1,18 @@
-"""Run every benchmark under benchmarks/ at one size and collect the results in one JSON file.
+"""Run the headline benchmarks (or all) at one size and collect the results in one JSON file.
 
-    python -m benchmarks.run_all --size small     # CPU-sized, minutes on 2 cores
-    python -m benchmarks.run_all --size large --budget-s 540   # GPU-sized
+    python -m benchmarks.run_all --size large --budget-s 540   # one GPU, within 10 minutes
+    python -m benchmarks.run_all --size small                  # the same code paths on a CPU
+    python -m benchmarks.run_all --size small --all            # every benchmark script
 
+By default the three headline sections of :data:`SECTIONS` run, in this order: LoGra logging of
+the Llama-style LM (134M parameters at ``large``: seq 512, batch 8, bf16) against its plain
+``value_and_grad`` step, SAMA reweighting of the ~110M classifier against plain finetuning
+(``benchmarks/scale.py``), and a query over 1M logged rows against the raw read bandwidth
+(``benchmarks/store.py``). Each section has a share of ``--budget-s`` as its time limit; a
+section that fails or times out is recorded (exit code, stderr tail) and the next one runs;
+the JSON is rewritten after every section, so a run cut short keeps what finished.
+
+With ``--all``:
 Each ``benchmarks/<name>.py`` present is run as ``python -m benchmarks.<name>`` in its own
 process (a crash or timeout is recorded, the others still run), with the size's flags from the
 table below (flags a script does not declare with ``add_argument`` are dropped and listed) and
@@ -59,6 +69,36 @@ FLAGS = {
     "scale": {"small": ["--size", "small"], "large": ["--size", "large"]},
 }
 SKIP = {"run_all"}
+# The headline sections: name -> (script, {size: flags}, share of --budget-s).
+SECTIONS = {
+    "llama_logging": (
+        "logra_logging",
+        {
+            "small": ["--model", "llama", "--config", "small", "--repeats", "3"]
+            + ["--write-batches", "2"],
+            "large": ["--model", "llama", "--config", "134m", "--batch", "8", "--repeats", "10"]
+            + ["--write-batches", "20", "--full-seqs"],
+        },
+        0.35,
+    ),
+    "sama": (
+        "scale",
+        {
+            "small": ["--size", "small", "--parts", "reweighting"],
+            "large": ["--size", "large", "--parts", "reweighting"],
+        },
+        0.35,
+    ),
+    "query_1m": (
+        "store",
+        {
+            "small": ["--rows", "20000", "--queries", "1,64", "--reps", "1", "--logix-rows", "0"],
+            "large": ["--rows", "1048576", "--layers", "16", "--k-out", "8", "--k-in", "8"]
+            + ["--queries", "1,64,256", "--reps", "1", "--logix-rows", "0"],
+        },
+        0.30,
+    ),
+}
 # Run order: the scale-out benchmarks first, so a time budget cuts the least important.
 PRIORITY = [
     "scale",
@@ -141,13 +181,16 @@ def filter_flags(flags: list[str], accepted: set[str] | None) -> tuple[list[str]
 
 def run_one(name: str, size: str, scratch: str, timeout: float) -> dict:
     out = os.path.join(scratch, f"{name}.json")
-    flags = FLAGS.get(name, {}).get(size, [])
-    flags, dropped = filter_flags(flags, accepted_flags(name))
-    cmd = [sys.executable, "-m", f"benchmarks.{name}", *flags, "--out", out]
-    shown = " ".join(["python", "-m", f"benchmarks.{name}", *flags])
+    if name in SECTIONS:
+        script, flags = SECTIONS[name][0], SECTIONS[name][1][size]
+    else:
+        script, flags = name, FLAGS.get(name, {}).get(size, [])
+    flags, dropped = filter_flags(flags, accepted_flags(script))
+    cmd = [sys.executable, "-m", f"benchmarks.{script}", *flags, "--out", out]
+    shown = " ".join(["python", "-m", f"benchmarks.{script}", *flags])
     print(f"[run_all] {shown}", flush=True)
     t0 = time.perf_counter()
-    rec = {"command": shown, "dropped_flags": dropped, "known": name in FLAGS}
+    rec = {"command": shown, "dropped_flags": dropped, "known": name in FLAGS or name in SECTIONS}
     try:
         proc = subprocess.run(
             cmd, cwd=ROOT, env=_env(), text=True, capture_output=True, timeout=timeout
@@ -190,9 +233,10 @@ def main():
         "--size",
         choices=("small", "large"),
         default="small",
-        help="small: CPU sizes (about 10 minutes on 2 cores); large: GPU sizes",
+        help="small: CPU sizes (minutes on 2 cores); large: GPU sizes",
     )
-    ap.add_argument("--only", default=None, help="comma-separated benchmark names")
+    ap.add_argument("--only", default=None, help="comma-separated section or benchmark names")
+    ap.add_argument("--all", action="store_true", help="every benchmark script, not the sections")
     ap.add_argument(
         "--out-dir",
         default=os.path.join(HERE, "results"),
@@ -206,8 +250,11 @@ def main():
         "at the budget (for time-limited GPU runs)",
     )
     args = ap.parse_args()
+    t0 = time.perf_counter()
     present = discover()
-    names = present if args.only is None else [n for n in args.only.split(",") if n in present]
+    default = present if args.all else list(SECTIONS)
+    known = set(present) | set(SECTIONS)
+    names = default if args.only is None else [n for n in args.only.split(",") if n in known]
     info = machine()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     tag = re.sub(
@@ -238,7 +285,6 @@ def main():
         "absent": sorted(set(FLAGS) - set(present)),
         "benchmarks": {},
     }
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="run_all_") as scratch:
         for name in names:
             left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t0)
@@ -249,6 +295,10 @@ def main():
                 print(f"[run_all] {name}: skipped (budget)", flush=True)
                 continue
             timeout = TIMEOUT[args.size] if left is None else min(TIMEOUT[args.size], left)
+            if args.budget_s is not None and name in SECTIONS and not args.all:
+                # A section's share of the budget, plus what earlier sections left unused.
+                later = sum(SECTIONS[n][2] for n in names[names.index(name) + 1 :] if n in SECTIONS)
+                timeout = min(timeout, max(30.0, left - later * args.budget_s))
             result["benchmarks"][name] = run_one(name, args.size, scratch, timeout)
             # keep what finished even if a later benchmark takes the machine down
             _write(result, args, tag, date)

@@ -22,6 +22,8 @@ from jaxinf._src.examples import (
     load_digits_split,
     pydoc_paragraphs,
 )
+from jaxinf._src.llama import *  # noqa: F403  (the Llama-style LM)
+from jaxinf._src.llama import __all__ as _llama_all
 
 __all__ = [
     "ByteLM",
@@ -32,4 +34,5 @@ __all__ = [
     "MLP",
     "pydoc_paragraphs",
     "Task",
+    *_llama_all,
 ]
