@@ -176,7 +176,7 @@ def main():
         with jaxinf.LogWriter(os.path.join(args.tmp, "warmup"), proj, dtype=args.dtype) as w:
             w.write_async(pool[0], np.arange(args.batch))
         t = time.perf_counter()
-        with jaxinf.LogWriter(log_path, proj, dtype=args.dtype) as w:
+        with jaxinf.LogWriter(log_path, proj, dtype=args.dtype, writer_id="0") as w:
             _write_rows(w, pool, args.rows, args.batch)
         t_write = time.perf_counter() - t
         log = jaxinf.open_log(log_path)
