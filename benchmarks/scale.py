@@ -1,4 +1,4 @@
-"""Scale-out benchmark (issue 7): data-parallel LoGra logging, SAMA reweighting, sharded queries.
+"""Scale-out benchmark: data-parallel LoGra logging, SAMA reweighting, sharded queries.
 
 Every part compares against a baseline measured in the same run, on all devices of the machine
 (a ``'data'`` mesh over ``jax.devices()``):

@@ -1,4 +1,4 @@
-"""Data parallelism (issue 7): sharded results equal single-device results, on 8 forced CPU devices.
+"""Data parallelism: sharded results equal single-device results, on 8 forced CPU devices.
 
 Each check runs in its own subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
 set before jax is imported (the flag must never reach this pytest process, whose jax is already

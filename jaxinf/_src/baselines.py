@@ -247,7 +247,7 @@ def block_influence(
 ) -> jax.Array:
     """Block-diagonal influence: :func:`exact_influence` per layer (own damping), summed.
 
-    This is LoGra's influence on projected gradients (``{layer: [n, k_out, k_in]}``, Contract B)
+    This is LoGra's influence on projected gradients (``{layer: [n, k_out, k_in]}``, as the capture returns them)
     computed in memory, and TRAK's with a single block.
 
     Args:
