@@ -333,20 +333,7 @@ def time_pair(f, g, repeats):
 
 
 def memory(jitted, *args):
-    m = jitted.lower(*args).compile().memory_analysis()
-    if m is None:
-        return None
-    return {
-        "temp_bytes": int(m.temp_size_in_bytes),
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes),
-        "peak_bytes": int(
-            m.temp_size_in_bytes
-            + m.argument_size_in_bytes
-            + m.output_size_in_bytes
-            - m.alias_size_in_bytes
-        ),
-    }
+    return compiled_memory(jitted.lower(*args).compile())
 
 
 def compare(
