@@ -45,6 +45,7 @@ from jaxinf._src.kfac import (
     kfac_batch_sums,
     kfac_factors,
     kfac_factors_from_activations,
+    projected_fisher,
 )
 from jaxinf._src.layers import LayerSpec, Select, UncapturedLayerWarning
 from jaxinf._src.metagrad import (
@@ -172,6 +173,7 @@ __all__ = [
     "KFACFactors",
     "KFACState",
     "projected_covariance",
+    "projected_fisher",
     # store
     "LayerStatistics",
     "Log",

@@ -159,3 +159,190 @@ def test_kfac_factors_from_activations_match_the_streaming_factors():
     for path in layers:
         np.testing.assert_allclose(dense[path].forward, stream[path].forward, rtol=1e-10)
         np.testing.assert_allclose(dense[path].backward, stream[path].backward, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed curvature (kfac_factors, projected_fisher) under each Fisher.
+
+
+def _two_batches(batch):
+    return [jax.tree.map(lambda v: v[:4], batch), jax.tree.map(lambda v: v[4:], batch)]
+
+
+def _stream(acc, params, batches):
+    st = acc.init(None)
+    for b in batches:
+        st = acc.update(st, (params, b))
+    return acc.finalize(st)
+
+
+def test_streaming_kfac_factors_of_the_true_fisher_equal_the_closed_form():
+    params, batch = _setup()
+    p, a, d, _ = _brute(params, batch)
+    cap = jaxinf.linen_capture(_loss)
+    layers = jaxinf.find_layers(cap, params, batch)
+    acc = jaxinf.kfac_factors(cap, layers, dtype=jnp.float64, fisher="true", logits_fn=_logits)
+    ((f,),) = [list(_stream(acc, params, _two_batches(batch)).values())]
+    # A is unchanged by the labels; S = 1/n sum_i sum_c p_ic d d^T (C rows per example).
+    np.testing.assert_allclose(f.forward, a.T @ a / N, rtol=1e-10, atol=1e-14)
+    s_true = np.einsum("nc,nco,ncq->oq", p, d, d) / N
+    np.testing.assert_allclose(f.backward, s_true, rtol=1e-10, atol=1e-14)
+    assert float(f.tokens) == N * C
+
+
+def _residuals(params, x, labels):
+    """Closed-form output gradients p(x) - e_label of the cross-entropy, [rows, C]."""
+    w, b = np.asarray(params["params"]["kernel"]), np.asarray(params["params"]["bias"])
+    p = np.exp(np.asarray(x) @ w + b)
+    p /= p.sum(-1, keepdims=True)
+    return p - np.eye(C)[np.asarray(labels)]
+
+
+def test_streaming_kfac_factors_of_a_sampled_fisher_draw_per_batch_keys():
+    params, batch = _setup()
+    cap = jaxinf.linen_capture(_loss)
+    layers = jaxinf.find_layers(cap, params, batch)
+    key = jax.random.PRNGKey(5)
+    opts = dict(fisher="sampled", logits_fn=_logits, key=key, samples=3)
+    acc = jaxinf.kfac_factors(cap, layers, dtype=jnp.float64, **opts)
+    ((f,),) = [list(_stream(acc, params, _two_batches(batch)).values())]
+    # Batch j draws with fold_in(key, j): the labels of fisher_batch, then the closed form.
+    sb, seen = 0.0, []
+    for j, b in enumerate(_two_batches(batch)):
+        k = jax.random.fold_in(key, j)
+        rows, _ = jaxinf.fisher_batch(_logits, params, b, fisher="sampled", key=k, samples=3)
+        r = _residuals(params, rows["x"], rows["label"])
+        sb, seen = sb + r.T @ r, seen + [np.asarray(rows["label"])]
+    assert not np.array_equal(seen[0], seen[1][: len(seen[0])])
+    np.testing.assert_allclose(f.backward, sb / (3 * N), rtol=1e-10, atol=1e-14)
+    again = list(_stream(acc, params, _two_batches(batch)).values())[0]
+    np.testing.assert_array_equal(again.backward, f.backward)
+    with pytest.raises(ValueError, match="explicit `key`"):
+        jaxinf.kfac_factors(cap, layers, fisher="sampled", logits_fn=_logits)
+    with pytest.raises(ValueError, match="needs `logits_fn`"):
+        jaxinf.kfac_factors(cap, layers, fisher="true")
+
+
+def _projections(params, batch):
+    cap = jaxinf.linen_capture(_loss)
+    layers = jaxinf.find_layers(cap, params, batch)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.PRNGKey(2), k_in=2, k_out=3, dtype=jnp.float64
+    )
+    return cap, projs
+
+
+def test_projected_fisher_of_each_fisher_equals_brute_force():
+    params, batch = _setup()
+    p, a, d, _ = _brute(params, batch)
+    cap, projs = _projections(params, batch)
+    ((path, proj),) = projs.items()
+
+    def projected(a, d):  # [rows, k_out * k_in] from closed-form a, d
+        return np.asarray(jaxinf.project_gradient(proj, jnp.einsum("ni,no->nio", a, d))).reshape(
+            len(a), -1
+        )
+
+    # True: 1/n sum_i sum_c p_ic vec(g_ic) vec(g_ic)^T, g_ic = P_out d_ic (P_in a_i)^T.
+    g = np.stack([projected(a, d[:, c]) for c in range(C)], 1)  # [n, c, D]
+    ref = {
+        "true": np.einsum("nc,ncp,ncq->pq", p, g, g) / N,
+        "empirical": (lambda e: e.T @ e / N)(g[np.arange(N), np.asarray(batch["label"])]),
+    }
+    for fisher, want in ref.items():
+        acc = jaxinf.projected_fisher(
+            cap, projs, fisher=fisher, logits_fn=_logits, dtype=jnp.float64
+        )
+        got = _stream(acc, params, _two_batches(batch))[path]
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14, err_msg=fisher)
+    # Empirical is what the log writer accumulates: projected_covariance of the rows.
+    rows = jaxinf.projected_gradients(cap, projs)(params, batch)
+    cov = jaxinf.projected_covariance()
+    emp = cov.finalize(cov.update(cov.init(rows), rows))[path]
+    np.testing.assert_allclose(emp, ref["empirical"], rtol=1e-10, atol=1e-14)
+    # Sampled: the brute-force Fisher of the labels it drew (fold_in(key, j) for batch j).
+    key = jax.random.PRNGKey(9)
+    acc = jaxinf.projected_fisher(
+        cap, projs, fisher="sampled", logits_fn=_logits, key=key, samples=2, dtype=jnp.float64
+    )
+    got = _stream(acc, params, _two_batches(batch))[path]
+    want = 0.0
+    for j, b in enumerate(_two_batches(batch)):
+        rws, _ = jaxinf.fisher_batch(
+            _logits, params, b, fisher="sampled", key=jax.random.fold_in(key, j), samples=2
+        )
+        x = np.asarray(rws["x"])
+        e = projected(
+            np.concatenate([x, np.ones((len(x), 1))], 1), _residuals(params, x, rws["label"])
+        )
+        want = want + e.T @ e
+    np.testing.assert_allclose(got, want / (2 * N), rtol=1e-10, atol=1e-14)
+
+
+# A token-level model (an LM's shape): logits [n, T, C] from per-token inputs, labels [n, T].
+T = 5
+
+
+def _seq_logits(params, batch):
+    return MODEL.apply(params, batch["x"])  # [n, T, D] -> [n, T, C]
+
+
+def _seq_loss(params, batch):
+    logp = jax.nn.log_softmax(_seq_logits(params, batch))
+    return -jnp.mean(jnp.take_along_axis(logp, batch["label"][..., None], axis=-1))
+
+
+def test_sampled_fisher_with_token_labels_converges_to_the_per_token_true_fisher():
+    params, _ = _setup()
+    rng = np.random.default_rng(1)
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(2, T, D))),
+        "label": jnp.asarray(rng.integers(0, C, (2, T))),
+    }
+    cap = jaxinf.linen_capture(_seq_loss)
+    layers = jaxinf.find_layers(cap, params, batch)
+    ((path, spec),) = layers.items()
+    assert spec.tokens == T
+    # Labels drawn independently per token: E[r_t r_s^T] = 0 for t != s and
+    # M_t = diag(p_t) - p_t p_t^T, so the true S = 1/n sum_i sum_t M_it / T^2 (loss = token mean).
+    x = np.asarray(batch["x"]).reshape(-1, D)
+    pr = _residuals(params, x, np.zeros(len(x), int)) + np.eye(C)[0]
+    s_true = sum(np.diag(q) - np.outer(q, q) for q in pr) / (2 * T**2)
+
+    def sampled(samples):
+        acc = jaxinf.kfac_factors(
+            cap, layers, dtype=jnp.float64, fisher="sampled", logits_fn=_seq_logits,
+            key=jax.random.PRNGKey(0), samples=samples,
+        )  # fmt: skip
+        f = _stream(acc, params, [batch])[path]
+        # kfac normalises by token count (rows x T); undo it to compare with the per-example sum
+        return np.asarray(f.backward) * T
+
+    errs = {s: float(np.sum((sampled(s) - s_true) ** 2)) for s in (16, 1024)}
+    assert errs[1024] < errs[16] / 8, errs
+    assert errs[1024] < 1e-2 * float(np.sum(s_true**2)), errs
+    with pytest.raises(ValueError, match='fisher="true" needs one label per example'):
+        jaxinf.fisher_batch(_seq_logits, params, batch, fisher="true")
+
+
+def test_query_with_a_given_fisher_equals_in_memory_influence(tmp_path):
+    params, batch = _setup()
+    cap, projs = _projections(params, batch)
+    acc = jaxinf.projected_fisher(cap, projs, fisher="true", logits_fn=_logits, dtype=jnp.float64)
+    f_true = _stream(acc, params, [batch])
+    fn = jaxinf.projected_gradients(cap, projs)
+    rows = fn(params, batch)
+    meta = jaxinf.projection_metadata(projs, init="random", seed=2)
+    with jaxinf.LogWriter(str(tmp_path / "log"), meta, dtype="float64", statistics=False) as w:
+        w.write(rows, ids=range(N))
+    res = jaxinf.query(
+        str(tmp_path / "log"), rows, meta, top_k=None, statistics=f_true, progress=False
+    )
+    want, lam = jaxinf.influence_scores(rows, rows, covariance=f_true, return_damping=True)
+    np.testing.assert_allclose(res.scores, want, rtol=1e-9, atol=1e-12)
+    assert res.damping == pytest.approx({k: float(v) for k, v in lam.items()})
+    # The log's own (empirical) Fisher gives other scores.
+    emp = jaxinf.query(str(tmp_path / "log"), rows, meta, top_k=None, progress=False)
+    assert not np.allclose(emp.scores, res.scores)
+    si = jaxinf.self_influence(str(tmp_path / "log"), statistics=f_true, progress=False)
+    np.testing.assert_allclose(si.scores, np.diag(np.asarray(want)), rtol=1e-9)

@@ -502,15 +502,21 @@ def fisher_batch(
     - ``"empirical"``: the batch itself, ``w = 1`` (true labels).
     - ``"sampled"``: each example repeated ``samples`` times (example-major) with labels drawn
       from the model's predictive distribution ``softmax(logits_fn(params, batch))`` by ``key``;
-      ``w = 1``. Converges to ``"true"`` as ``samples`` grows.
+      ``w = 1``. Converges to ``"true"`` as ``samples`` grows. With token labels (logits
+      ``[n, T, C]``, labels ``[n, T]``, a language model) every token draws its own label,
+      independently given the input: the usual Fisher of an autoregressive model.
     - ``"true"``: each example repeated once per class ``c`` (example-major) with label ``c`` and
       ``w = sqrt(C p_c)``, so ``mean_rows w^2 g g^T = 1/n sum_i sum_c p_ic g_ic g_ic^T`` exactly.
+      Only for one label per example: with ``T`` token labels the expectation has ``C^T`` label
+      sequences (per token it is ``T * C`` backward passes), so this raises; use ``"sampled"``
+      with ``samples`` draws there.
 
     Args:
-      logits_fn: ``logits_fn(params, batch) -> [n, C]`` (NNX: pass the model as ``params``);
-        unused for ``"empirical"``.
+      logits_fn: ``logits_fn(params, batch) -> [n, C]`` or ``[n, *tokens, C]`` (NNX: pass the
+        model as ``params``); unused for ``"empirical"``.
       params: what ``logits_fn`` takes first.
-      batch: a pytree with a leading example axis and integer labels at ``batch[labels]``.
+      batch: a pytree with a leading example axis and integer labels at ``batch[labels]``
+        (``[n]``, or ``[n, *tokens]`` matching the logits).
       fisher: one of :data:`FISHERS`.
       key: PRNG key, required for ``"sampled"``.
       samples: labels drawn per example for ``"sampled"``.
@@ -535,17 +541,29 @@ def fisher_batch(
         raise ValueError(f'fisher="{fisher}" needs `logits_fn` (the predictive distribution)')
     logits = jnp.asarray(logits_fn(params, batch))
     n = y.shape[0]
-    if logits.ndim != 2 or logits.shape[0] != n:
-        raise ValueError(f"logits_fn must return [n, C] = [{n}, C] logits, got {logits.shape}")
-    c = logits.shape[1]
+    if logits.ndim < 2 or logits.shape[:-1] != y.shape:
+        raise ValueError(
+            f"logits_fn must return logits of shape labels.shape + (C,) = {tuple(y.shape)} + (C,) "
+            f"([n, C], or [n, *tokens, C] for token labels), got {tuple(logits.shape)}"
+        )
+    c = logits.shape[-1]
     if fisher == "sampled":
         if key is None:
             raise ValueError('fisher="sampled" needs an explicit `key`')
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
-        drawn = jax.random.categorical(key, logits[:, None, :], axis=-1, shape=(n, samples))
-        reps, new, w = samples, drawn.reshape(-1), jnp.ones((n * samples,), logits.dtype)
+        drawn = jax.random.categorical(
+            key, logits[:, None], axis=-1, shape=(n, samples) + y.shape[1:]
+        )
+        reps, new = samples, drawn.reshape((n * samples,) + y.shape[1:])
+        w = jnp.ones((n * samples,), logits.dtype)
     else:
+        if y.ndim > 1:
+            raise ValueError(
+                f'fisher="true" needs one label per example; these labels have shape '
+                f"{tuple(y.shape)} (token labels: C^T label sequences per example). Use "
+                'fisher="sampled" with samples=S (an unbiased estimate of the true Fisher)'
+            )
         p = jax.nn.softmax(logits, axis=-1)
         reps, new = c, jnp.tile(jnp.arange(c), n)
         w = jnp.sqrt(c * p).reshape(-1)

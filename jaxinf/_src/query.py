@@ -347,6 +347,7 @@ def query(
     overwrite: bool = False,
     shards: Sequence[str] | None = None,
     progress: bool = True,
+    statistics: Mapping[str, Any] | None = None,
 ) -> QueryResult:
     """Score test gradients against every committed row of a log.
 
@@ -368,6 +369,9 @@ def query(
       shards: score only these shards (e.g. one per process); row indices stay global, so
         ``merge_results`` of the per-process results equals a query over the whole log.
       progress: show a tqdm progress bar.
+      statistics: the Fisher per layer, ``{layer: F [d, d]}`` (e.g. ``projected_fisher`` of a
+        sampled or true Fisher) or ``{layer: LayerStatistics}``; default: the log's own
+        empirical Fisher (``Log.statistics()``).
 
     Returns:
       ``QueryResult`` with the top-k most positive and most negative rows per query and the
@@ -396,7 +400,8 @@ def query(
     if n_rows == 0:
         raise ValueError(f"shards {shards} of {log.path} have no committed rows")
     k = 1 if full else min(top_k, n_rows)
-    pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
+    stats = log.statistics() if statistics is None else statistics
+    pre = preconditioner(stats, log.layers, damping_ratio=damping_ratio, damping=damping)
     test_rows = test_rows_checked(test_grads, log.layers)
     q, self_te = _prepare_test(test_rows, pre)
     dt = _compute_dtype(log.dtype)
@@ -514,14 +519,19 @@ def self_influence(
     chunk_rows: int | None = None,
     prefetch: int = 2,
     progress: bool = True,
+    statistics: Mapping[str, Any] | None = None,
 ) -> SelfInfluence:
-    """Self-influence ``g^T (F + λI)^-1 g`` of every logged row, streamed."""
+    """Self-influence ``g^T (F + λI)^-1 g`` of every logged row, streamed.
+
+    ``statistics`` (``{layer: F}``) replaces the log's empirical Fisher, as in ``query``.
+    """
     if isinstance(log, str):
         log = open_log(log)
     if log.num_rows == 0:
         raise ValueError(f"log {log.path} has no committed rows")
     chunk_rows = chunk_rows or _default_chunk_rows(log)
-    pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
+    stats = log.statistics() if statistics is None else statistics
+    pre = preconditioner(stats, log.layers, damping_ratio=damping_ratio, damping=damping)
     dt = _compute_dtype(log.dtype)
     whiten_d = [jnp.asarray(w, dt) for w in pre.whiten]
     fn = _self_fn(tuple(log.layers), jnp.dtype(dt).name)
