@@ -127,7 +127,7 @@ METHOD_FAMILIES = (
     "metagrad",
 )
 # Run only when named in --methods (they retrain models or repeat methods many times).
-EXTRA_FAMILIES = ("fisher", "trak_ensemble", "damping_sweep")
+EXTRA_FAMILIES = ("fisher", "trak_ensemble", "damping_sweep", "head")
 DAMPING_MULTIPLIERS = (0.01, 0.1, 1.0, 10.0, 100.0)  # x the mean-eigenvalue rule (ratio 0.1)
 
 
@@ -404,51 +404,100 @@ def method_scores(
         yield "metagrad", s, seconds, 0, extra
 
 
-def _logits_fn(task):
-    return lambda p, b: jax.vmap(lambda x: task.model.apply({"params": p}, x))(b[0])
+def _fisher_setup(task):
+    """Loss, logits, train/test batches ``(inputs, labels)`` and Fisher variants for a task.
+
+    Digits: ``(x, y)`` with one label per example. The byte LM: ``(bytes[:-1], bytes[1:])``
+    with one label per token (logits ``[n, T, 256]``); its true Fisher is not enumerable
+    (256^T label sequences), so a sampled Fisher with 8 draws per sequence stands next to it.
+    Variants are ``(name, fisher, samples)``.
+    """
+    if task.info["arch"] == "bytelm":
+
+        def logits(p, b):
+            return jax.vmap(lambda x: task.model.apply({"params": p}, x))(b[0])
+
+        def loss(p, b):
+            logp = jax.nn.log_softmax(logits(p, b))
+            return -jnp.mean(jnp.take_along_axis(logp, b[1][..., None], axis=-1))
+
+        def split(x):
+            return (x[:, :-1], x[:, 1:])
+
+        variants = (("empirical", "empirical", 1), ("sampled", "sampled", 1))
+        variants += (("sampled8", "sampled", 8),)
+        return loss, logits, split(task.x_train), split(task.x_test), variants
+
+    def logits(p, b):
+        return jax.vmap(lambda x: task.model.apply({"params": p}, x))(b[0])
+
+    variants = (("empirical", "empirical", 1), ("sampled", "sampled", 1))
+    variants += (("sampled8", "sampled", 8), ("true", "true", 1))
+    train, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
+    return batch_loss(task), logits, train, test, variants
 
 
-def _logra_pca(task, params, k, fisher_acts, rows, w, *, damping_ratio=0.1):
+def _chunks(fn, params, b, chunk=256):
+    n = b[0].shape[0]
+    parts = [fn(params, tuple(v[s : s + chunk] for v in b)) for s in range(0, n, chunk)]
+    return {l: jnp.concatenate([p[l] for p in parts]) for l in parts[0]}
+
+
+def _logra_pca(loss, params, train, test, k, fisher_acts, rows, w, *, damping_ratio=0.1, head=True):
     """LoGra-PCA whose basis and projected covariance come from the given Fisher rows."""
-    cap = jaxinf.linen_capture(batch_loss(task))
-    spec = jaxinf.find_layers(cap, params, rows, select=jaxinf.Select(types=("dense",)))
+    cap = jaxinf.linen_capture(loss)
+    spec = jaxinf.find_layers(cap, params, train, select=jaxinf.Select(types=("dense",)))
+    if not head:
+        spec = dict(list(spec.items())[:-1])
     layers = {p: s._replace(k_in=min(k, s.n_in), k_out=min(k, s.n_out)) for p, s in spec.items()}
-    projs = jaxinf.pca_projections(jaxinf.kfac_factors_from_activations(fisher_acts), layers=layers)
+    factors = jaxinf.kfac_factors_from_activations({p: fisher_acts[p] for p in layers})
+    projs = jaxinf.pca_projections(factors, layers=layers)
     fn = jaxinf.projected_gradients(cap, projs)
-
-    def run(b, chunk=256):
-        n = b[0].shape[0]
-        parts = [fn(params, (b[0][s : s + chunk], b[1][s : s + chunk])) for s in range(0, n, chunk)]
-        return {l: jnp.concatenate([p[l] for p in parts]) for l in parts[0]}
-
-    tr, te = run((task.x_train, task.y_train)), run((task.x_test, task.y_test))
-    fr = jaxinf.weight_rows(run(rows), w)
+    tr, te = _chunks(fn, params, train), _chunks(fn, params, test)
+    fr = jaxinf.weight_rows(_chunks(fn, params, rows), w)
     acc = jaxinf.projected_covariance()
     cov = acc.finalize(acc.update(acc.init(fr), fr))
     return jaxinf.influence_scores(tr, te, covariance=cov, damping_ratio=damping_ratio)
 
 
+def _logra_random(loss, params, train, test, k, *, seed, head=True):
+    cap = jaxinf.linen_capture(loss)
+    spec = jaxinf.find_layers(cap, params, train, select=jaxinf.Select(types=("dense",)))
+    if not head:
+        spec = dict(list(spec.items())[:-1])
+    layers = {p: s._replace(k_in=min(k, s.n_in), k_out=min(k, s.n_out)) for p, s in spec.items()}
+    fn = jaxinf.projected_gradients(
+        cap, jaxinf.random_projections(layers, key=jax.random.PRNGKey(seed))
+    )
+    return jaxinf.influence_scores(_chunks(fn, params, train), _chunks(fn, params, test))
+
+
+TRAK_DAMPING = (0.0, 1e-3, 1e-2, 0.1, 1.0)  # TRAK's ridge, x the mean eigenvalue of Phi^T Phi
+
+
 def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
     """Yields ``(method, scores, seconds, bytes_per_example, extra)`` of the EXTRA_FAMILIES."""
     want = set(methods)
-    loss, logits = batch_loss(task), _logits_fn(task)
-    train, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
+    loss, logits, train, test, variants = _fisher_setup(task)
     dense = jaxinf.Select(types=("dense",))
     k = max(sizes)
     key = jax.random.PRNGKey(seed + 31)
-    fishers = jaxinf.FISHERS if "fisher" in want else ("empirical",)
+    if "fisher" not in want:
+        variants = variants[:1]
     g_tr = jaxinf.flatten_per_example(jaxinf.per_example_grads(loss, params, train))
     g_te = jaxinf.flatten_per_example(jaxinf.per_example_grads(loss, params, test))
     acts_tr = jaxinf.dense_activations(loss, params, train, select=dense)
     acts_te = jaxinf.dense_activations(loss, params, test, select=dense)
-    for fisher in fishers:
+    for vname, fisher, samples in variants if want & {"fisher", "damping_sweep"} else ():
         t0 = time.perf_counter()
-        opts = dict(fisher=fisher, logits_fn=logits, key=key, labels=1)
+        opts = dict(fisher=fisher, logits_fn=logits, key=key, labels=1, samples=samples)
         g_f = jaxinf.flatten_per_example(jaxinf.per_example_grads(loss, params, train, **opts))
-        rows, w = jaxinf.fisher_batch(logits, params, train, fisher=fisher, key=key, labels=1)
+        rows, w = jaxinf.fisher_batch(
+            logits, params, train, fisher=fisher, key=key, labels=1, samples=samples
+        )
         acts_f = jaxinf.weight_rows(jaxinf.dense_activations(loss, params, rows, select=dense), w)
         t_f = time.perf_counter() - t0
-        info = {"fisher": fisher}
+        info = {"fisher": fisher, "samples": samples}
         ratios = [(0.1, "")]
         if "damping_sweep" in want and fisher == "empirical":
             ratios += [(0.1 * m, f"_damp{m:g}x") for m in DAMPING_MULTIPLIERS if m != 1.0]
@@ -459,26 +508,37 @@ def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
                 s = _block(
                     jaxinf.exact_influence(g_te, g_tr, fisher_grads=g_f, damping_ratio=ratio)
                 )
-                yield f"exact_influence_{fisher}{tag}", s, t_f + time.perf_counter() - t0, 0, x
+                yield f"exact_influence_{vname}{tag}", s, t_f + time.perf_counter() - t0, 0, x
                 for name, ek in (("kfac", False), ("ekfac", True)):
-                    if name == "kfac" and tag:
-                        continue
                     t0 = time.perf_counter()
                     eb = jaxinf.kfac_eigenbasis(acts_f, ekfac=ek)
                     s = _block(
                         jaxinf.kfac_influence(acts_te, acts_tr, eigenbasis=eb, damping_ratio=ratio)
                     )
-                    yield f"{name}_{fisher}{tag}", s, t_f + time.perf_counter() - t0, 0, x
+                    yield f"{name}_{vname}{tag}", s, t_f + time.perf_counter() - t0, 0, x
                 t0 = time.perf_counter()
-                s = _block(_logra_pca(task, params, k, acts_f, rows, w, damping_ratio=ratio))
+                s = _block(
+                    _logra_pca(loss, params, train, test, k, acts_f, rows, w, damping_ratio=ratio)
+                )
                 yield (
-                    f"logra_pca_{k}x{k}_{fisher}{tag}",
+                    f"logra_pca_{k}x{k}_{vname}{tag}",
                     s,
                     t_f + time.perf_counter() - t0,
                     0,
                     {**x, "k": k},
                 )
-    if "trak_ensemble" in want:
+    if "head" in want:
+        # LoGra with and without the read-out layer (the last dense layer), empirical Fisher.
+        ones = jnp.ones((train[0].shape[0],))
+        for head in (True, False):
+            tag = "with_head" if head else "no_head"
+            t0 = time.perf_counter()
+            s = _block(_logra_random(loss, params, train, test, k, seed=seed, head=head))
+            yield f"logra_random_{k}x{k}_{tag}", s, time.perf_counter() - t0, 0, {"k": k}
+            t0 = time.perf_counter()
+            s = _block(_logra_pca(loss, params, train, test, k, acts_tr, train, ones, head=head))
+            yield f"logra_pca_{k}x{k}_{tag}", s, time.perf_counter() - t0, 0, {"k": k}
+    if "trak_ensemble" in want and task.info["arch"] != "bytelm":
         n_tr = train[0].shape[0]
         members = []
         for j in range(trak_models):
@@ -507,12 +567,43 @@ def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
             pr = jnp.stack([f[1][1] for f in feats])
             t_feat = time.perf_counter() - t0
             for m in sorted({1, trak_models}):
-                t0 = time.perf_counter()
-                s = _block(
-                    jaxinf.trak(te[:m], tr[:m], pr[:m], dim=dim, key=jax.random.PRNGKey(seed))
+                for ratio in TRAK_DAMPING:
+                    t0 = time.perf_counter()
+                    s = _block(
+                        jaxinf.trak(
+                            te[:m], tr[:m], pr[:m], dim=dim, key=jax.random.PRNGKey(seed),
+                            damping_ratio=ratio,
+                        )
+                    )  # fmt: skip
+                    x = {"models": m, "dim": dim, "damping_ratio": ratio}
+                    tag = "" if ratio == 0 else f"_damp{ratio:g}"
+                    yield (
+                        f"trak_real_{dim}_m{m}{tag}",
+                        s,
+                        t_feat + time.perf_counter() - t0,
+                        dim * 4,
+                        x,
+                    )
+            # Ablations of TRAK's ingredients, one model, at the ridge 0.1 x mean eigenvalue:
+            # loss gradients instead of margin gradients, and without the (1 - p) weights.
+            t0 = time.perf_counter()
+            s = _block(
+                jaxinf.trak(
+                    g_te, g_tr, jnp.zeros(n_tr), dim=dim, key=jax.random.PRNGKey(seed),
+                    damping_ratio=0.1,
                 )
-                x = {"models": m, "dim": dim}
-                yield f"trak_real_{dim}_m{m}", s, t_feat + time.perf_counter() - t0, dim * 4, x
+            )  # fmt: skip
+            x = {"models": 1, "dim": dim, "damping_ratio": 0.1, "gradients": "loss"}
+            yield f"trak_lossgrad_{dim}_damp0.1", s, time.perf_counter() - t0, dim * 4, x
+            t0 = time.perf_counter()
+            s = _block(
+                jaxinf.trak(
+                    te[:1], tr[:1], jnp.zeros_like(pr[:1]), dim=dim,
+                    key=jax.random.PRNGKey(seed), damping_ratio=0.1,
+                )
+            )  # fmt: skip
+            x = {"models": 1, "dim": dim, "damping_ratio": 0.1, "weights": "none"}
+            yield f"trak_real_{dim}_m1_damp0.1_no1mp", s, time.perf_counter() - t0, dim * 4, x
             t0 = time.perf_counter()
             s = _block(
                 jaxinf.projected_influence(g_te, g_tr, dim=dim, key=jax.random.PRNGKey(seed + 7))

@@ -100,18 +100,20 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
     return that example's loss (sum or mean over the batch axis both qualify). The same loss
     serves :func:`jaxinf.per_example_grads` and :func:`jaxinf.dense_activations`.
 
-    Dropout: the Linen RNGs are whatever ``loss_fn`` passes to ``apply``; for a different
-    mask per example, take the key from the batch (one key per example).
+    Dropout: the RNGs ``loss_fn`` passes to ``apply`` get the example's index folded in
+    (``fold_in(key, i)`` for row ``i`` of the batch), so each example draws its own mask, as
+    with NNX.
     """
 
     def run(params, batch, tap, note=None, inject=None, example=None):
-        del example  # Linen RNGs are the loss's own
         if inject:
             params = _linen_inject(params, inject)
         roots = []  # variables of the enclosing top-level (applied) modules
 
         def interceptor(next_fun, args, kwargs, context):
             if not roots and not context.module.path:  # the applied (outermost) module
+                if example is not None:
+                    _fold_linen_rngs(context.module.scope, example)
                 roots.append(context.module.variables)
                 try:
                     return tapped(next_fun, args, kwargs, context)
@@ -164,6 +166,20 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
             return loss_fn(params, batch)
 
     return Capture("linen", run)
+
+
+def _fold_linen_rngs(scope, example) -> None:
+    """Fold ``example`` into the RNG streams of the scope ``apply`` made for this call only.
+
+    Submodule scopes derive their streams from this one when they are created, inside the
+    call, so every ``make_rng`` of the call sees the folded key.
+    """
+    from flax.core.scope import LazyRng
+
+    scope.rngs = {
+        name: LazyRng.create(jax.random.fold_in(LazyRng.create(rng).as_jax_rng(), example))
+        for name, rng in scope.rngs.items()
+    }
 
 
 def _linen_stored(root_vars, path) -> Mapping:

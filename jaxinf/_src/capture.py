@@ -33,8 +33,8 @@ zero bottlenecks travel through the transform beside the parameters (see
 Train mode. A batch-coupled layer (``BatchNorm`` with batch statistics) has no per-example
 gradient: capture raises, naming the layer, and asks for eval mode (``use_running_average=True``
 / ``model.eval()``), where the stored statistics are used. NNX state updates made during capture
-(RNG counters, statistics) are discarded; NNX dropout folds the example's index into its keys,
-so each example draws its own mask.
+(RNG counters, statistics) are discarded; dropout (NNX, and Linen's ``apply(rngs=...)``) folds
+the example's index into its keys, so each example draws its own mask.
 
 Never silent. Layer uses that are not captured are reported by :func:`find_layers`: with the
 default selection (``select=None``) they are skipped with a :class:`UncapturedLayerWarning`
