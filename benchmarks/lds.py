@@ -38,20 +38,27 @@ MLP retrained and scored at each learning rate), e.g.::
     python benchmarks/lds.py --tasks "" --lrs 0.01,0.05,0.2 --methods metagrad,exact_influence \\
         --same-batches --out benchmarks/results/lds_metagrad_lr_cpu.json
 
-Three more families run only when named (digits tasks; labels drawn from
-or averaged over the model's softmax):
+Four more families run only when named (labels drawn from or averaged over the model's
+softmax; the byte LM draws one label per token):
 
 - ``fisher``: exact influence, KFAC, EKFAC and LoGra-PCA (PCA basis and projected covariance)
-  under each Fisher (empirical, sampled with one label per example, true);
-- ``trak_ensemble``: TRAK's estimator (margin gradients, ``1 - p`` weights) over ``--trak-models``
-  models (ensembles of 1 and of all), beside the random-projection influence of the same size;
-- ``damping_sweep``: exact influence, EKFAC and LoGra-PCA at 0.01x to 100x the mean-eigenvalue
-  rule (ratio 0.1).
+  under each Fisher: empirical, sampled (one label per example or token), sampled8 (eight),
+  true (digits only: the LM's true Fisher has 256^T label sequences);
+- ``damping_sweep``: exact influence, KFAC, EKFAC and LoGra-PCA at 0.01x to 100x the
+  mean-eigenvalue rule (ratio 0.1), empirical Fisher;
+- ``trak_ensemble`` (digits): TRAK's estimator (margin gradients, ``1 - p`` weights) over
+  ``--trak-models`` models (ensembles of 1 and of all) at ridges ``TRAK_DAMPING`` x the mean
+  eigenvalue of ``Phi^T Phi``, two ablations (loss gradients; no ``1 - p``), beside the
+  random-projection influence of the same size and a LoGra ensemble;
+- ``head``: LoGra random and PCA with and without the read-out (last dense) layer.
 
 ::
 
-    python benchmarks/lds.py --tasks mlp --small --methods fisher,trak_ensemble,damping_sweep \
-        --out benchmarks/results/lds_fisher_small_cpu.json
+    python benchmarks/lds.py --tasks mlp --small --models 2 \
+        --methods fisher,damping_sweep,trak_ensemble,head --sizes 8 \
+        --out benchmarks/results/lds_fisher_mlp_models2_cpu.json
+    python benchmarks/lds.py --tasks lm --small --methods fisher,head,damping_sweep --sizes 4 \
+        --out benchmarks/results/lds_fisher_lm_small_cpu.json
 """
 
 from __future__ import annotations
