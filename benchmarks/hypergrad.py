@@ -436,6 +436,9 @@ def main(argv=None):
         "neumann": J.neumann(steps=10, lr=1e-3),
         "finite_difference": J.finite_difference(),
         "sama": J.sama(),
+        # The adaptation at a new gradient at θ* (one more forward + backward): the previous
+        # default, measured beside the new one.
+        "sama_solution": J.sama(adaptation="solution"),
     }
     defaults = {"cg()": J.cg(), "neumann()": J.neumann()}
     if args.methods:
@@ -462,6 +465,7 @@ def main(argv=None):
             "cg": "cg(maxiter=10)",
             "neumann": "neumann(steps=10, lr=1e-3)",
             "sama": "sama(alpha=1.0, nudge=True)",
+            "sama_solution": 'sama(alpha=1.0, nudge=True, adaptation="solution")',
         },
         "models": {},
     }
