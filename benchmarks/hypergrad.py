@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import os
 import platform
@@ -202,12 +203,15 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
         "methods": {},
     }
     state = J.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
+
+    def meta_step(s, b, mb, method):
+        s, info = J.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
+        # info.params is s.params again: returning it would count a second copy of the
+        # parameters as output memory that a training loop does not keep.
+        return s, info._replace(params=None)
+
     for name, method in methods.items():
-        step = jax.jit(
-            lambda s, b, mb, method=method: J.meta_step(
-                method, base_loss, meta_loss, opt, meta_opt, s, b, mb
-            )
-        )
+        step = jax.jit(functools.partial(meta_step, method=method))
         compiled = step.lower(state, batches, meta_batch).compile()
         mem = _memory(compiled)
         passes = J.testing.count_passes(compiled.as_text(), **markers)
