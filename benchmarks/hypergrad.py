@@ -257,6 +257,24 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
             f"residual {float(info.solve.residual):.2e} ({int(info.solve.iterations)} it)",
             flush=True,
         )
+    if "sama" in methods and "sama_solution" in methods:
+        # The two SAMA adaptations timed against each other, interleaved: their ratio does
+        # not depend on how the plain step happened to run beside each.
+        steps = [
+            jax.jit(functools.partial(meta_step, method=methods[k]))
+            for k in ("sama", "sama_solution")
+        ]
+        margs = (state, batches, meta_batch)
+        t = _time_pair(steps[1], margs, steps[0], margs, repeats)
+        result["sama_over_sama_solution"] = {
+            "time_ratio": t["meta"][0] / t["plain"][0],
+            "min_time_ratio": t["meta"][1] / t["plain"][1],
+        }
+        print(
+            f"{model_name:12s} sama / sama_solution  time x{t['meta'][1] / t['plain'][1]:5.2f} "
+            f"(median x{t['meta'][0] / t['plain'][0]:5.2f})",
+            flush=True,
+        )
     result["solver_defaults"] = {}
     for name, method in defaults.items():
         _, via = _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_batch)
