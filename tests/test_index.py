@@ -138,3 +138,13 @@ def test_errors_name_the_problem(log_path, data):
     bad = dict(PROJ, seed=1)
     with pytest.raises(ValueError, match="projection differs"):
         jaxinf.query_index(log_path, test, bad, factory="Flat")
+
+
+@pytest.mark.parametrize("ranged", [True, False])
+def test_candidate_rows_read_back_exactly(log_path, monkeypatch, ranged):
+    if not ranged:  # the plain tensorstore read, used for any other array layout
+        monkeypatch.setattr(index_mod, "_row_reader", lambda grads: None)
+    log = jaxinf.open_log(log_path)
+    rows = np.array([0, 15, 16, 169, 170, 171, N - 1])  # chunk edges and both shards
+    whole, _ = log.read(as_layers=False)
+    np.testing.assert_array_equal(index_mod._gather(log, rows), whole[rows])
