@@ -35,6 +35,7 @@ With ``--robustness`` it measures instead (and writes ``--out``, e.g.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -120,9 +121,17 @@ def main():
     )
     p.add_argument("--write-rows", type=int, default=100_000, help="rows per throughput run")
     p.add_argument("--rss-child", nargs=3, metavar=("IMPL", "KIND", "ROWS"), help=argparse.SUPPRESS)
+    p.add_argument("--scale", action="store_true", help="queries at scale, peak RSS, the index")
+    p.add_argument("--index-lists", type=int, default=256, help="--scale: IVF lists of the index")
+    p.add_argument("--nprobe", default="4,16", help="--scale: comma-separated IVF lists probed")
+    p.add_argument("--scale-child", nargs=2, metavar=("LOG", "SHARDS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
         return _rss_child(args, *args.rss_child)
+    if args.scale_child:
+        return _scale_child(args, *args.scale_child)
+    if args.scale:
+        return _scale(args)
     if args.robustness:
         return _robustness(args)
     if args.commit_cost:
@@ -612,6 +621,201 @@ def _commit_cost(args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+_SCALE_SHARDS = 4  # --scale writes --rows as 4 equal shards: queries over 1, 2, 4 of them
+
+
+def _scale_proj(args) -> tuple[list, dict]:
+    layers = [f"blocks/{i}/mlp" for i in range(args.layers)]
+    proj = {
+        "layers": {l: {"k_in": args.k_in, "k_out": args.k_out} for l in layers},
+        "init": "random",
+        "seed": 0,
+        "fingerprint": "bench-scale",
+    }
+    return layers, proj
+
+
+def _clustered(args, layers):
+    """A jitted ``batch(i, n) -> {layer: [n, k_out, k_in]}`` of distinct clustered rows.
+
+    Rows are ``center + 0.5 noise`` around 1,000 random centers: gradients of similar examples
+    point alike, which is the structure an IVF index uses (i.i.d. Gaussian rows have none and
+    are the worst case of any approximate search). Test rows come from the same mixture.
+    """
+    dim = args.layers * args.k_out * args.k_in
+    centers = jax.random.normal(jax.random.PRNGKey(7), (1000, dim), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def batch(i, n):
+        k1, k2 = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(11), i))
+        lab = jax.random.randint(k1, (n,), 0, centers.shape[0])
+        x = centers[lab] + 0.5 * jax.random.normal(k2, (n, dim), jnp.float32)
+        x = x.reshape(n, len(layers), args.k_out, args.k_in)
+        return {l: x[:, j] for j, l in enumerate(layers)}
+
+    return batch
+
+
+def _scale_child(args, log_path: str, shards: str) -> None:
+    """One child: raw reads and dot/relatif queries over ``shards``; prints JSON with peak RSS."""
+    layers, proj = _scale_proj(args)
+    log = jaxinf.open_log(log_path)
+    names = shards.split(",")
+    sel = [s for s in log.shards if s.name in names]
+    rows = sum(s.rows for s in sel)
+    nbytes = rows * log.dim * np.dtype(log.meta["storage_dtype"]).itemsize
+    nq = max(int(q) for q in args.queries.split(","))
+    test = {k: np.asarray(v) for k, v in _clustered(args, layers)(10**6, nq).items()}
+    cfg = {"raw_read": None, "dot": "dot", "relatif": "relatif"}
+    best = {k: float("inf") for k in cfg}
+    for _ in range(args.reps):  # the first round also compiles; best of the rounds is kept
+        for name, mode in cfg.items():
+            if mode is None:
+                t = 0.0
+                for s in sel:
+                    g = os.path.join(log_path, "shards", s.name, "grads")
+                    t += _raw_read(g, s.rows, log.chunk_rows, args.in_flight)
+            else:
+                t = _timed(
+                    lambda: jaxinf.query(
+                        log,
+                        test,
+                        proj,
+                        mode=mode,
+                        top_k=10,
+                        prefetch=args.prefetch,
+                        shards=names,
+                        progress=False,
+                    )
+                )
+            best[name] = min(best[name], t)
+    out = {
+        "rows": rows,
+        "shards": names,
+        "queries": nq,
+        "log_bytes": nbytes,
+        "raw_read_GB_per_s": nbytes / best["raw_read"] / 1e9,
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
+    for m in ("dot", "relatif"):
+        out[m] = {
+            "seconds": best[m],
+            "pairs_per_s": rows * nq / best[m],
+            "GB_per_s": nbytes / best[m] / 1e9,
+            "fraction_of_raw_read": best["raw_read"] / best[m],
+        }
+    print(json.dumps(out))
+
+
+def _scale_index(args, log, layers, proj) -> dict:
+    """Build the IVF index of the log's snapshot; recall@10 and speed against exhaustive."""
+    from jaxinf._src.index import recall_at_k
+
+    factory = f"IVF{args.index_lists},SQ8"
+    t = time.perf_counter()
+    jaxinf.build_index(log, factory=factory, train_rows=64 * args.index_lists, progress=False)
+    out = {"factory": factory, "build_seconds": time.perf_counter() - t, "by_queries": {}}
+    nq_max = max(int(q) for q in args.queries.split(","))
+    test_all = {k: np.asarray(v) for k, v in _clustered(args, layers)(10**6, nq_max).items()}
+    for nq in (1, nq_max):
+        test = {k: v[:nq] for k, v in test_all.items()}
+        run = lambda: jaxinf.query(log, test, proj, top_k=10, progress=False)  # noqa: E731
+        ref = run()
+        ex_s = min(_timed(run) for _ in range(max(1, args.reps - 1)))
+        row = {"exhaustive_seconds": ex_s, "nprobe": {}}
+        for nprobe in (int(p) for p in args.nprobe.split(",")):
+            got = jaxinf.query_index(log, test, proj, top_k=10, nprobe=nprobe)
+            s = min(
+                _timed(lambda: jaxinf.query_index(log, test, proj, top_k=10, nprobe=nprobe))
+                for _ in range(args.reps)
+            )
+            row["nprobe"][str(nprobe)] = {
+                "seconds": s,
+                "speedup": ex_s / s,
+                "recall_at_10_top": recall_at_k(got.top_rows, ref.top_rows),
+                "recall_at_10_bottom": recall_at_k(got.bottom_rows, ref.bottom_rows),
+                "max_abs_score_error_vs_exhaustive_on_common_rows": _common_error(got, ref),
+            }
+        out["by_queries"][str(nq)] = row
+    return out
+
+
+def _common_error(got, ref) -> float:
+    """Largest |score difference| over rows both results returned (re-scoring is exact)."""
+    err = 0.0
+    for gs, gr, rs, rr in zip(got.top_scores, got.top_rows, ref.top_scores, ref.top_rows):
+        common, gi, ri = np.intersect1d(gr, rr, return_indices=True)
+        if len(common):
+            err = max(err, float(np.max(np.abs(gs[gi] - rs[ri]) / np.abs(rs[ri]))))
+    return err
+
+
+def _scale(args) -> None:
+    """Queries over --rows rows (4 shards): pairs/s vs raw reads, peak RSS per size, the index."""
+    import subprocess
+
+    layers, proj = _scale_proj(args)
+    batch_fn = _clustered(args, layers)
+    per = args.rows // _SCALE_SHARDS
+    shutil.rmtree(args.tmp, ignore_errors=True)
+    os.makedirs(args.tmp)
+    log_path = os.path.join(args.tmp, "log")
+    result = {
+        "benchmark": "store_scale",
+        "rows": per * _SCALE_SHARDS,
+        "dim": args.layers * args.k_out * args.k_in,
+        "dtype": args.dtype,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "command": f"python benchmarks/store.py --scale --rows {args.rows} --dtype {args.dtype} "
+        f"--queries {args.queries} --reps {args.reps} --index-lists {args.index_lists} "
+        f"--nprobe {args.nprobe}",
+        "data": "clustered rows: 1,000 random centers + 0.5 x Gaussian noise, distinct rows",
+        "sizes": {},
+        "index": {},
+    }
+    t0 = time.perf_counter()
+    try:
+        for half in (0, 1):  # two shards, measure; two more, measure again
+            for j in (2 * half, 2 * half + 1):
+                t = time.perf_counter()
+                with jaxinf.LogWriter(log_path, proj, dtype=args.dtype, writer_id=str(j)) as w:
+                    for i, a in enumerate(range(0, per, args.batch)):
+                        n = args.batch if a + args.batch <= per else per - a
+                        w.write_async(
+                            batch_fn(j * 10**5 + i, n), np.arange(j * per + a, j * per + a + n)
+                        )
+                result.setdefault("write_seconds", []).append(time.perf_counter() - t)
+            log = jaxinf.open_log(log_path)
+            t = time.perf_counter()
+            jaxinf.self_influence(log, cache=True, progress=False)
+            result.setdefault("self_influence_saved_seconds", {})[str(log.num_rows)] = (
+                time.perf_counter() - t
+            )
+            for n_shards in (1, 2) if half == 0 else (4,):
+                shards = ",".join(str(j) for j in range(n_shards))
+                cmd = [sys.executable, __file__, "--scale-child", log_path, shards]
+                cmd += ["--layers", str(args.layers), "--k-out", str(args.k_out)]
+                cmd += ["--k-in", str(args.k_in), "--queries", args.queries]
+                cmd += ["--reps", str(args.reps), "--in-flight", str(args.in_flight)]
+                cmd += ["--prefetch", str(args.prefetch)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                result["sizes"][str(r["rows"])] = r
+                print(json.dumps(r), flush=True)
+            result["index"][str(log.num_rows)] = _scale_index(args, log, layers, proj)
+            print(json.dumps(result["index"][str(log.num_rows)]), flush=True)
+    finally:
+        result["total_seconds"] = time.perf_counter() - t0
+        shutil.rmtree(args.tmp, ignore_errors=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
 
 
