@@ -330,7 +330,8 @@ def query_index(
         raise ValueError(f"candidates={c} is below top_k={k}")
     pre = preconditioner(log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping)
     d = _find_index(log, kind, factory, pre)
-    index = faiss.read_index(os.path.join(d, _INDEX_FILE))
+    # memory-mapped: opening costs nothing and a search pages in only the lists it probes
+    index = faiss.read_index(os.path.join(d, _INDEX_FILE), faiss.IO_FLAG_MMAP)
     if index.ntotal != n:
         raise _fmt.LogFormatError(
             f"{d} holds {index.ntotal} rows, the log {n}; delete {d} and build it again"
