@@ -57,7 +57,7 @@ softmax; the byte LM draws one label per token):
     python benchmarks/lds.py --tasks mlp --small --models 2 \
         --methods fisher,damping_sweep,trak_ensemble,head --sizes 8 \
         --out benchmarks/results/lds_fisher_mlp_models2_cpu.json
-    python benchmarks/lds.py --tasks lm --small --methods fisher,head,damping_sweep --sizes 4 \
+    python benchmarks/lds.py --tasks lm --small --methods fisher,damping_sweep --sizes 4 \
         --out benchmarks/results/lds_fisher_lm_small_cpu.json
 """
 
