@@ -346,3 +346,6 @@ def test_query_with_a_given_fisher_equals_in_memory_influence(tmp_path):
     assert not np.allclose(emp.scores, res.scores)
     si = jaxinf.self_influence(str(tmp_path / "log"), statistics=f_true, progress=False)
     np.testing.assert_allclose(si.scores, np.diag(np.asarray(want)), rtol=1e-9)
+    # A saved self-influence is of the log's own Fisher: never written for another one.
+    with pytest.raises(ValueError, match="not with statistics="):
+        jaxinf.self_influence(str(tmp_path / "log"), statistics=f_true, cache=True, progress=False)
