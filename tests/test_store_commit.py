@@ -32,7 +32,10 @@ def storage(request):
 
 
 def where(tmp_path, storage, name):
-    """A log location: a directory, or a fresh key prefix of the in-memory kvstore."""
+    """A log location: a directory, a fresh key prefix of the in-memory kvstore, or (for a
+    callable ``storage``, see ``tests/test_store_kvstore.py``) what it returns for ``name``."""
+    if callable(storage):
+        return storage(name)
     if storage == "local":
         return str(tmp_path / name)
     return f"memory://{uuid.uuid4().hex}/{name}/"
@@ -216,7 +219,7 @@ def test_a_reader_writes_nothing(tmp_path, storage):
     log.statistics()
     test, _ = _rows(3, 5)
     jaxinf.query(log, test, PROJ, top_k=2, progress=False)
-    jaxinf.self_influence(path, progress=False)
+    jaxinf.self_influence(path if isinstance(path, str) else log, progress=False)
     assert _tree(path) == before
 
 

@@ -30,6 +30,8 @@ def _rows(ids, kind="int"):
 
 
 def where(tmp_path, storage, name="log"):
+    if callable(storage):  # see tests/test_store_kvstore.py
+        return storage(name)
     if storage == "local":
         return str(tmp_path / name)
     if storage == "file-kvstore":  # shared between processes, written through the kvstore API

@@ -448,6 +448,24 @@ def _remove_if_token(loc: Loc, token) -> bool:
     return True
 
 
+def _read_lock(loc: Loc) -> dict | None:
+    """A lock's owner record; None if there is none, ``{}`` if it is unreadable (damaged)."""
+    try:
+        if loc.st.local:
+            with open(loc.path) as f:
+                rec = json.load(f)
+        else:
+            data = loc.st.read(loc.key)[0]
+            if data is None:
+                return None
+            rec = json.loads(data)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
 class ShardLock:
     """An exclusive lock record ``<shard>/lock.json`` naming its owner (host, pid, start time).
 
@@ -482,15 +500,9 @@ class ShardLock:
             if create_json_exclusive(self.path, self.owner, self._sync):
                 self.held = True
                 return
-            try:
-                other = read_json(self.path, "lock")
-            except ValueError:  # vanished (released) or unreadable: look again
-                if exists(self.path):
-                    other = {}
-                else:
-                    continue
-            if not isinstance(other, dict):
-                other = {}
+            other = _read_lock(self.path)
+            if other is None:  # released meanwhile: try again
+                continue
             alive = _alive(other)
             if alive and time.monotonic() < deadline:
                 time.sleep(pause)  # a commit lock is held for a few milliseconds

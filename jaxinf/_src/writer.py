@@ -380,11 +380,12 @@ class LogWriter:
         """Replace the commit record; on a kvstore only if it is still the one last seen."""
         gen = files.atomic_write_json(self._shard_dir / fmt.COMMIT_FILE, {"rows": rows}, if_equal)
         if gen is None:
-            raise files.LogLockedError(
+            self._error = files.LogLockedError(
                 f"the commit record {self._shard_dir / fmt.COMMIT_FILE} was changed by another "
                 f"writer (its lock was removed while this writer held it); rows past "
                 f"{self._recorded_rows} are not committed and this writer stops"
             )
+            raise self._error
         self._commit_gen = gen
 
     def _build_index(self) -> None:
@@ -396,7 +397,7 @@ class LogWriter:
         # ids that other shards committed after some of this writer's rows were checked:
         # (rows accepted so far when they were read, their keys sorted, their stored ids)
         self._unchecked: list[tuple[int, np.ndarray, np.ndarray]] = []
-        names = files.shard_names(self.path)
+        names = files.shard_names(self._root)
         if self.writer_id not in names:
             names = sorted(names + [self.writer_id])
         for name in names:
@@ -627,7 +628,7 @@ class LogWriter:
         """
         lock = files.ShardLock(self._root, files.COMMIT_LOCK_FILE, wait_s=60.0)
         with lock:
-            for name in files.shard_names(self.path):
+            for name in files.shard_names(self._root):
                 if name != self.writer_id:
                     new = self._index_new_rows(name)
                     if new is not None:
