@@ -257,8 +257,11 @@ def s3(tmp_path_factory):
 
 def test_commit_protocol_on_s3(s3, tmp_path, monkeypatch):
     commit = _sibling("test_store_commit")
+    # the writes that differ on a kvstore (conditional creates and records, versions without a
+    # rename); all 24 crash points run on the in-memory kvstore in test_store_commit.py
+    records = ("metadata", "first commit record", "commit record", "fisher version")
     commit.test_a_crash_before_any_write_resumes_with_every_row_exactly_once(
-        tmp_path, monkeypatch, s3, first_of_each_kind=True
+        tmp_path, monkeypatch, s3, only=records
     )
     commit.test_second_writer_with_the_same_id_is_refused(tmp_path, s3)
     commit.test_close_writes_nothing_when_nothing_was_added(tmp_path, s3)

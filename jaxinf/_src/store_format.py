@@ -1,6 +1,7 @@
 """On-disk format of a gradient log: metadata, layer table, row packing, id encoding, errors.
 
-A log is a plain directory that tensorstore and any zarr v2 reader can open::
+A log is a plain directory that tensorstore and any zarr v2 reader can open (or the same keys
+under a prefix of a tensorstore kvstore: S3, GCS, memory; see ``store_files.py``)::
 
     <log>/
       metadata.json                  what produced the log (see below); written once
