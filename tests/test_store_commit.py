@@ -1,13 +1,19 @@
-"""Commit protocol: a crash before any write resumes to every row exactly once; damage is named."""
+"""Commit protocol: a crash before any write resumes to every row exactly once; damage is named.
+
+The tests that take ``storage`` run on the local filesystem and on tensorstore's in-memory
+kvstore (``tests/test_store_kvstore.py`` runs them on S3 too, when moto is installed).
+"""
 
 import json
 import os
 import subprocess
+import uuid
 
 import numpy as np
 import pytest
 
 from jaxinf import LogFormatError, LogLockedError, LogWriter, open_log
+from jaxinf._src import store_files as files
 from jaxinf._src import writer as writer_mod
 
 PROJ = {"layers": {"a": {"k_in": 3, "k_out": 2}}, "init": "random", "seed": 7, "fingerprint": "f"}
@@ -18,6 +24,50 @@ N = 15
 def _rows(a, b):
     ids = np.arange(a, b)
     return {"a": (1000.0 * ids[:, None] + np.arange(6)).reshape(-1, 2, 3)}, ids
+
+
+@pytest.fixture(params=["local", "memory"])
+def storage(request):
+    return request.param
+
+
+def where(tmp_path, storage, name):
+    """A log location: a directory, a fresh key prefix of the in-memory kvstore, or (for a
+    callable ``storage``, see ``tests/test_store_kvstore.py``) what it returns for ``name``."""
+    if callable(storage):
+        return storage(name)
+    if storage == "local":
+        return str(tmp_path / name)
+    return f"memory://{uuid.uuid4().hex}/{name}/"
+
+
+def _loc(path, key):
+    return files.location(path) / key
+
+
+def _delete(path, key):
+    loc = _loc(path, key)
+    if loc.st.local:
+        os.remove(loc.path)
+    else:
+        assert loc.st.write(loc.key, None) is not None
+
+
+def _put(path, key, data: bytes):
+    loc = _loc(path, key)
+    if loc.st.local:
+        open(loc.path, "wb").write(data)
+    else:
+        loc.st.write(loc.key, data)
+
+
+def _get_json(path, key):
+    return files.read_json(_loc(path, key), key)
+
+
+def _names(path, key):
+    loc = _loc(path, key)
+    return sorted(loc.st.list(loc.key))
 
 
 def _write_all(path, **kw):
@@ -41,9 +91,8 @@ def _dead_pid() -> int:
 def _simulate_kill(w):
     """Leave the writer as a SIGKILL would: its lock names a process that no longer runs."""
     w._release.detach()
-    json.dump(
-        {**w._lock.owner, "pid": _dead_pid()}, open(os.path.join(w._shard_dir, "lock.json"), "w")
-    )
+    lock = w._shard_dir / "lock.json"
+    _put(lock.st, lock.key, json.dumps({**w._lock.owner, "pid": _dead_pid()}).encode())
 
 
 def _check_exactly_once(path):
@@ -55,12 +104,12 @@ def _check_exactly_once(path):
     np.testing.assert_allclose(log.statistics()["a"].covariance, rows.T @ rows / N, rtol=1e-12)
 
 
-def _steps(tmp_path):
+def _steps(tmp_path, storage="local"):
     seen = []
     orig = writer_mod._before_write
     writer_mod._before_write = seen.append
     try:
-        _write_all(str(tmp_path / "count"))
+        _write_all(where(tmp_path, storage, "count"))
     finally:
         writer_mod._before_write = orig
     return seen
@@ -72,12 +121,16 @@ def test_the_protocol_has_the_documented_steps(tmp_path):
     assert {"grow", "grads chunk", "ids chunk", "commit record", "fisher version"} <= set(steps)
 
 
-def test_a_crash_before_any_write_resumes_with_every_row_exactly_once(tmp_path, monkeypatch):
+def test_a_crash_before_any_write_resumes_with_every_row_exactly_once(
+    tmp_path, monkeypatch, storage, only=None
+):
     # a process crash, not a machine crash, is simulated: skip the commit records' fsync (slow)
     monkeypatch.setattr(os, "fsync", lambda fd: None)
-    steps = _steps(tmp_path)
+    steps = _steps(tmp_path, storage)
     for k, step in enumerate(steps):
-        path = str(tmp_path / f"crash{k}")
+        if only is not None and (step not in only or step in steps[:k]):
+            continue  # a slow storage: the first write of each kind named in ``only``
+        path = where(tmp_path, storage, f"crash{k}")
         calls = []
 
         def crash(what, k=k, calls=calls):
@@ -100,7 +153,7 @@ def test_a_crash_before_any_write_resumes_with_every_row_exactly_once(tmp_path, 
             raise AssertionError(f"step {k} ({step}) was not reached")
         _simulate_kill(w)
         monkeypatch.setattr(writer_mod, "_before_write", lambda what: None)
-        if os.path.exists(os.path.join(path, "metadata.json")):
+        if files.exists(_loc(path, "metadata.json")):
             before = open_log(path).num_rows  # every intermediate state opens
             assert 0 <= before <= N, (k, step)
         with pytest.warns(RuntimeWarning, match="stale lock"):
@@ -111,8 +164,8 @@ def test_a_crash_before_any_write_resumes_with_every_row_exactly_once(tmp_path, 
         _check_exactly_once(path)
 
 
-def test_second_writer_with_the_same_id_is_refused(tmp_path):
-    path = str(tmp_path / "log")
+def test_second_writer_with_the_same_id_is_refused(tmp_path, storage):
+    path = where(tmp_path, storage, "log")
     w = LogWriter(path, PROJ, writer_id="w")
     with pytest.raises(LogLockedError, match="being written by process"):
         LogWriter(path, PROJ, writer_id="w")
@@ -134,6 +187,10 @@ def test_default_writer_ids_differ_per_writer(tmp_path):
 
 
 def _tree(path):
+    """Every file (key) of a log with its size and mtime (kvstore: its storage generation)."""
+    st = files.open_storage(path)
+    if not st.local:
+        return {k: st.kv.read(k).result().stamp.generation for k in st.kv.list().result()}
     out = {}
     for d, _, names in os.walk(path):
         for n in names:
@@ -143,8 +200,8 @@ def _tree(path):
     return out
 
 
-def test_close_writes_nothing_when_nothing_was_added(tmp_path):
-    path = str(tmp_path / "log")
+def test_close_writes_nothing_when_nothing_was_added(tmp_path, storage):
+    path = where(tmp_path, storage, "log")
     _write_all(path)
     before = _tree(path)
     with LogWriter(path, PROJ, dtype="float64", writer_id="w", on_duplicate="skip") as w:
@@ -154,98 +211,96 @@ def test_close_writes_nothing_when_nothing_was_added(tmp_path):
     assert _tree(path) == before
 
 
-def test_a_reader_writes_nothing(tmp_path):
+def test_a_reader_writes_nothing(tmp_path, storage):
     import jaxinf
 
-    path = str(tmp_path / "log")
+    path = where(tmp_path, storage, "log")
     _write_all(path, statistics=False)  # no Fisher sums saved: the reader computes them
     before = _tree(path)
     log = open_log(path)
     log.statistics()
     test, _ = _rows(3, 5)
     jaxinf.query(log, test, PROJ, top_k=2, progress=False)
-    jaxinf.self_influence(path, progress=False)
+    jaxinf.self_influence(path if isinstance(path, str) else log, progress=False)
     assert _tree(path) == before
 
 
-def _damaged(tmp_path, name):
-    path = str(tmp_path / name)
+def _damaged(tmp_path, storage, name):
+    path = where(tmp_path, storage, name)
     _write_all(path)
-    return path, os.path.join(path, "shards", "w")
+    return path, "shards/w"
 
 
-def test_missing_or_bad_commit_record_is_a_named_error(tmp_path):
-    path, shard = _damaged(tmp_path, "nocommit")
-    os.remove(os.path.join(shard, "committed.json"))
+def test_missing_or_bad_commit_record_is_a_named_error(tmp_path, storage):
+    path, shard = _damaged(tmp_path, storage, "nocommit")
+    _delete(path, f"{shard}/committed.json")
     for fn in (
         lambda: open_log(path),
         lambda: LogWriter(path, PROJ, dtype="float64", writer_id="w"),
     ):
         with pytest.raises(LogFormatError, match=r"no commit record.*write \{\"rows\": n\}"):
             fn()
-    path, shard = _damaged(tmp_path, "badcommit")
-    open(os.path.join(shard, "committed.json"), "w").write('{"rows": "many"}')
+    path, shard = _damaged(tmp_path, storage, "badcommit")
+    _put(path, f"{shard}/committed.json", b'{"rows": "many"}')
     with pytest.raises(LogFormatError, match="invalid commit record"):
         open_log(path)
 
 
-def test_missing_array_is_refused_and_never_recreated(tmp_path):
-    path, shard = _damaged(tmp_path, "nozarray")
-    os.remove(os.path.join(shard, "grads", ".zarray"))
-    chunks = sorted(os.listdir(os.path.join(shard, "grads")))
+def test_missing_array_is_refused_and_never_recreated(tmp_path, storage):
+    path, shard = _damaged(tmp_path, storage, "nozarray")
+    _delete(path, f"{shard}/grads/.zarray")
+    chunks = _names(path, f"{shard}/grads")
     with pytest.raises(LogFormatError, match="missing zarr array"):
         open_log(path)
     with pytest.raises(LogFormatError, match="never recreates"):
         LogWriter(path, PROJ, dtype="float64", writer_id="w")
-    assert sorted(os.listdir(os.path.join(shard, "grads"))) == chunks  # nothing touched
+    assert _names(path, f"{shard}/grads") == chunks  # nothing touched
 
 
-def test_missing_chunk_short_array_and_bad_layer_table_are_named_errors(tmp_path):
-    path, shard = _damaged(tmp_path, "nochunk")
-    os.remove(os.path.join(shard, "ids", "1"))
+def test_missing_chunk_short_array_and_bad_layer_table_are_named_errors(tmp_path, storage):
+    path, shard = _damaged(tmp_path, storage, "nochunk")
+    _delete(path, f"{shard}/ids/1")
     with pytest.raises(LogFormatError, match=r"chunk 1 .*missing"):
         open_log(path)
-    path, shard = _damaged(tmp_path, "short")
-    zpath = os.path.join(shard, "grads", ".zarray")
-    z = json.load(open(zpath))
+    path, shard = _damaged(tmp_path, storage, "short")
+    z = _get_json(path, f"{shard}/grads/.zarray")
     z["shape"][0] = 8
-    json.dump(z, open(zpath, "w"))
+    _put(path, f"{shard}/grads/.zarray", json.dumps(z).encode())
     with pytest.raises(LogFormatError, match="truncated"):
         open_log(path)
-    path, _ = _damaged(tmp_path, "layers")
-    mpath = os.path.join(path, "metadata.json")
-    meta = json.load(open(mpath))
+    path, _ = _damaged(tmp_path, storage, "layers")
+    meta = _get_json(path, "metadata.json")
     meta["layers"][0]["offset"] = 1
-    json.dump(meta, open(mpath, "w"))
+    _put(path, "metadata.json", json.dumps(meta).encode())
     for fn in (lambda: open_log(path), lambda: LogWriter(path, PROJ, dtype="float64")):
         with pytest.raises(LogFormatError, match="corrupted layer table"):
             fn()
     meta["layers"][0].update(offset=0, dim=5)
-    json.dump(meta, open(mpath, "w"))
+    _put(path, "metadata.json", json.dumps(meta).encode())
     with pytest.raises(LogFormatError, match="corrupted layer table"):
         open_log(path)
 
 
-def test_damaged_derived_data_is_a_named_error(tmp_path):
-    path, shard = _damaged(tmp_path, "fisher")
-    os.remove(os.path.join(shard, "fisher", f"r{N}", "layer_0", "0.0"))
+def test_damaged_derived_data_is_a_named_error(tmp_path, storage):
+    path, shard = _damaged(tmp_path, storage, "fisher")
+    _delete(path, f"{shard}/fisher/r{N}/layer_0/0.0")
     with pytest.raises(LogFormatError, match=r"fisher.*delete"):
         open_log(path).statistics()
-    path, _ = _damaged(tmp_path, "eig")
+    path, _ = _damaged(tmp_path, storage, "eig")
     open_log(path).statistics(cache=True)
-    (version,) = os.listdir(os.path.join(path, "statistics"))
-    os.remove(os.path.join(path, "statistics", version, "layer_0", "eigenvectors", "0.0"))
+    (version,) = _names(path, "statistics")
+    _delete(path, f"statistics/{version.rstrip('/')}/layer_0/eigenvectors/0.0")
     with pytest.raises(LogFormatError, match=r"eigenvectors.*missing.*delete"):
         open_log(path).statistics()
 
 
-def test_a_lock_from_another_host_is_not_broken(tmp_path):
-    path = str(tmp_path / "log")
+def test_a_lock_from_another_host_is_not_broken(tmp_path, storage):
+    path = where(tmp_path, storage, "log")
     w = LogWriter(path, PROJ, writer_id="w")
     w._release.detach()
-    lock = os.path.join(w._shard_dir, "lock.json")
-    json.dump({**w._lock.owner, "host": "elsewhere", "pid": _dead_pid()}, open(lock, "w"))
+    owner = {**w._lock.owner, "host": "elsewhere", "pid": _dead_pid()}
+    _put(path, "shards/w/lock.json", json.dumps(owner).encode())
     with pytest.raises(LogLockedError, match=r"host 'elsewhere'.*cannot be checked.*delete"):
         LogWriter(path, PROJ, writer_id="w")
-    os.remove(lock)  # the documented repair once that job is known to be gone
+    _delete(path, "shards/w/lock.json")  # the documented repair once that job is known gone
     LogWriter(path, PROJ, writer_id="w").close()

@@ -1,13 +1,20 @@
-"""Writers running at the same time with overlapping data ids: each id is committed once."""
+"""Writers running at the same time with overlapping data ids: each id is committed once.
+
+On the local filesystem and on tensorstore kvstores: in-memory for the writers of one process,
+the ``file`` kvstore driver for writer processes (its records are conditional writes, not
+renames), and S3 in ``tests/test_store_kvstore.py`` when moto is installed.
+"""
 
 import os
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
 
 from jaxinf import LogWriter, open_log
+from jaxinf._src import store_files as files
 from jaxinf._src.writer import load_fisher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +29,16 @@ def _rows(ids, kind="int"):
     return {"a": g.reshape(-1, 2, 3)}, out
 
 
+def where(tmp_path, storage, name="log"):
+    if callable(storage):  # see tests/test_store_kvstore.py
+        return storage(name)
+    if storage == "local":
+        return str(tmp_path / name)
+    if storage == "file-kvstore":  # shared between processes, written through the kvstore API
+        return f"file://{tmp_path}/{name}/"
+    return f"memory://{uuid.uuid4().hex}/{name}/"
+
+
 def _writer(path, wid, **kw):
     return LogWriter(path, PROJ, dtype="float64", writer_id=wid, chunk_rows=4, **kw)
 
@@ -34,19 +51,19 @@ def _check_log(path, kind="int"):
     assert len(set(nums)) == len(nums), sorted(nums)
     np.testing.assert_array_equal(got["a"], _rows(nums)[0]["a"])
     for s in log.shards:
-        sd = os.path.join(path, "shards", s.name)
-        if s.rows and os.path.isdir(os.path.join(sd, "fisher", f"r{s.rows}")):
+        sums = load_fisher(files.location(path) / "shards" / s.name, s.rows, 1) if s.rows else None
+        if sums is not None:
             _, sids = log.read(s.name)
             g = _rows([int(str(i).removeprefix("doc-")) for i in sids.tolist()])[0]["a"]
             g = g.reshape(len(g), -1)
-            sums = load_fisher(sd, s.rows, 1)[0]
-            np.testing.assert_allclose(sums, g.T @ g, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(sums[0], g.T @ g, rtol=1e-12, atol=1e-12)
     return sorted(nums)
 
 
+@pytest.mark.parametrize("storage", ["local", "memory"])
 @pytest.mark.parametrize("kind", ["int", "str"])
-def test_rows_a_concurrent_writer_committed_first_are_dropped_with_skip(tmp_path, kind):
-    path = str(tmp_path / "log")
+def test_rows_a_concurrent_writer_committed_first_are_dropped_with_skip(tmp_path, kind, storage):
+    path = where(tmp_path, storage)
     a = _writer(path, "a", on_duplicate="skip")
     a.write(*_rows([100], kind))  # creates the log, so that b indexes the log as of now
     b = _writer(path, "b", on_duplicate="skip")
@@ -59,9 +76,12 @@ def test_rows_a_concurrent_writer_committed_first_are_dropped_with_skip(tmp_path
     assert _check_log(path, kind) == [0, 1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 23, 24, 100]
 
 
+@pytest.mark.parametrize("storage", ["local", "memory"])
 @pytest.mark.parametrize("kind", ["int", "str"])
-def test_a_concurrent_duplicate_raises_naming_the_id_and_keeps_the_rows_before_it(tmp_path, kind):
-    path = str(tmp_path / "log")
+def test_a_concurrent_duplicate_raises_naming_the_id_and_keeps_the_rows_before_it(
+    tmp_path, kind, storage
+):
+    path = where(tmp_path, storage)
     a = _writer(path, "a")
     a.write(*_rows([100], kind))
     b = _writer(path, "b")
@@ -103,8 +123,9 @@ except ValueError as e:
 """
 
 
-def test_writer_processes_at_once_with_overlapping_ids_commit_each_id_once(tmp_path):
-    path, go = str(tmp_path / "log"), str(tmp_path / "go")
+@pytest.mark.parametrize("storage", ["local", "file-kvstore"])
+def test_writer_processes_at_once_with_overlapping_ids_commit_each_id_once(tmp_path, storage):
+    path, go = where(tmp_path, storage), str(tmp_path / "go")
     with _writer(path, "0") as w:
         w.write(*_rows([100]))  # the log exists before the jobs start
     code = _JOB.format(proj=PROJ)

@@ -47,8 +47,9 @@ def statistics_version(stamp: dict) -> str:
 class Log:
     """A read-only view of a log: metadata, committed rows of every shard, statistics."""
 
-    def __init__(self, path: str, meta: dict, shards: list[Shard]):
+    def __init__(self, path: str, meta: dict, shards: list[Shard], root=None):
         self.path, self.meta, self.shards = path, meta, shards
+        self._root = files.location(path if root is None else root)
         self.layers = fmt.layers_from_meta(meta)
         self.dim, self.dtype = meta["dim"], meta["dtype"]
         self.chunk_rows = meta["chunk_rows"]
@@ -213,10 +214,10 @@ class Log:
             return False
 
     def _load(self) -> dict[str, LayerStatistics] | None:
-        d = os.path.join(self.path, "statistics", statistics_version(self._stamp()))
-        if not os.path.isdir(d):
+        d = self._root / "statistics" / statistics_version(self._stamp())
+        if not files.has_version(d, "statistics.json"):
             return None
-        rec = files.read_json(os.path.join(d, "statistics.json"), "statistics", fmt.LogFormatError)
+        rec = files.read_json(d / "statistics.json", "statistics", fmt.LogFormatError)
         if rec.get("rows") != self._stamp() or rec.get("layers") != [l.path for l in self.layers]:
             raise fmt.LogFormatError(
                 f"{d}/statistics.json covers {rec.get('rows')!r}, not this log's rows "
@@ -225,10 +226,10 @@ class Log:
         out = {}
         try:
             for i, l in enumerate(self.layers):
-                ld = os.path.join(d, f"layer_{i}")
+                ld = d / f"layer_{i}"
                 out[l.path] = LayerStatistics(
                     *(
-                        files.read_array(os.path.join(ld, name), "statistics")
+                        files.read_array(ld / name, "statistics")
                         for name in ("covariance", "eigenvalues", "eigenvectors")
                     ),
                     self.num_rows,
@@ -242,7 +243,7 @@ class Log:
             raise ValueError(f"log {self.path} has no committed rows; no statistics to fit")
         sums = [np.zeros((l.dim, l.dim), np.float64) for l in self.layers]
         for s in self.shards:
-            sd = os.path.join(self.path, "shards", s.name)
+            sd = self._root / "shards" / s.name
             part = _writer.load_fisher(sd, s.rows, len(self.layers)) if s.rows else None
             if part is None:
                 st = _writer.fisher_sums_from_rows(
@@ -269,7 +270,7 @@ class Log:
         record = {"rows": self._stamp(), "layers": [l.path for l in self.layers]}
         try:
             return files.write_version(
-                os.path.join(self.path, "statistics"),
+                self._root / "statistics",
                 statistics_version(self._stamp()),
                 arrays,
                 "statistics.json",
@@ -284,22 +285,25 @@ class Log:
             return False
 
 
-def open_log(path: str) -> Log:
+def open_log(path) -> Log:
     """Open a log for reading: validates metadata, commit records and every committed chunk.
+
+    ``path`` is a directory, a tensorstore kvstore URL (``"memory://log/"``, ``"s3://b/log/"``)
+    or a kvstore spec dict, as given to ``LogWriter``.
 
     Raises ``ValueError`` for a directory that is not a log and ``LogFormatError`` (a
     ``ValueError``) naming the file and the repair for a damaged one. Writes nothing.
     """
-    path = os.path.abspath(path)
-    meta = fmt.load_metadata(path)
+    root = files.location(path)
+    meta = fmt.load_metadata(root)
     shards = []
-    for name in files.shard_names(path):
-        sd = os.path.join(path, "shards", name)
+    for name in files.shard_names(root):
+        sd = root / "shards" / name
         rows = files.committed_rows(sd)
         if rows is None:
             continue  # a writer that is still creating its shard
-        g = files.open_array(os.path.join(sd, "grads"), "log grads")
-        i = files.open_array(os.path.join(sd, "ids"), "log ids")
+        g = files.open_array(sd / "grads", "log grads")
+        i = files.open_array(sd / "ids", "log ids")
         if g.shape[0] < rows or i.shape[0] < rows:
             raise fmt.LogFormatError(
                 f"shard {sd}: arrays hold {g.shape[0]} / {i.shape[0]} rows but {rows} are "
@@ -315,7 +319,7 @@ def open_log(path: str) -> Log:
                 f"{meta['storage_dtype']}"
             )
         cr = meta["chunk_rows"]
-        files.check_chunks_present(os.path.join(sd, "grads"), rows, cr, 2, "log grads")
-        files.check_chunks_present(os.path.join(sd, "ids"), rows, cr, i.rank, "log ids")
+        files.check_chunks_present(sd / "grads", rows, cr, 2, "log grads")
+        files.check_chunks_present(sd / "ids", rows, cr, i.rank, "log ids")
         shards.append(Shard(name, rows, g, i))
-    return Log(path, meta, shards)
+    return Log(str(root), meta, shards, root)

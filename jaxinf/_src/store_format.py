@@ -1,6 +1,7 @@
 """On-disk format of a gradient log: metadata, layer table, row packing, id encoding, errors.
 
-A log is a plain directory that tensorstore and any zarr v2 reader can open::
+A log is a plain directory that tensorstore and any zarr v2 reader can open (or the same keys
+under a prefix of a tensorstore kvstore: S3, GCS, memory; see ``store_files.py``)::
 
     <log>/
       metadata.json                  what produced the log (see below); written once
@@ -329,15 +330,17 @@ def check_metadata(meta: Any, mpath: str) -> dict:
     return meta
 
 
-def load_metadata(path: str) -> dict:
-    from jaxinf._src.store_files import read_json
+def load_metadata(path) -> dict:
+    """Read and check ``metadata.json`` of the log at a path, URL, kvstore spec or ``Loc``."""
+    from jaxinf._src import store_files as files
 
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is not a directory (not a jaxinf log)")
-    mpath = os.path.join(path, METADATA_FILE)
-    if not os.path.exists(mpath):
-        raise ValueError(f"{path} is not a jaxinf log: missing {METADATA_FILE}")
-    return check_metadata(read_json(mpath, "log metadata", LogFormatError), mpath)
+    root = files.location(path)
+    if root.st.local and not os.path.isdir(root.path):
+        raise ValueError(f"{root} is not a directory (not a jaxinf log)")
+    mloc = root / METADATA_FILE
+    if not files.exists(mloc):
+        raise ValueError(f"{root} is not a jaxinf log: missing {METADATA_FILE}")
+    return check_metadata(files.read_json(mloc, "log metadata", LogFormatError), str(mloc))
 
 
 def values(raw: np.ndarray, dtype: str) -> np.ndarray:

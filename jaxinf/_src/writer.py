@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
-import shutil
 import time
 import uuid
 import weakref
@@ -97,39 +95,37 @@ def fisher_sums_from_rows(grads_arr, rows: int, layers, log_dtype: str, chunk_ro
     return state
 
 
-def save_fisher(shard_dir: str, sums: Sequence, rows: int) -> bool:
-    """Write ``fisher/r<rows>`` (one array per layer) as a new version; keep the previous one."""
-    parent = os.path.join(shard_dir, "fisher")
+def save_fisher(shard_dir, sums: Sequence, rows: int) -> bool:
+    """Write ``fisher/r<rows>`` (one array per layer) as a new version; keep the previous one.
+
+    ``shard_dir`` is the shard's path or ``Loc`` (see ``store_files.location``).
+    """
+    parent = files.location(shard_dir) / "fisher"
     arrays = {f"layer_{i}": np.asarray(s, np.float64) for i, s in enumerate(sums)}
     made = files.write_version(parent, f"r{rows}", arrays, "fisher.json", {"rows": int(rows)})
-    # older versions go to a trash name first (one rename), so no reader sees half of one
     olds = sorted(
-        (int(n[1:]) for n in os.listdir(parent) if n[:1] == "r" and n[1:].isdigit()),
+        (
+            int(n[1:-1])
+            for n in parent.st.list(parent.key)
+            if n[:1] == "r" and n.endswith("/") and n[1:-1].isdigit()
+        ),
         reverse=True,
     )
     for old in olds[2:]:
-        trash = os.path.join(parent, f".trash-r{old}-{uuid.uuid4().hex}")
-        try:
-            os.rename(os.path.join(parent, f"r{old}"), trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        except OSError:
-            pass
+        files.remove_version(parent / f"r{old}", "fisher.json")
     return made
 
 
-def load_fisher(shard_dir: str, rows: int, n_layers: int) -> list[np.ndarray] | None:
+def load_fisher(shard_dir, rows: int, n_layers: int) -> list[np.ndarray] | None:
     """The Fisher sums version of exactly ``rows`` rows, or None (raises if one is damaged)."""
-    d = os.path.join(shard_dir, "fisher", f"r{rows}")
-    if not os.path.isdir(d):
+    d = files.location(shard_dir) / "fisher" / f"r{rows}"
+    if not files.has_version(d, "fisher.json"):
         return None
-    rec = files.read_json(os.path.join(d, "fisher.json"), "shard Fisher sums", fmt.LogFormatError)
+    rec = files.read_json(d / "fisher.json", "shard Fisher sums", fmt.LogFormatError)
     if rec.get("rows") != rows:
         raise fmt.LogFormatError(f"{d}/fisher.json covers {rec.get('rows')!r} rows, not {rows}")
     try:
-        return [
-            files.read_array(os.path.join(d, f"layer_{i}"), "shard Fisher sums")
-            for i in range(n_layers)
-        ]
+        return [files.read_array(d / f"layer_{i}", "shard Fisher sums") for i in range(n_layers)]
     except fmt.LogFormatError as e:
         raise fmt.LogFormatError(f"{e}; delete {d} to have the sums recomputed") from None
 
@@ -169,7 +165,10 @@ class LogWriter:
     """Appends projected per-example gradients and their data ids to one locked shard of a log.
 
     Args:
-      path: the log directory (created if needed).
+      path: where the log lives (created if needed): a directory, a tensorstore kvstore URL
+        (``"memory://log/"``, ``"s3://bucket/log/"``, ``"gs://bucket/log/"``) or a kvstore
+        spec dict (``{"driver": "s3", "bucket": ..., "path": ..., "endpoint": ...}``). Every
+        guarantee below holds on a kvstore too (see ``docs/format.md``).
       projection: the capture's JSON-able projection metadata (layers, init, seed, fingerprint);
         stored verbatim and required to match exactly when the log already exists.
       dtype: storage dtype: "float32" (default), "bfloat16", "float16" or "float64".
@@ -233,7 +232,8 @@ class LogWriter:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        self.path = os.path.abspath(path)
+        self._root = files.location(path)
+        self.path = str(self._root)
         self.projection = fmt.json_roundtrip(projection, "projection")
         self.dtype, self.writer_id = dtype, writer_id
         self._chunk_rows_arg, self.max_in_flight = chunk_rows, max_in_flight
@@ -246,14 +246,11 @@ class LogWriter:
         self.meta: dict | None = None
         self.committed_rows = 0
         self._drops: list[np.ndarray] = []  # row numbers removed by each drop (see _commit)
-        self._shard_dir = os.path.join(self.path, "shards", self.writer_id)
-        has_meta = os.path.exists(os.path.join(self.path, fmt.METADATA_FILE))
-        if (
-            not has_meta
-            and os.path.exists(self.path)
-            and os.listdir(self.path)
-            and not os.path.isdir(os.path.join(self.path, "shards"))
-        ):
+        self._shard_dir = self._root / "shards" / self.writer_id
+        self._commit_gen = None  # the commit record's storage generation (kvstore only)
+        has_meta = files.exists(self._root / fmt.METADATA_FILE)
+        names = self._root.st.list(self._root.key)
+        if not has_meta and names and "shards/" not in names:
             raise ValueError(f"{self.path} exists, is not empty and is not a jaxinf log")
         files.makedirs(self._shard_dir)
         self._lock = files.ShardLock(self._shard_dir)
@@ -262,7 +259,7 @@ class LogWriter:
         self._release = weakref.finalize(self, self._lock.release)
         try:
             if has_meta:
-                self._attach(fmt.load_metadata(self.path))
+                self._attach(fmt.load_metadata(self._root))
         except BaseException:
             self._release()
             raise
@@ -287,8 +284,8 @@ class LogWriter:
             )
 
     def _open_or_create(self, name: str, shape, chunks, dtype: str, rows: int | None):
-        d = os.path.join(self._shard_dir, name)
-        if os.path.exists(os.path.join(d, ".zarray")):
+        d = self._shard_dir / name
+        if files.exists(d / ".zarray"):
             arr = files.open_array(d, f"shard {name}")
         elif rows:
             raise fmt.LogFormatError(
@@ -317,7 +314,7 @@ class LogWriter:
         """Open (or create) this writer's shard of an existing log, resuming after committed rows."""
         self._check_compatible(meta)
         self.meta = meta
-        self.layers = fmt.layers_from_meta(meta, os.path.join(self.path, fmt.METADATA_FILE))
+        self.layers = fmt.layers_from_meta(meta, str(self._root / fmt.METADATA_FILE))
         self.dim, self.chunk_rows = meta["dim"], meta["chunk_rows"]
         self._id_kind, self._max_id_bytes = meta["ids"]["kind"], meta["ids"]["max_bytes"]
         rows = files.committed_rows(self._shard_dir)
@@ -327,11 +324,10 @@ class LogWriter:
         self._grads = self._ids = None
         if rows is not None:
             self._open_shard(rows)
+            self._commit_gen = files.generation(self._shard_dir / fmt.COMMIT_FILE)
+            files.check_chunks_present(self._shard_dir / "grads", rows, cr, 2, "shard grads")
             files.check_chunks_present(
-                os.path.join(self._shard_dir, "grads"), rows, cr, 2, "shard grads"
-            )
-            files.check_chunks_present(
-                os.path.join(self._shard_dir, "ids"), rows, cr, self._ids.rank, "shard ids"
+                self._shard_dir / "ids", rows, cr, self._ids.rank, "shard ids"
             )
         self.committed_rows = self._opened_rows = self._recorded_rows = rows or 0
         self._accepted = self.committed_rows
@@ -378,7 +374,19 @@ class LogWriter:
             self._ids = self._open_or_create("ids", (cr, w), (cr, w), "|u1", rows)
         if rows is None:
             _before_write("first commit record")
-            files.atomic_write_json(os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": 0})
+            self._write_record(0, files.generation(self._shard_dir / fmt.COMMIT_FILE))
+
+    def _write_record(self, rows: int, if_equal) -> None:
+        """Replace the commit record; on a kvstore only if it is still the one last seen."""
+        gen = files.atomic_write_json(self._shard_dir / fmt.COMMIT_FILE, {"rows": rows}, if_equal)
+        if gen is None:
+            self._error = files.LogLockedError(
+                f"the commit record {self._shard_dir / fmt.COMMIT_FILE} was changed by another "
+                f"writer (its lock was removed while this writer held it); rows past "
+                f"{self._recorded_rows} are not committed and this writer stops"
+            )
+            raise self._error
+        self._commit_gen = gen
 
     def _build_index(self) -> None:
         """Index the ids committed in every shard as of now (this one included)."""
@@ -389,7 +397,7 @@ class LogWriter:
         # ids that other shards committed after some of this writer's rows were checked:
         # (rows accepted so far when they were read, their keys sorted, their stored ids)
         self._unchecked: list[tuple[int, np.ndarray, np.ndarray]] = []
-        names = files.shard_names(self.path)
+        names = files.shard_names(self._root)
         if self.writer_id not in names:
             names = sorted(names + [self.writer_id])
         for name in names:
@@ -406,7 +414,7 @@ class LogWriter:
 
     def _index_new_rows(self, name: str):
         """Add the ids another shard committed since it was last indexed; returns them."""
-        sd = os.path.join(self.path, "shards", name)
+        sd = self._root / "shards" / name
         n = files.committed_rows(sd) or 0
         if name not in self._shard_numbers:
             self._shard_numbers[name] = len(self._shard_arrays)
@@ -417,7 +425,7 @@ class LogWriter:
             return None
         arr = self._shard_arrays[num][1]
         if arr is None or arr.shape[0] < n:  # the other writer grew its array since
-            arr = files.open_array(os.path.join(sd, "ids"), "log ids")
+            arr = files.open_array(sd / "ids", "log ids")
             self._shard_arrays[num] = (name, arr)
         new = []
         for a in range(old, n, 1 << 16):
@@ -439,9 +447,9 @@ class LogWriter:
             layers, self.projection, self.dtype, chunk_rows, ids_kind, self._max_id_bytes
         )
         _before_write("metadata")
-        files.create_json_exclusive(os.path.join(self.path, fmt.METADATA_FILE), meta)
-        # another writer may have won the race: attach to whatever is on disk, after checking it
-        self._attach(fmt.load_metadata(self.path))
+        files.create_json_exclusive(self._root / fmt.METADATA_FILE, meta)
+        # another writer may have won the race: attach to whatever is there, after checking it
+        self._attach(fmt.load_metadata(self._root))
 
     # -- writing
 
@@ -618,9 +626,9 @@ class LogWriter:
         about to be committed are checked against them, so that two writers running at once
         never both commit one id: the rows committed first win.
         """
-        lock = files.ShardLock(self.path, files.COMMIT_LOCK_FILE, wait_s=60.0)
+        lock = files.ShardLock(self._root, files.COMMIT_LOCK_FILE, wait_s=60.0)
         with lock:
-            for name in files.shard_names(self.path):
+            for name in files.shard_names(self._root):
                 if name != self.writer_id:
                     new = self._index_new_rows(name)
                     if new is not None:
@@ -638,9 +646,7 @@ class LogWriter:
             else:
                 self._unchecked = [u for u in self._unchecked if u[0] > hi]
             _before_write("commit record")
-            files.atomic_write_json(
-                os.path.join(self._shard_dir, fmt.COMMIT_FILE), {"rows": self.committed_rows}
-            )
+            self._write_record(self.committed_rows, self._commit_gen)
             self._recorded_rows = self.committed_rows
         if len(dup):  # outside the lock: resolving may wait for writes and commit again
             self._resolve_duplicates(int(dup[0]))
