@@ -174,7 +174,9 @@ def _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_ba
 
 def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
     model, params, base_loss, meta_loss, batch_of, lam = build(model_name, batch, small)
-    opt, meta_opt = optax.adam(1e-3), optax.adam(1e-2)
+    # eps_root > 0: ITD differentiates Adam's sqrt(nu), whose derivative is infinite at nu = 0
+    # (dead ReLU units, attention key biases: gradient entries exactly 0), which made it NaN.
+    opt, meta_opt = optax.adam(1e-3, eps_root=1e-16), optax.adam(1e-2)
     batches = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch_of(i) for i in range(unroll)])
     mx, my, _ = batch_of(unroll)
     meta_batch = (mx, my)
@@ -453,7 +455,7 @@ def main(argv=None):
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "dtype": "float32",
-        "setup": "data reweighting: base = mean(sigmoid(lam[idx]) * CE) with Adam(1e-3); "
+        "setup": "data reweighting: base = mean(sigmoid(lam[idx]) * CE) with Adam(1e-3, eps_root=1e-16); "
         "meta = mean CE on a clean batch with Adam(1e-2); one meta step = meta_step(...) "
         "(unroll + hypergradient + meta update) vs one plain Adam step; grad paths: jax.grad "
         "through unroll(adjoint=method) vs unroll + hypergradient(method), both jitted",

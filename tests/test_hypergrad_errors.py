@@ -132,3 +132,39 @@ def test_meta_step_skips_nonfinite_update():
     np.testing.assert_array_equal(new.lam, LAM)
     for a, b in zip(jax.tree.leaves(new.meta_opt_state), jax.tree.leaves(state.meta_opt_state)):
         np.testing.assert_array_equal(a, b)
+
+
+# ITD through Adam where one gradient entry is exactly zero (an input feature that is always
+# zero, like the output of a dead ReLU unit): d sqrt(nu)/d nu is infinite at nu = 0 and times
+# d nu/d g = 0 gives NaN.  eps_root > 0 makes the derivative finite; the message says so.
+def zero_feature_loss(w, lam, x):
+    return lam * jnp.sum((w * x - 1.0) ** 2)  # x[1] = 0: the gradient of w[1] is exactly 0
+
+
+def sum_meta(w, lam, batch):
+    return jnp.sum(w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_itd_through_adam_at_a_zero_gradient_needs_eps_root(dtype):
+    w0, lam = jnp.zeros(2, dtype), jnp.asarray(2.0, dtype)
+    batches = jnp.asarray([[1.0, 0.0]], dtype)  # one step
+    lr, eps = 0.1, 0.5  # a large eps makes the first step's derivative sizeable
+
+    def hypergrad(opt, **kw):
+        un = J.unroll(zero_feature_loss, opt, w0, opt.init(w0), lam, batches)
+        return J.hypergradient(J.itd(), zero_feature_loss, sum_meta, opt, un, lam, None, None, **kw)
+
+    g, info = jax.jit(hypergrad, static_argnums=0)(optax.adam(lr, eps=eps))
+    assert not bool(info.finite) and bool(jnp.isnan(g))
+    with pytest.raises(Exception, match="eps_root"):
+        jax.block_until_ready(
+            jax.jit(lambda: hypergrad(optax.adam(lr, eps=eps), raise_nonfinite=True))()
+        )
+
+    g, info = jax.jit(hypergrad, static_argnums=0)(optax.adam(lr, eps=eps, eps_root=1e-16))
+    # Adam's first step from zero moments is w1 = w0 - lr * g / (|g| + eps) per entry (bias
+    # correction makes m = g, nu = g^2); g[0] = -2 lam, and w[1] stays put.
+    ref = jax.grad(lambda lam: -lr * (-2 * lam) / (jnp.abs(-2 * lam) + eps))(lam)
+    assert bool(info.finite)
+    np.testing.assert_allclose(g, ref, rtol=1e-5 if dtype == jnp.float32 else 1e-12)

@@ -55,7 +55,9 @@ def _raise_nonfinite(finite, name):
     if not bool(jnp.all(finite)):
         raise FloatingPointError(
             f"non-finite hypergradient from method {name!r}: check the losses, the learning "
-            "rates, and (cg) the damping"
+            "rates, and (cg) the damping. Through Adam (itd) a gradient entry that is exactly "
+            "zero (a dead ReLU unit, an attention key bias) gives NaN, since d sqrt(nu)/d nu is "
+            "infinite at nu = 0: pass eps_root > 0, e.g. optax.adam(lr, eps_root=1e-16)."
         )
 
 
