@@ -138,7 +138,7 @@ def build(model_name, batch, small):
         x, y, idx = b
         return jnp.mean(jax.nn.sigmoid(lam[idx]) * ce(p, x, y))
 
-    def meta_loss(p, lam, b):
+    def meta_loss(lam, p, b):
         x, y = b
         return jnp.mean(ce(p, x, y))
 
@@ -159,14 +159,16 @@ def _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_ba
     def through_unroll(p, s, lam):
         def total(lam):
             un = J.unroll(base_loss, opt, p, s, lam, batches, adjoint=method)
-            return meta_loss(un.params, lam, meta_batch)
+            return meta_loss(lam, un.params, meta_batch)
 
         return jax.grad(total)(lam)
 
     @jax.jit
     def via_hypergradient(p, s, lam):
         un = J.unroll(base_loss, opt, p, s, lam, batches)
-        g, info = J.hypergradient(method, base_loss, meta_loss, opt, un, lam, last, meta_batch)
+        g, info = J.functional.hypergradient(
+            method, base_loss, meta_loss, opt, un, lam, last, meta_batch
+        )
         return g, info.solve
 
     return through_unroll, via_hypergradient
@@ -203,10 +205,10 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
         "plain_passes": J.testing.count_passes(plain_compiled.as_text(), **markers),
         "methods": {},
     }
-    state = J.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
+    state = J.functional.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
     for name, method in methods.items():
         step = jax.jit(
-            lambda s, b, mb, method=method: J.meta_step(
+            lambda s, b, mb, method=method: J.functional.meta_step(
                 method, base_loss, meta_loss, opt, meta_opt, s, b, mb
             )
         )

@@ -37,7 +37,7 @@ def base_loss(p, lam, b):  # per-example weights sigmoid(λ[idx])
     return jnp.mean(jax.nn.sigmoid(lam[idx]) * _ce(p, x, y))
 
 
-def meta_loss(p, lam, b):
+def meta_loss(lam, p, b):
     x, y = b
     return jnp.mean(_ce(p, x, y))
 
@@ -81,10 +81,10 @@ def test_sama_meta_step_passes(setup, nudge):
     params, lam, batches, meta_batch = setup
     opt, meta_opt = optax.adam(1e-3), optax.adam(1e-2)
     method = jaxmlo.sama(alpha=0.1, nudge=nudge)
-    state = jaxmlo.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
+    state = jaxmlo.functional.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
 
     def step(s, b, mb):
-        return jaxmlo.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
+        return jaxmlo.functional.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
 
     # The nudge's adaptation is the hypergradient's: no extra pass with nudge=True.
     assert _passes(step, state, batches, meta_batch) == {"forward": 5, "backward": 3}
