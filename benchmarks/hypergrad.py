@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import os
 import platform
@@ -206,12 +207,15 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
         "methods": {},
     }
     state = J.functional.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
+
+    def meta_step(s, b, mb, method):
+        s, info = J.functional.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
+        # info.params is s.params again: returning it would count a second copy of the
+        # parameters as output memory that a training loop does not keep.
+        return s, info._replace(params=None)
+
     for name, method in methods.items():
-        step = jax.jit(
-            lambda s, b, mb, method=method: J.functional.meta_step(
-                method, base_loss, meta_loss, opt, meta_opt, s, b, mb
-            )
-        )
+        step = jax.jit(functools.partial(meta_step, method=method))
         compiled = step.lower(state, batches, meta_batch).compile()
         mem = _memory(compiled)
         passes = J.testing.count_passes(compiled.as_text(), **markers)
@@ -255,6 +259,24 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
             f"passes {passes['forward']} fwd {passes['backward']} bwd  "
             f"grad-through-unroll / hypergradient x{gmn / vmn:5.2f}  "
             f"residual {float(info.solve.residual):.2e} ({int(info.solve.iterations)} it)",
+            flush=True,
+        )
+    if "sama" in methods and "sama_solution" in methods:
+        # The two SAMA adaptations timed against each other, interleaved: their ratio does
+        # not depend on how the plain step happened to run beside each.
+        steps = [
+            jax.jit(functools.partial(meta_step, method=methods[k]))
+            for k in ("sama", "sama_solution")
+        ]
+        margs = (state, batches, meta_batch)
+        t = _time_pair(steps[1], margs, steps[0], margs, repeats)
+        result["sama_over_sama_solution"] = {
+            "time_ratio": t["meta"][0] / t["plain"][0],
+            "min_time_ratio": t["meta"][1] / t["plain"][1],
+        }
+        print(
+            f"{model_name:12s} sama / sama_solution  time x{t['meta'][1] / t['plain'][1]:5.2f} "
+            f"(median x{t['meta'][0] / t['plain'][0]:5.2f})",
             flush=True,
         )
     result["solver_defaults"] = {}
@@ -440,6 +462,9 @@ def main(argv=None):
         "neumann": J.neumann(steps=10, lr=1e-3),
         "finite_difference": J.finite_difference(),
         "sama": J.sama(),
+        # The adaptation at a new gradient at θ* (one more forward + backward): the previous
+        # default, measured beside the new one.
+        "sama_solution": J.sama(adaptation="solution"),
     }
     defaults = {"cg()": J.cg(), "neumann()": J.neumann()}
     if args.methods:
@@ -466,6 +491,7 @@ def main(argv=None):
             "cg": "cg(maxiter=10)",
             "neumann": "neumann(steps=10, lr=1e-3)",
             "sama": "sama(alpha=1.0, nudge=True)",
+            "sama_solution": 'sama(alpha=1.0, nudge=True, adaptation="solution")',
         },
         "models": {},
     }

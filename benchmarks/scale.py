@@ -323,6 +323,7 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
     variants = {
         "plain": None,
         "sama": jaxmlo.sama(),
+        "sama_solution": jaxmlo.sama(adaptation="solution"),  # adapts at a new gradient at θ*
         "cg": jaxmlo.cg(maxiter=5, damping=0.1),
         "neumann": jaxmlo.neumann(steps=5, lr=0.01),
     }
@@ -352,7 +353,7 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
             t, _ = timed(compiled, lambda i, state=state: (state, data_v[i % 3]), iters)
             rows[name].update(samples_per_s=B / t, step_s=t)
         del state, compiled
-    for name in ("sama", "cg", "neumann"):
+    for name in ("sama", "sama_solution", "cg", "neumann"):
         if iters:
             rows[name]["time_over_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
         pm = rows["plain"]["memory"].get("peak_estimate_bytes")

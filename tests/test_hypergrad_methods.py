@@ -185,7 +185,9 @@ def _run_and_adapt(opt, steps=4):
     grads = rng.normal(size=(steps + 1, 7))
     un = J.unroll(linear_loss, opt, theta0, opt.init(theta0), None, jnp.asarray(grads[:steps]))
     v = rng.normal(size=7)
-    pv = sama_adaptation(linear_loss, opt, un, None, jnp.asarray(grads[steps]), jnp.asarray(v))
+    pv = sama_adaptation(
+        linear_loss, opt, un, None, jnp.asarray(grads[steps]), jnp.asarray(v), at="solution"
+    )
     return np.asarray(pv), v, list(grads[:steps]), grads[steps]
 
 
@@ -302,5 +304,5 @@ def test_sama_adaptation_is_finite_where_adam_saw_no_gradient():
     loss = lambda th, deps, b: jnp.sum(mask * b * th)
     th0 = jnp.zeros(3)
     un = J.unroll(loss, opt, th0, opt.init(th0), None, jnp.ones((2, 3)))
-    pv = sama_adaptation(loss, opt, un, None, jnp.ones(3), jnp.ones(3))
+    pv = sama_adaptation(loss, opt, un, None, jnp.ones(3), jnp.ones(3), at="solution")
     assert bool(jnp.all(jnp.isfinite(pv))) and float(pv[1]) == 0.0 and float(pv[0]) != 0.0

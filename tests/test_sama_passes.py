@@ -1,11 +1,12 @@
 """Model passes in one compiled SAMA meta step, counted in the compiled HLO.
 
-A SAMA meta step with one unrolled base step on a reweighted loss takes five forward and three
+A SAMA meta step with one unrolled base step on a reweighted loss takes four forward and two
 backward passes through the model: the base step (forward + backward), the meta gradient at θ*
-(forward + backward), the base gradient at θ* for the optimizer adaptation (forward + backward),
-and the central difference's two evaluations of ∂L/∂λ at θ* ± εPv, which are forward passes
-only because λ enters the loss as per-example weights (JAX differentiates λ only, through the
-weights).  The nudge reuses the adaptation (XLA merges the two identical computations).
+(forward + backward), and the central difference's two evaluations of ∂L/∂λ at θ* ± εPv, which
+are forward passes only because λ enters the loss as per-example weights (JAX differentiates λ
+only, through the weights).  The optimizer adaptation reuses the base step's gradient; with
+``adaptation="solution"`` it takes a new one at θ* (one more forward + backward).  The nudge
+reuses the adaptation (XLA merges the two identical computations).
 """
 
 import jax
@@ -76,18 +77,49 @@ def test_plain_step_is_one_forward_one_backward(setup):
     assert _passes(plain, params, opt.init(params), first) == {"forward": 1, "backward": 1}
 
 
+SAMA_PASSES = {
+    "last_step": {"forward": 4, "backward": 2},
+    "solution": {"forward": 5, "backward": 3},
+}
+
+
+@pytest.mark.parametrize("adaptation", sorted(SAMA_PASSES))
 @pytest.mark.parametrize("nudge", [True, False])
-def test_sama_meta_step_passes(setup, nudge):
+def test_sama_meta_step_passes(setup, nudge, adaptation):
     params, lam, batches, meta_batch = setup
     opt, meta_opt = optax.adam(1e-3), optax.adam(1e-2)
-    method = jaxmlo.sama(alpha=0.1, nudge=nudge)
+    method = jaxmlo.sama(alpha=0.1, nudge=nudge, adaptation=adaptation)
     state = jaxmlo.functional.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
 
     def step(s, b, mb):
         return jaxmlo.functional.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
 
     # The nudge's adaptation is the hypergradient's: no extra pass with nudge=True.
-    assert _passes(step, state, batches, meta_batch) == {"forward": 5, "backward": 3}
+    assert _passes(step, state, batches, meta_batch) == SAMA_PASSES[adaptation]
+
+
+def test_program_step_sama_passes(setup):
+    # The DAG engine hands the base problem's last gradient to SAMA too.
+    params, lam, batches, meta_batch = setup
+    prog = jaxmlo.Program(
+        [
+            jaxmlo.Problem(
+                "base",
+                lambda p, d, b: base_loss(p, d["meta"], b),
+                params,
+                optax.adam(1e-3),
+                method=jaxmlo.sama(),
+            ),
+            jaxmlo.Problem(
+                "meta", lambda m, d, b: meta_loss(m, d["base"], b), lam, optax.adam(1e-2)
+            ),
+        ],
+        u2l={"meta": ["base"]},
+        l2u={"base": ["meta"]},
+    )
+    data = {"base": batches, "meta": jax.tree.map(lambda a: a[None], meta_batch)}
+    step = lambda s, d: jaxmlo.step(prog, s, d)  # noqa: E731
+    assert _passes(step, jaxmlo.init(prog), data) == SAMA_PASSES["last_step"]
 
 
 def test_central_difference_is_forward_only_for_weights(setup):
@@ -102,9 +134,15 @@ def test_central_difference_is_forward_only_for_weights(setup):
     def sama(u, v):
         return jaxmlo.sama().best_response_vjp(base_loss, opt, u, lam, last, v)
 
-    # finite_difference: ∂L/∂λ at θ ± εv, two forwards; SAMA adds the base gradient at θ*.
+    def sama_at_solution(u, v):
+        method = jaxmlo.sama(adaptation="solution")
+        return method.best_response_vjp(base_loss, opt, u, lam, last, v)
+
+    # finite_difference: ∂L/∂λ at θ ± εv, two forwards; SAMA adapts at the unroll's last
+    # gradient (no pass), or at a new base gradient at θ* ("solution").
     assert _passes(fd, un, params) == {"forward": 2, "backward": 0}
-    assert _passes(sama, un, params) == {"forward": 3, "backward": 1}
+    assert _passes(sama, un, params) == {"forward": 2, "backward": 0}
+    assert _passes(sama_at_solution, un, params) == {"forward": 3, "backward": 1}
 
 
 def test_count_matmuls_counts_by_result_type():

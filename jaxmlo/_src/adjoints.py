@@ -414,19 +414,35 @@ def finite_difference(eps: float = 0.01) -> HypergradMethod:
     return _method("finite_difference", with_info, implicit=True)
 
 
-def sama_adaptation(loss_fn, optimizer, unrolled, deps, batch, v):
+_ADAPT_AT = ("last_step", "solution")
+
+
+def sama_adaptation(loss_fn, optimizer, unrolled, deps, batch, v, *, at: str = "last_step"):
     """SAMA's algorithmic adaptation ``P v = -(∂u/∂g) v`` at the unrolled optimizer state.
 
     ``u(g) = optimizer.update(g, unrolled.opt_state, unrolled.params)[0]`` is the optax update
-    (added to θ), so ``P = lr·I`` for ``optax.sgd(lr)``; one ``jax.jvp`` of ``u`` at the base
-    gradient ``g = ∂L/∂θ(θ*, deps, batch)`` gives ``P v`` for any optax optimizer.  For
-    element-wise optimizers (sgd, momentum, adam, adamw, rmsprop, ...) P is diagonal, hence
-    symmetric, and ``P v`` is also the transposed product the chain rule asks for.  Entries
-    whose gradient is exactly zero and whose derivative is not finite (Adam with an all-zero
-    history: ``0·∞``) are adapted by 0.
+    (added to θ), so ``P = lr·I`` for ``optax.sgd(lr)``; one ``jax.jvp`` of ``u`` at a base
+    gradient ``g`` gives ``P v`` for any optax optimizer.  For element-wise optimizers (sgd,
+    momentum, adam, adamw, rmsprop, ...) P is diagonal, hence symmetric, and ``P v`` is also
+    the transposed product the chain rule asks for.  Entries whose gradient is exactly zero and
+    whose derivative is not finite (Adam with an all-zero history: ``0·∞``) are adapted by 0.
+
+    Args:
+      loss_fn, optimizer, unrolled, deps, batch, v: as in ``best_response_vjp``.
+      at: where ``g`` is taken.  ``"last_step"``: ``unrolled.grad``, the gradient of the
+        unroll's last step (at θ_{T-1}, the one the optimizer last saw, as Betty does), at no
+        cost; where ``unrolled.grad`` is None (an ``Unrolled`` built by hand) it falls back to
+        ``"solution"``.  ``"solution"``: ``∂L/∂θ(θ*, deps, batch)`` at the unroll's result,
+        one more forward and backward pass through the model.
     """
+    if at not in _ADAPT_AT:
+        raise ValueError(f"at must be one of {_ADAPT_AT}, got {at!r}.")
     theta = unrolled.params
-    g = jax.grad(loss_fn)(theta, deps, batch)
+    if at == "last_step" and unrolled.grad is not None:
+        _check_same_tree("unrolled.grad", unrolled.grad, theta, "unrolled.params")
+        g = unrolled.grad
+    else:
+        g = jax.grad(loss_fn)(theta, deps, batch)
     _, du = jax.jvp(lambda gg: optimizer.update(gg, unrolled.opt_state, theta)[0], (g,), (v,))
     # Adam-like updates m/(sqrt(s)+eps) differentiate to 0 * inf = NaN where the gradient and its
     # whole second-moment history are exactly zero (dead ReLU units, embedding rows not in the
@@ -445,7 +461,13 @@ def _unit(pv, v):
     return jax.tree.map(lambda a, b: jnp.where(npv > 0, a, b), scaled, v)
 
 
-def sama(alpha: float = 1.0, nudge: bool = True, *, unit_scale: bool = False) -> HypergradMethod:
+def sama(
+    alpha: float = 1.0,
+    nudge: bool = True,
+    *,
+    unit_scale: bool = False,
+    adaptation: str = "last_step",
+) -> HypergradMethod:
     """SAMA (thesis eq. 3.5): identity base Jacobian, optimizer adaptation, central difference.
 
     ``(dθ*/dλ)^T v ≈ -(∇_λ L(θ*+εPv) - ∇_λ L(θ*-εPv)) / 2ε`` with ``P v`` from
@@ -472,13 +494,19 @@ def sama(alpha: float = 1.0, nudge: bool = True, *, unit_scale: bool = False) ->
       alpha: perturbation norm of the central difference and of the nudge (1.0 in the thesis).
       nudge: apply the base-parameter update after each meta step.
       unit_scale: rescale ``P v`` to ``‖v‖`` (see above).
+      adaptation: the gradient ``P`` is taken at (``at`` of :func:`sama_adaptation`).
+        ``"last_step"`` (default) reuses the unroll's last gradient: a meta step is then one
+        base forward+backward, one meta forward+backward and the central difference's two
+        evaluations.  ``"solution"`` takes a new gradient at θ*: one more forward and backward.
     """
     alpha = _check_real("alpha", alpha, positive=True)
     if not isinstance(nudge, bool) or not isinstance(unit_scale, bool):
         raise TypeError(f"nudge and unit_scale must be bools, got {nudge!r}, {unit_scale!r}.")
+    if adaptation not in _ADAPT_AT:
+        raise ValueError(f"adaptation must be one of {_ADAPT_AT}, got {adaptation!r}.")
 
     def adapted(loss_fn, optimizer, unrolled, deps, batch, v):
-        pv = sama_adaptation(loss_fn, optimizer, unrolled, deps, batch, v)
+        pv = sama_adaptation(loss_fn, optimizer, unrolled, deps, batch, v, at=adaptation)
         return _unit(pv, v) if unit_scale else pv
 
     def with_info(loss_fn, optimizer, unrolled, deps, batch, v):

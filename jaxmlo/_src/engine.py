@@ -257,6 +257,7 @@ def program_pass(program: Program, state: ProgramState, batches: dict, update=sc
             params=out.params,
             opt_state=out.opt_state,
             batches=bs,
+            grad=out.grad,  # the last step's gradient: SAMA adapts at it without a new pass
         )
         unrolled_deps[name] = deps
         params[name], opt_states[name] = out.params, out.opt_state

@@ -193,7 +193,7 @@ def _sharded_update(mesh, axis, reduction, local):
                 prog, name, params, opt_state, deps, bs, unrolled, unrolled_deps, nudged
             )
         batch_spec = P(None, axis)
-        un_spec = {l: Unrolled(P(), P(), P(), P(), batch_spec) for l in unrolled}
+        un_spec = {l: Unrolled(P(), P(), P(), P(), batch_spec, P()) for l in unrolled}
         fn = jax.shard_map(
             functools.partial(_local_pass, prog, name, axis, reduction, nudged=nudged),
             mesh=mesh,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxmlo._src.checks import (
@@ -40,6 +41,9 @@ class Unrolled(NamedTuple):
     params: Any  # params after T steps: the approximate optimum θ*
     opt_state: Any  # optimizer state after T steps
     batches: Any  # the T batches used (pytree, leading axis T)
+    # ∂L/∂θ of the last step, at θ_{T-1} with its batch (what the optimizer last saw); None
+    # where the Unrolled was built by hand.  SAMA's adaptation reads it instead of a new pass.
+    grad: Any = None
 
 
 class HypergradMethod(NamedTuple):
@@ -75,18 +79,25 @@ class HypergradMethod(NamedTuple):
 
 
 def _scan_steps(loss_fn, optimizer, params, opt_state, deps, batches, checkpoint=False):
+    """T optax steps; returns ``(params, opt_state, grad)``, ``grad`` the last step's gradient.
+
+    The gradient rides in the carry under ``stop_gradient``: keeping it costs one buffer the
+    step computes anyway, and reverse mode through the loop never differentiates it.
+    """
+
     def step(carry, batch):
-        p, s = carry
+        p, s, _ = carry
         g = jax.grad(loss_fn)(p, deps, batch)
         u, s = optimizer.update(g, s, p)
-        return (optax.apply_updates(p, u), s), None
+        return (optax.apply_updates(p, u), s, jax.lax.stop_gradient(g)), None
 
     if checkpoint:
         # Rematerialize each step's activations in the backward pass: memory O(1) in T per step
         # body instead of O(T) saved intermediates, at the price of one extra forward per step.
         step = jax.checkpoint(step)
-    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), batches)
-    return params, opt_state
+    g0 = jax.tree.map(jnp.zeros_like, params)
+    (params, opt_state, grad), _ = jax.lax.scan(step, (params, opt_state, g0), batches)
+    return params, opt_state, grad
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -95,14 +106,14 @@ def _solution(loss_fn, optimizer, adjoint, params, opt_state, deps, batches):
 
 
 def _solution_fwd(loss_fn, optimizer, adjoint, params, opt_state, deps, batches):
-    p, s = _scan_steps(loss_fn, optimizer, params, opt_state, deps, batches)
-    return (p, s), Unrolled(params, opt_state, p, s, (deps, batches))
+    p, s, g = _scan_steps(loss_fn, optimizer, params, opt_state, deps, batches)
+    return (p, s, g), Unrolled(params, opt_state, p, s, (deps, batches), g)
 
 
 def _solution_bwd(loss_fn, optimizer, adjoint, res, cotangents):
     deps, batches = res.batches
     unrolled = res._replace(batches=batches)
-    v, _ = cotangents  # the implicit view differentiates θ* only, not the optimizer state
+    v, _, _ = cotangents  # the implicit view differentiates θ* only, not state or gradient
     g = adjoint.best_response_vjp(loss_fn, optimizer, unrolled, deps, _last(batches), v)
     # θ* of a converged problem depends on deps only: no cotangent for the starting point,
     # the optimizer state or the data.
@@ -143,7 +154,8 @@ def unroll(loss_fn, optimizer, params, opt_state, deps, batches, *, adjoint=None
         :func:`bilevel` apply it.
 
     Returns:
-      ``Unrolled(params0, opt_state0, params, opt_state, batches)``.
+      ``Unrolled(params0, opt_state0, params, opt_state, batches, grad)``, ``grad`` the
+      gradient of the last step (not differentiated).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxmlo
@@ -169,9 +181,9 @@ def unroll(loss_fn, optimizer, params, opt_state, deps, batches, *, adjoint=None
         )
     if adjoint is None or not adjoint.implicit:
         checkpoint = adjoint is not None and adjoint.checkpoint
-        p, s = _scan_steps(loss_fn, optimizer, params, opt_state, deps, batches, checkpoint)
+        p, s, g = _scan_steps(loss_fn, optimizer, params, opt_state, deps, batches, checkpoint)
     else:
         _check_floating("deps", deps)
         _refuse_forward_mode(adjoint, (params, opt_state, deps, batches))
-        p, s = _solution(loss_fn, optimizer, adjoint, params, opt_state, deps, batches)
-    return Unrolled(params, opt_state, p, s, batches)
+        p, s, g = _solution(loss_fn, optimizer, adjoint, params, opt_state, deps, batches)
+    return Unrolled(params, opt_state, p, s, batches, g)
