@@ -139,7 +139,7 @@ def build(model_name, batch, small):
         x, y, idx = b
         return jnp.mean(jax.nn.sigmoid(lam[idx]) * ce(p, x, y))
 
-    def meta_loss(p, lam, b):
+    def meta_loss(lam, p, b):
         x, y = b
         return jnp.mean(ce(p, x, y))
 
@@ -160,14 +160,16 @@ def _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_ba
     def through_unroll(p, s, lam):
         def total(lam):
             un = J.unroll(base_loss, opt, p, s, lam, batches, adjoint=method)
-            return meta_loss(un.params, lam, meta_batch)
+            return meta_loss(lam, un.params, meta_batch)
 
         return jax.grad(total)(lam)
 
     @jax.jit
     def via_hypergradient(p, s, lam):
         un = J.unroll(base_loss, opt, p, s, lam, batches)
-        g, info = J.hypergradient(method, base_loss, meta_loss, opt, un, lam, last, meta_batch)
+        g, info = J.functional.hypergradient(
+            method, base_loss, meta_loss, opt, un, lam, last, meta_batch
+        )
         return g, info.solve
 
     return through_unroll, via_hypergradient
@@ -175,7 +177,9 @@ def _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_ba
 
 def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
     model, params, base_loss, meta_loss, batch_of, lam = build(model_name, batch, small)
-    opt, meta_opt = optax.adam(1e-3), optax.adam(1e-2)
+    # eps_root > 0: ITD differentiates Adam's sqrt(nu), whose derivative is infinite at nu = 0
+    # (dead ReLU units, attention key biases: gradient entries exactly 0), which made it NaN.
+    opt, meta_opt = optax.adam(1e-3, eps_root=1e-16), optax.adam(1e-2)
     batches = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch_of(i) for i in range(unroll)])
     mx, my, _ = batch_of(unroll)
     meta_batch = (mx, my)
@@ -202,10 +206,10 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
         "plain_passes": J.testing.count_passes(plain_compiled.as_text(), **markers),
         "methods": {},
     }
-    state = J.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
+    state = J.functional.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
 
     def meta_step(s, b, mb, method):
-        s, info = J.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
+        s, info = J.functional.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
         # info.params is s.params again: returning it would count a second copy of the
         # parameters as output memory that a training loop does not keep.
         return s, info._replace(params=None)
@@ -478,7 +482,7 @@ def main(argv=None):
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "dtype": "float32",
-        "setup": "data reweighting: base = mean(sigmoid(lam[idx]) * CE) with Adam(1e-3); "
+        "setup": "data reweighting: base = mean(sigmoid(lam[idx]) * CE) with Adam(1e-3, eps_root=1e-16); "
         "meta = mean CE on a clean batch with Adam(1e-2); one meta step = meta_step(...) "
         "(unroll + hypergradient + meta update) vs one plain Adam step; grad paths: jax.grad "
         "through unroll(adjoint=method) vs unroll + hypergradient(method), both jitted",

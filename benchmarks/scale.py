@@ -7,7 +7,7 @@ Every part compares against a baseline measured in the same run, on all devices 
   step (forward + backward + AdamW) vs ``jaxinf.sharded_logging`` (LoGra on every linear layer +
   projected covariance), and end to end with rows written to a tensorstore log.
 * ``reweighting``: data reweighting (thesis 3.4.1) of a transformer classifier with an MWN meta
-  network, as a ``jaxmlo`` program under ``jaxmlo.parallel_step``: samples/s and compiled
+  network, as a ``jaxmlo`` program under ``jaxmlo.parallel.parallel_step``: samples/s and compiled
   memory of plain finetuning vs SAMA, CG and Neumann.
 * ``query``: a log of random rows; raw tensorstore read bandwidth vs ``jaxinf.query`` and
   ``jaxinf.sharded_query`` (pairs/s and the bytes/s they stream).
@@ -298,7 +298,11 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
     def plain_loss(p, deps, b):
         return jnp.mean(losses(p, b))
 
-    mp = (lambda f: jaxmlo.mixed_precision(f, compute_dtype)) if compute_dtype else (lambda f: f)
+    mp = (
+        (lambda f: jaxmlo.parallel.mixed_precision(f, compute_dtype))
+        if compute_dtype
+        else (lambda f: f)
+    )
     opt = optax.adamw(1e-5)
 
     def batches(i):
@@ -314,7 +318,7 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
             ),
         }
 
-    data = [jaxmlo.shard_batches(batches(i), mesh) for i in range(3)]
+    data = [jaxmlo.parallel.shard_batches(batches(i), mesh) for i in range(3)]
     rows = {}
     variants = {
         "plain": None,
@@ -337,8 +341,8 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
                 l2u={"base": ["meta"]},
             )
             data_v = data
-        state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
-        step = jaxmlo.parallel_step(prog, mesh)
+        state = jaxmlo.parallel.replicate(jaxmlo.init(prog), mesh)
+        step = jaxmlo.parallel.parallel_step(prog, mesh)
         compiled = step.lower(state, data_v[0]).compile()
         rows[name] = {
             "memory": memory(compiled),
@@ -462,7 +466,7 @@ def main():
     cfg = SIZES[args.size]
     bf16 = args.bf16 if args.bf16 is not None else args.size == "large"
     dtype = jnp.bfloat16 if bf16 else None
-    mesh = jaxmlo.data_mesh()
+    mesh = jaxmlo.parallel.data_mesh()
     tmp = args.tmp or tempfile.mkdtemp(prefix="jaxmlo_scale_bench_")
     os.makedirs(tmp, exist_ok=True)
     result = {

@@ -141,7 +141,7 @@ __all__ = [
     # metagrad
     "metagradient_scores",
     "weighted_train",
-    # parallel (meshes: jaxmlo.data_mesh)
+    # parallel (meshes: jaxmlo.parallel.data_mesh)
     "log_sharded",
     "LoggingState",
     "LoggingStatistics",

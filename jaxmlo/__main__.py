@@ -14,8 +14,19 @@ Run:
                                        (reweighting, label correction, three levels)
   (add --help to either for its options)
 
-In Python:
-  import jaxmlo; help(jaxmlo)          every public name is in jaxmlo.__all__
+In Python (a loss takes its own parameters first, then what it depends on, then the batch):
+  import jaxmlo; help(jaxmlo)          the top level, grouped, is in jaxmlo.__all__:
+                                         in your loop: unroll(adjoint=...), hypergradient_transform,
+                                           bilevel, checkpointed_scan
+                                         adjoints: itd, cg, neumann, direct, finite_difference,
+                                           sama, implicit (HypergradMethod, SolveInfo)
+                                         programs: Problem, Program, init, step, make_step, run,
+                                           problem_gradient, save/restore_checkpoint
+  jaxmlo.functional                    the explicit hypergradient and meta_step, and the
+                                       records they pass (BilevelState, HypergradInfo, ...)
+  jaxmlo.parallel                      data_mesh, parallel_step, replicate, shard_batches,
+                                       mixed_precision
+  jaxmlo.testing                       test hooks (import it explicitly)
   jaxmlo.examples.digits               example problems and programs on digits
 
 Docs (in the repository):

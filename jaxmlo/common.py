@@ -1,7 +1,7 @@
 """Helpers that jaxmlo and jaxinf share: a device mesh, collective counts, example data.
 
 A public module, so jaxinf uses these without reaching into jaxmlo's internals. Users reach
-them through the libraries (``jaxmlo.data_mesh``, ``jaxmlo.testing.count_collectives``) and
+them through the libraries (``jaxmlo.parallel.data_mesh``, ``jaxmlo.testing.count_collectives``) and
 the example modules (``jaxmlo.examples.digits``, ``jaxinf.examples``).
 """
 

@@ -74,7 +74,7 @@ def base_loss(params, lam, batch):
     return jnp.sum(w * per_example_loss(params, x, y)) / jnp.maximum(jnp.sum(w), 1e-6)
 
 
-def meta_loss(params, lam, batch):
+def meta_loss(lam, params, batch):  # own parameters first, like every loss
     x, y = batch
     return jnp.mean(per_example_loss(params, x, y))
 
@@ -116,9 +116,7 @@ def main(argv=None):
 
     meta_batch = (jnp.asarray(meta[0]), jnp.asarray(meta[1]))
 
-    @jax.jit
-    def meta_step(state, b):
-        return jaxmlo.meta_step(method, base_loss, meta_loss, opt, meta_opt, state, b, meta_batch)
+    init, meta_step = jaxmlo.bilevel(base_loss, meta_loss, opt, meta_opt, adjoint=method)
 
     @jax.jit
     def plain_steps(params, opt_state, b):  # the same base training with uniform weights
@@ -127,14 +125,14 @@ def main(argv=None):
 
     params0 = init_params(jax.random.key(args.seed))
     lam0 = jnp.zeros(n)
-    state = jaxmlo.BilevelState(params0, opt.init(params0), lam0, meta_opt.init(lam0))
+    state = init(params0, lam0)
     plain, plain_state = params0, opt.init(params0)
 
     t0 = time.perf_counter()
     skipped = 0
     for _ in range(args.steps):
         b = batches()
-        state, info = meta_step(state, b)
+        state, info = meta_step(state, b, meta_batch)
         skipped += int(not info.finite)
         plain, plain_state = plain_steps(plain, plain_state, b)
     jax.block_until_ready(state)

@@ -26,7 +26,7 @@ def tree_loss(params, deps, batch):
     )
 
 
-def tree_meta_loss(params, deps, batch):
+def tree_meta_loss(deps, params, batch):
     x, y = batch
     pred = jnp.tanh(x @ params["w"]) @ params["v"] + params["b"]
     return jnp.mean((pred - y) ** 2) + 1e-3 * jnp.sum(deps["decay"] ** 2)
@@ -63,13 +63,13 @@ def test_grad_through_unroll_is_the_hypergradient(name):
     @jax.grad
     def through_unroll(deps):
         un = J.unroll(tree_loss, OPT, PARAMS, OPT.init(PARAMS), deps, BATCHES, adjoint=method)
-        return tree_meta_loss(un.params, deps, META_BATCH)
+        return tree_meta_loss(deps, un.params, META_BATCH)
 
     @jax.jit
     def reference(deps):
         un = J.unroll(tree_loss, OPT, PARAMS, OPT.init(PARAMS), deps, BATCHES)
         last = jax.tree.map(lambda x: x[-1], BATCHES)
-        g, info = J.hypergradient(
+        g, info = J.functional.hypergradient(
             method, tree_loss, tree_meta_loss, OPT, un, deps, last, META_BATCH
         )
         return g, info
@@ -90,8 +90,8 @@ def test_grad_through_unroll_is_the_hypergradient(name):
             J.unroll(tree_loss, OPT, PARAMS, OPT.init(PARAMS), d, BATCHES, adjoint=method).params
         )
         theta, pull = jax.vjp(run, deps)
-        (indirect,) = pull(jax.grad(tree_meta_loss)(theta, deps, META_BATCH))
-        return indirect, jax.grad(tree_meta_loss, argnums=1)(theta, deps, META_BATCH)
+        (indirect,) = pull(jax.grad(tree_meta_loss, argnums=1)(deps, theta, META_BATCH))
+        return indirect, jax.grad(tree_meta_loss)(deps, theta, META_BATCH)
 
     indirect, direct = by_vjp(DEPS)
     for a, b, c in zip(*map(jax.tree.leaves, (indirect, direct, ref))):
@@ -101,7 +101,7 @@ def test_grad_through_unroll_is_the_hypergradient(name):
 def test_implicit_adjoint_refuses_forward_mode_naming_it():
     def val(deps, method):
         un = J.unroll(tree_loss, OPT, PARAMS, OPT.init(PARAMS), deps, BATCHES, adjoint=method)
-        return tree_meta_loss(un.params, deps, META_BATCH)
+        return tree_meta_loss(deps, un.params, META_BATCH)
 
     with pytest.raises(TypeError, match=r"adjoint=cg\(\.\.\.\)\).*no forward mode"):
         jax.jvp(lambda d: val(d, J.cg()), (DEPS,), (DEPS,))
@@ -127,7 +127,7 @@ def base_loss(w, lam, batch):
     return 0.5 * jnp.sum((x @ w - y) ** 2) + 0.5 * BETA * jnp.sum((w - lam) ** 2)
 
 
-def meta_loss(w, lam, batch):
+def meta_loss(lam, w, batch):
     x, y = batch
     return 0.5 * jnp.sum((x @ w - y) ** 2)
 
@@ -153,7 +153,7 @@ def converged():
 
 def _hypergrad(method, opt, un):
     return jax.jit(
-        lambda un: J.hypergradient(
+        lambda un: J.functional.hypergradient(
             method, base_loss, meta_loss, opt, un, jnp.zeros(D), (X, Y), (XP, YP)
         )
     )(un)
@@ -193,7 +193,7 @@ def test_nonconverged_solve_is_reported_and_can_raise_under_jit(converged):
         u = J.unroll(
             base_loss, opt, w0, opt.init(w0), lam, full(5), adjoint=J.cg(maxiter=1, throw=True)
         )
-        return meta_loss(u.params, lam, (XP, YP))
+        return meta_loss(lam, u.params, (XP, YP))
 
     with pytest.raises(Exception, match="did not converge"):
         jax.block_until_ready(jax.jit(jax.grad(val))(jnp.zeros(D)))
@@ -241,7 +241,7 @@ def test_grad_with_respect_to_the_start_is_zero_under_an_implicit_adjoint(conver
 
     def val(w0):
         u = J.unroll(base_loss, opt, w0, opt.init(w0), jnp.zeros(D), full(5), adjoint=J.cg())
-        return meta_loss(u.params, None, (XP, YP))
+        return meta_loss(None, u.params, (XP, YP))
 
     np.testing.assert_array_equal(jax.grad(val)(jnp.ones(D)), 0.0)
 
@@ -271,7 +271,9 @@ def test_optax_chain_and_bilevel_equal_meta_step(name):
 
     init, step = J.bilevel(base_loss, meta_loss, opt, meta_opt, adjoint=method)
     ref_step = jax.jit(
-        lambda s: J.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, batches, (XP, YP))
+        lambda s: J.functional.meta_step(
+            method, base_loss, meta_loss, opt, meta_opt, s, batches, (XP, YP)
+        )
     )
     lam, tx_state = lam0, tx.init(lam0)
     state = ref = init(w0, lam0)
@@ -280,7 +282,7 @@ def test_optax_chain_and_bilevel_equal_meta_step(name):
         state, info = step(state, batches, (XP, YP))
         ref, _ = ref_step(ref)
     hg = tx_state[0]
-    assert isinstance(hg, J.HypergradientState) and bool(hg.finite) and bool(info.finite)
+    assert isinstance(hg, J.functional.HypergradientState) and bool(hg.finite) and bool(info.finite)
     # Three compiled programs of the same float64 computation: agreement to rounding.
     for a, b in ((lam, ref.lam), (hg.params, ref.params), (state.lam, ref.lam)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)

@@ -29,7 +29,7 @@ def base_loss(w, lam, batch):
     return jnp.mean(jax.nn.softplus(-y * (x @ w))) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
 
 
-def val_loss(w, lam, batch):
+def val_loss(lam, w, batch):
     x, y = batch
     return jnp.mean(jax.nn.softplus(-y * (x @ w)))
 
@@ -47,7 +47,7 @@ def val_at_convergence():
     def f(lam):
         w0 = jnp.zeros(D)
         un = J.unroll(base_loss, opt, w0, opt.init(w0), lam, _repeat(TRAIN, 2000))
-        return val_loss(un.params, lam, VAL), jnp.linalg.norm(
+        return val_loss(lam, un.params, VAL), jnp.linalg.norm(
             jax.grad(base_loss)(un.params, lam, TRAIN)
         )
 
@@ -63,13 +63,15 @@ def test_validation_loss_falls(method, val_at_convergence):
     opt = optax.adam(0.05)  # an adaptive base optimizer: SAMA's adaptation is exercised
     meta_opt = optax.adam(0.1)
     w0, lam0 = jnp.zeros(D), jnp.asarray(LAM0)
-    state = J.BilevelState(w0, opt.init(w0), lam0, meta_opt.init(lam0))
+    state = J.functional.BilevelState(w0, opt.init(w0), lam0, meta_opt.init(lam0))
     batches = _repeat(TRAIN, 20)
 
     @jax.jit
     def run(state):
         def body(s, _):
-            s, info = J.meta_step(method, base_loss, val_loss, opt, meta_opt, s, batches, VAL)
+            s, info = J.functional.meta_step(
+                method, base_loss, val_loss, opt, meta_opt, s, batches, VAL
+            )
             return s, info.finite
 
         return jax.lax.scan(body, state, None, length=30)

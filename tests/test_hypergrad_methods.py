@@ -46,7 +46,7 @@ def base_loss(w, lam, batch):
     return 0.5 * jnp.sum((x @ w - y) ** 2) + 0.5 * BETA * jnp.sum((w - lam) ** 2)
 
 
-def meta_loss(w, lam, batch):
+def meta_loss(lam, w, batch):
     x, y = batch
     return 0.5 * jnp.sum((x @ w - y) ** 2)
 
@@ -73,7 +73,7 @@ def converged():
 
 def _hypergrad(method, opt, un):
     fn = jax.jit(
-        lambda un, lam: J.hypergradient(
+        lambda un, lam: J.functional.hypergradient(
             method, base_loss, meta_loss, opt, un, lam, (X, Y), (XP, YP)
         )
     )
@@ -115,14 +115,14 @@ def test_itd_equals_grad_through_the_unrolled_loop():
 
     def total(lam):
         un = J.unroll(base_loss, opt, w0, opt.init(w0), lam, batches)
-        return meta_loss(un.params, lam, (XP, YP))
+        return meta_loss(lam, un.params, (XP, YP))
 
     lam = jnp.asarray(np.linspace(-1.0, 1.0, D))
     reference = jax.jit(jax.grad(total))(lam)
     for method in (J.itd(), J.itd(checkpoint=True)):
         un = J.unroll(base_loss, opt, w0, opt.init(w0), lam, batches)
         g, _ = jax.jit(
-            lambda un, lam: J.hypergradient(
+            lambda un, lam: J.functional.hypergradient(
                 method, base_loss, meta_loss, opt, un, lam, None, (XP, YP)
             )
         )(un, lam)
@@ -150,13 +150,15 @@ def test_meta_optimization_reaches_lambda_star(name):
     opt = optax.sgd(ETA)
     meta_opt = optax.adam(optax.cosine_decay_schedule(0.3, 100))
     w0, lam0 = jnp.zeros(D), jnp.asarray(LAM0)
-    state = J.BilevelState(w0, opt.init(w0), lam0, meta_opt.init(lam0))
+    state = J.functional.BilevelState(w0, opt.init(w0), lam0, meta_opt.init(lam0))
     batches = full_batches(20)  # warm-started: 20 base steps per meta step
 
     @jax.jit
     def run(state):
         def body(s, _):
-            s, info = J.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, batches, (XP, YP))
+            s, info = J.functional.meta_step(
+                method, base_loss, meta_loss, opt, meta_opt, s, batches, (XP, YP)
+            )
             return s, info.finite
 
         return jax.lax.scan(body, state, None, length=100)
@@ -247,7 +249,7 @@ def tree_loss(params, deps, batch):
     )
 
 
-def tree_meta_loss(params, deps, batch):
+def tree_meta_loss(deps, params, batch):
     x, y = batch
     pred = jnp.tanh(x @ params["w"]) @ params["v"] + params["b"]
     return jnp.mean((pred - y) ** 2) + 1e-3 * jnp.sum(deps["decay"] ** 2)
@@ -273,7 +275,9 @@ def test_contract_every_method(name, dtype):
     def step(params, deps, batches, meta_batch):
         un = J.unroll(tree_loss, opt, params, opt.init(params), deps, batches)
         last = jax.tree.map(lambda x: x[-1], batches)
-        return J.hypergradient(method, tree_loss, tree_meta_loss, opt, un, deps, last, meta_batch)
+        return J.functional.hypergradient(
+            method, tree_loss, tree_meta_loss, opt, un, deps, last, meta_batch
+        )
 
     g, info = step(params, deps, batches, meta_batch)
     traces = TRACES["n"]

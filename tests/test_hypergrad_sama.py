@@ -87,20 +87,20 @@ def test_sama_hypergradient_is_minus_adapted_v(problem, path):
     th0, lam, xs = (jnp.asarray(p[k]) for k in ("theta0", "lam", "xs"))
     m = jnp.asarray(p["v"])
     method = J.sama(alpha=0.3)
-    meta = lambda th, lam, b: jnp.sum(m * th)  # noqa: E731  (no direct λ term)
+    meta = lambda lam, th, b: jnp.sum(m * th)  # noqa: E731  (no direct λ term)
     if path == "unroll":
         g = jax.jit(
             jax.grad(
                 lambda lam: meta(
-                    J.unroll(loss, opt, th0, opt.init(th0), lam, xs, adjoint=method).params,
                     lam,
+                    J.unroll(loss, opt, th0, opt.init(th0), lam, xs, adjoint=method).params,
                     None,
                 )
             )
         )(lam)
     else:
         un = J.unroll(loss, opt, th0, opt.init(th0), lam, xs)
-        g, info = J.hypergradient(method, loss, meta, opt, un, lam, xs[-1], None)
+        g, info = J.functional.hypergradient(method, loss, meta, opt, un, lam, xs[-1], None)
         assert bool(info.finite)
     pv_ref = -_adam_jacobian_diag(_grads(p), _grads(p)[-1], T + 1) * p["v"]
     np.testing.assert_allclose(g, -pv_ref, rtol=1e-9, atol=1e-12)

@@ -62,8 +62,76 @@ def test_public_names_are_exported():
 def test_mesh_helpers_have_one_export():
     import jaxmlo.testing
 
-    assert "data_mesh" in jaxmlo.__all__ and "count_collectives" in jaxmlo.testing.__all__
+    assert "data_mesh" in jaxmlo.parallel.__all__ and "count_collectives" in jaxmlo.testing.__all__
     assert not {"data_mesh", "count_collectives"} & set(jaxinf.__all__)
+    assert not {"data_mesh", "count_collectives"} & set(jaxmlo.__all__)
+
+
+# The top level is what a user needs, grouped; growing it is a decision, so the set is exact.
+JAXMLO_TOP_LEVEL = {
+    # hypergradients in your own training loop
+    "unroll",
+    "hypergradient_transform",
+    "bilevel",
+    "checkpointed_scan",
+    # adjoints: how to differentiate through an unroll
+    "HypergradMethod",
+    "itd",
+    "cg",
+    "neumann",
+    "direct",
+    "finite_difference",
+    "sama",
+    "implicit",
+    "SolveInfo",
+    # multi-level programs
+    "Problem",
+    "Program",
+    "ProgramState",
+    "init",
+    "step",
+    "make_step",
+    "problem_gradient",
+    "ProblemGradient",
+    "run",
+    "RunResult",
+    "save_checkpoint",
+    "restore_checkpoint",
+}
+JAXMLO_SUBMODULES = {
+    "functional": {
+        "hypergradient",
+        "meta_step",
+        "BilevelState",
+        "HypergradientState",
+        "HypergradInfo",
+        "Unrolled",
+    },
+    "parallel": {"data_mesh", "mixed_precision", "parallel_step", "replicate", "shard_batches"},
+}
+
+
+def test_jaxmlo_top_level_is_the_grouped_set():
+    assert len(jaxmlo.__all__) == len(set(jaxmlo.__all__)), "a name is listed twice"
+    assert set(jaxmlo.__all__) - {"__version__"} == JAXMLO_TOP_LEVEL
+    assert len(JAXMLO_TOP_LEVEL) == 25
+
+
+def test_jaxmlo_submodules_hold_the_rest_once():
+    import jaxmlo.testing
+
+    seen = set(jaxmlo.__all__)
+    for name, expected in JAXMLO_SUBMODULES.items():
+        module = getattr(jaxmlo, name)  # imported with the package
+        assert set(module.__all__) == expected, name
+        for attr in module.__all__:
+            assert hasattr(module, attr), f"jaxmlo.{name}.{attr}"
+        assert not seen & expected, f"exported twice: {seen & expected}"
+        seen |= expected
+    assert not seen & set(jaxmlo.testing.__all__)
+    # Moved names are gone from the top level, not aliased.
+    for expected in JAXMLO_SUBMODULES.values():
+        assert not any(hasattr(jaxmlo, n) for n in expected), expected & set(dir(jaxmlo))
 
 
 def test_python_m_package_lists_what_it_offers():

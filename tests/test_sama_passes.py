@@ -38,7 +38,7 @@ def base_loss(p, lam, b):  # per-example weights sigmoid(λ[idx])
     return jnp.mean(jax.nn.sigmoid(lam[idx]) * _ce(p, x, y))
 
 
-def meta_loss(p, lam, b):
+def meta_loss(lam, p, b):
     x, y = b
     return jnp.mean(_ce(p, x, y))
 
@@ -89,10 +89,10 @@ def test_sama_meta_step_passes(setup, nudge, adaptation):
     params, lam, batches, meta_batch = setup
     opt, meta_opt = optax.adam(1e-3), optax.adam(1e-2)
     method = jaxmlo.sama(alpha=0.1, nudge=nudge, adaptation=adaptation)
-    state = jaxmlo.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
+    state = jaxmlo.functional.BilevelState(params, opt.init(params), lam, meta_opt.init(lam))
 
     def step(s, b, mb):
-        return jaxmlo.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
+        return jaxmlo.functional.meta_step(method, base_loss, meta_loss, opt, meta_opt, s, b, mb)
 
     # The nudge's adaptation is the hypergradient's: no extra pass with nudge=True.
     assert _passes(step, state, batches, meta_batch) == SAMA_PASSES[adaptation]
@@ -111,7 +111,7 @@ def test_program_step_sama_passes(setup):
                 method=jaxmlo.sama(),
             ),
             jaxmlo.Problem(
-                "meta", lambda m, d, b: meta_loss(d["base"], m, b), lam, optax.adam(1e-2)
+                "meta", lambda m, d, b: meta_loss(m, d["base"], b), lam, optax.adam(1e-2)
             ),
         ],
         u2l={"meta": ["base"]},

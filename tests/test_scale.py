@@ -223,7 +223,7 @@ def test_mixed_precision_wrapper_single_device():
         assert p["w"].dtype == jnp.bfloat16 and deps["lam"].dtype == jnp.bfloat16
         return jnp.mean((batch @ p["w"]) ** 2) * deps["lam"]
 
-    wrapped = jaxmlo.mixed_precision(loss)
+    wrapped = jaxmlo.parallel.mixed_precision(loss)
     p = {"w": jnp.ones(3, jnp.float32)}
     deps = {"lam": jnp.asarray(0.5, jnp.float32)}
     x = jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3)
@@ -265,7 +265,7 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
     import jaxinf
     import jaxmlo
 
-    mesh = jaxmlo.data_mesh(jax.devices()[:1])
+    mesh = jaxmlo.parallel.data_mesh(jax.devices()[:1])
     model = nn.Dense(3)
     x = jax.random.normal(jax.random.key(0), (6, 4), jnp.float64)
     y = jnp.array([0, 1, 2, 0, 1, 2])
@@ -325,6 +325,6 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
             l2u={"base": ["meta"]},
         )
         s1, m1 = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))(jaxmlo.init(prog), batches)
-        s2, m2 = jaxmlo.parallel_step(prog, mesh)(jaxmlo.init(prog), batches)
+        s2, m2 = jaxmlo.parallel.parallel_step(prog, mesh)(jaxmlo.init(prog), batches)
         for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
             np.testing.assert_allclose(a, b, rtol=1e-10, err_msg=method.name)  # float64 rounding

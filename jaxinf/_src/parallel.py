@@ -98,7 +98,7 @@ def sharded_logging(
       capture: from ``jaxinf.linen_capture`` / ``jaxinf.nnx_capture``.
       projections: ``{path: Projection}``; ``None`` for a statistics-only pass (e.g. KFAC
         factors for ``pca_projections`` before the logging pass).
-      mesh: a mesh with axis ``axis`` (see ``jaxmlo.data_mesh``); batches must have a leading
+      mesh: a mesh with axis ``axis`` (see ``jaxmlo.parallel.data_mesh``); batches must have a leading
         dimension divisible by its size.
       kfac_layers: ``{path: LayerSpec}`` whose KFAC factors are accumulated, or ``None``.
       covariance: accumulate the covariance (empirical Fisher) of the projected gradients.
@@ -119,7 +119,7 @@ def sharded_logging(
       >>> batch = jnp.ones((8, 4))
       >>> layers = find_layers(capture, params, batch)
       >>> projs = random_projections(layers, key=jax.random.key(0), k_in=2, k_out=2)
-      >>> mesh = jax.sharding.Mesh(jax.devices(), ("data",))  # or jaxmlo.data_mesh()
+      >>> mesh = jax.sharding.Mesh(jax.devices(), ("data",))  # or jaxmlo.parallel.data_mesh()
       >>> logging = sharded_logging(capture, projs, mesh=mesh)
       >>> state = logging.init()
       >>> for _ in range(2):  # write_sharded(writer, grads, ids) would log each batch's rows
@@ -424,7 +424,7 @@ def sharded_query(
     Each device keeps a running top-k; one ``all_gather`` + top-k at the end gives the global
     result, identical to ``query``'s up to float rounding and the order of tied scores.
 
-    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see ``jaxmlo.data_mesh``).
+    Args: as ``jaxinf.query``, plus ``mesh`` / ``axis`` (see ``jaxmlo.parallel.data_mesh``).
 
     Returns:
       ``QueryResult`` (``scores_path`` is None: the full score matrix is not written).

@@ -1,11 +1,11 @@
 """The bilevel layer: hypergradients of a meta loss, an optax transform that produces them, and
 a ready-made ``(init, step)`` for the common loop.
 
-Losses follow one convention: ``base_loss(params, lam, batch)`` and
-``meta_loss(params, lam, batch)``, both with the *base* parameters θ first and the meta
-parameters λ second.  (In a :class:`jaxmlo.Problem` every loss takes its *own* parameters
-first; the meta problem of a bilevel :class:`jaxmlo.Program` is
-``Problem("meta", lambda lam, deps, b: meta_loss(deps["base"], lam, b), ...)``.)
+Losses follow one rule, the same as a :class:`jaxmlo.Problem`'s: a loss takes its *own*
+parameters first, then what it depends on, then the batch.  So ``base_loss(params, lam,
+batch)`` (θ first, λ second) and ``meta_loss(lam, params, batch)`` (λ first, θ second); the
+meta problem of the same bilevel :class:`jaxmlo.Program` is
+``Problem("meta", lambda lam, deps, b: meta_loss(lam, deps["base"], b), ...)``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def _raise_nonfinite(finite, name):
     if not bool(jnp.all(finite)):
         raise FloatingPointError(
             f"non-finite hypergradient from method {name!r}: check the losses, the learning "
-            "rates, and (cg) the damping"
+            "rates, and (cg) the damping. Through Adam (itd) a gradient entry that is exactly "
+            "zero (a dead ReLU unit, an attention key bias) gives NaN, since d sqrt(nu)/d nu is "
+            "infinite at nu = 0: pass eps_root > 0, e.g. optax.adam(lr, eps_root=1e-16)."
         )
 
 
@@ -78,7 +80,7 @@ def hypergradient(
     *,
     raise_nonfinite: bool = False,
 ):
-    """Total derivative of ``meta_loss(θ*(λ), λ, meta_batch)`` with respect to λ.
+    """Total derivative of ``meta_loss(λ, θ*(λ), meta_batch)`` with respect to λ.
 
     ``dL_meta/dλ = ∂L_meta/∂λ + (dθ*/dλ)^T ∂L_meta/∂θ*``, the second term from
     ``method.best_response_vjp``.  Equal to ``jax.grad`` of the meta loss through
@@ -88,7 +90,8 @@ def hypergradient(
       method: a :class:`HypergradMethod` (``itd()``, ``cg()``, ``neumann()``, ``direct()``,
         ``finite_difference()``, ``sama()``).
       base_loss: ``base_loss(params, lam, batch) -> scalar``.
-      meta_loss: ``meta_loss(params, lam, batch) -> scalar`` (may ignore ``lam``).
+      meta_loss: ``meta_loss(lam, params, batch) -> scalar``, its own parameters λ first (it
+        may ignore them).
       optimizer: the base problem's optax optimizer (the one used by :func:`unroll`).
       unrolled: result of :func:`unroll`.
       lam: meta parameters λ.
@@ -104,9 +107,9 @@ def hypergradient(
       :class:`SolveInfo`).
     """
     _check_method(method)
-    _check_scalar_loss("meta_loss", meta_loss, unrolled.params, lam, meta_batch)
-    value, (v, direct) = jax.value_and_grad(meta_loss, argnums=(0, 1))(
-        unrolled.params, lam, meta_batch
+    _check_scalar_loss("meta_loss", meta_loss, lam, unrolled.params, meta_batch)
+    value, (direct, v) = jax.value_and_grad(meta_loss, argnums=(0, 1))(
+        lam, unrolled.params, meta_batch
     )
     if method.best_response_vjp_with_info is None:
         indirect = method.best_response_vjp(base_loss, optimizer, unrolled, lam, base_batch, v)
@@ -220,7 +223,7 @@ def bilevel(
 
     Args:
       base_loss: ``base_loss(params, lam, batch) -> scalar``.
-      meta_loss: ``meta_loss(params, lam, batch) -> scalar``.
+      meta_loss: ``meta_loss(lam, params, batch) -> scalar``, λ first.
       optimizer: optax optimizer of the base parameters.
       meta_optimizer: optax optimizer of λ.
       adjoint: the hypergradient method (default ``itd()``).
@@ -233,7 +236,7 @@ def bilevel(
     Example:
       >>> import jax.numpy as jnp, optax, jaxmlo
       >>> base = lambda w, lam, x: jnp.sum((w - x) ** 2) + jnp.exp(lam) * jnp.sum(w**2)
-      >>> meta = lambda w, lam, x: jnp.sum((w - x) ** 2)
+      >>> meta = lambda lam, w, x: jnp.sum((w - x) ** 2)
       >>> init, step = jaxmlo.bilevel(base, meta, optax.sgd(0.1), optax.adam(0.1),
       ...                             adjoint=jaxmlo.cg())
       >>> state = init(jnp.zeros(3), jnp.asarray(0.0))
@@ -289,7 +292,7 @@ def hypergradient_transform(
 
     Args:
       base_loss: ``base_loss(params, lam, batch) -> scalar``.
-      meta_loss: ``meta_loss(params, lam, batch) -> scalar``.
+      meta_loss: ``meta_loss(lam, params, batch) -> scalar``, λ first.
       optimizer: optax optimizer of the base parameters.
       params: initial base parameters θ_0.
       adjoint: the hypergradient method (default ``itd()``).
@@ -302,7 +305,7 @@ def hypergradient_transform(
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxmlo
       >>> base = lambda w, lam, x: jnp.sum((w - x) ** 2) + jnp.exp(lam) * jnp.sum(w**2)
-      >>> meta = lambda w, lam, x: jnp.sum((w - x) ** 2)
+      >>> meta = lambda lam, w, x: jnp.sum((w - x) ** 2)
       >>> tx = optax.chain(
       ...     jaxmlo.hypergradient_transform(base, meta, optax.sgd(0.1), jnp.zeros(3),
       ...                                    adjoint=jaxmlo.cg()),

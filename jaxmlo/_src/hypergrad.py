@@ -6,8 +6,10 @@ optax transform, the common loop) and ``checks`` (trace-time argument checks).
 
 Conventions:
 
-* ``loss_fn(params, deps, batch) -> scalar``. ``deps`` is any pytree of floating arrays (the meta
-  parameters λ of a bilevel loop, or ``{problem_name: params}`` in the DAG engine).
+* A loss takes its own parameters first, then what it depends on, then the batch:
+  ``loss_fn(params, deps, batch) -> scalar``, and a meta loss ``meta_loss(lam, params, batch)``.
+  ``deps`` is any pytree of floating arrays (the meta parameters λ of a bilevel loop, or
+  ``{problem_name: params}`` in the DAG engine).
 * ``HypergradMethod.best_response_vjp(loss_fn, optimizer, unrolled, deps, batch, v)``:
   ``(dθ*/d deps)^T v`` for *all* of ``deps`` (zeros where ``deps`` does not reach θ*), ``v``
   shaped like ``unrolled.params``; ``post_update`` (same arguments) gives the base params to

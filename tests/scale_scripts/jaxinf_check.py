@@ -72,7 +72,7 @@ for b, g in zip(batches, ref_grads):
 ref_cov, ref_kfac = cov_acc.finalize(cs), kf_acc.finalize(ks)
 
 # ---- sharded logging pass
-mesh = jaxmlo.data_mesh()
+mesh = jaxmlo.parallel.data_mesh()
 logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, kfac_layers=layers)
 state = logging.init()
 errs = []

@@ -86,25 +86,25 @@ def make_batches(i, base_unroll=2):
     return {"base": (xb, yb), "meta": (xm, ym)}
 
 
-mesh = jaxmlo.data_mesh()
+mesh = jaxmlo.parallel.data_mesh()
 STEPS = 2
 
 # ---- CG: sharded == single device on the global batch
 prog = program(jaxmlo.cg(maxiter=5, tol=0.0, damping=0.1))
 ref_state = jaxmlo.init(prog)
 ref_step = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))
-par_state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
+par_state = jaxmlo.parallel.replicate(jaxmlo.init(prog), mesh)
 # compile once, run the executable, read its HLO (a second .lower().compile() would recompile)
 par_step = (
-    jaxmlo.parallel_step(prog, mesh)
-    .lower(par_state, jaxmlo.shard_batches(make_batches(0), mesh))
+    jaxmlo.parallel.parallel_step(prog, mesh)
+    .lower(par_state, jaxmlo.parallel.shard_batches(make_batches(0), mesh))
     .compile()
 )
 cg_hlo = par_step.as_text()
 for i in range(STEPS):
     b = make_batches(i)
     ref_state, ref_m = ref_step(ref_state, b)
-    par_state, par_m = par_step(par_state, jaxmlo.shard_batches(b, mesh))
+    par_state, par_m = par_step(par_state, jaxmlo.parallel.shard_batches(b, mesh))
 out["cg_params_rel_err"] = rel(par_state.params, ref_state.params)
 out["cg_opt_rel_err"] = rel(
     [x for x in jax.tree.leaves(par_state.opt_states) if x.dtype != jnp.int32],
@@ -117,10 +117,10 @@ out["cg_collectives"] = jaxmlo.testing.count_collectives(cg_hlo)
 # ---- SAMA: sharded (local passes, one all-reduce) == per-shard reference on one device
 method = jaxmlo.sama(alpha=1.0)
 prog = program(method)
-par_state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
+par_state = jaxmlo.parallel.replicate(jaxmlo.init(prog), mesh)
 par_step = (
-    jaxmlo.parallel_step(prog, mesh)
-    .lower(par_state, jaxmlo.shard_batches(make_batches(0), mesh))
+    jaxmlo.parallel.parallel_step(prog, mesh)
+    .lower(par_state, jaxmlo.parallel.shard_batches(make_batches(0), mesh))
     .compile()
 )
 sama_hlo = par_step.as_text()
@@ -175,7 +175,7 @@ ref_state = jaxmlo.init(prog)
 for i in range(STEPS):
     b = make_batches(i)
     ref_state = sama_reference(ref_state, b)
-    par_state, _ = par_step(par_state, jaxmlo.shard_batches(b, mesh))
+    par_state, _ = par_step(par_state, jaxmlo.parallel.shard_batches(b, mesh))
 out["sama_params_rel_err"] = rel(par_state.params, ref_state.params)
 
 # the engine's run() driver with the data-parallel step (host batches are split inside the jit)
@@ -186,7 +186,7 @@ res = jaxmlo.run(
         "meta": lambda i: jax.tree.map(lambda x: x[0], make_batches(i)["meta"]),
     },
     STEPS,
-    step_fn=jaxmlo.parallel_step(prog, mesh),
+    step_fn=jaxmlo.parallel.parallel_step(prog, mesh),
     progress=False,
 )
 out["run_driver_rel_err"] = rel(res.state.params, par_state.params)
@@ -199,10 +199,10 @@ for i in range(STEPS):
     glob, _ = glob_step(glob, make_batches(i))
 out["sama_vs_global_batch_rel_diff"] = rel(par_state.params["meta"], glob.params["meta"])
 # local=False: SAMA's passes run on the global batch (SPMD) and equal the one-device step
-gstep = jaxmlo.parallel_step(prog, mesh, local=False)
-gstate = jaxmlo.replicate(jaxmlo.init(prog), mesh)
+gstep = jaxmlo.parallel.parallel_step(prog, mesh, local=False)
+gstate = jaxmlo.parallel.replicate(jaxmlo.init(prog), mesh)
 for i in range(STEPS):
-    gstate, _ = gstep(gstate, jaxmlo.shard_batches(make_batches(i), mesh))
+    gstate, _ = gstep(gstate, jaxmlo.parallel.shard_batches(make_batches(i), mesh))
 out["sama_global_mode_rel_err"] = rel(gstate.params, glob.params)
 
 out["sama_collectives"] = jaxmlo.testing.count_collectives(sama_hlo)
@@ -210,26 +210,26 @@ out["sama_collectives"] = jaxmlo.testing.count_collectives(sama_hlo)
 base_only = jaxmlo.Program(
     [prog.problems["base"]._replace(loss=lambda w, d, b: jnp.mean(xent(w, *b)), method=None)]
 )
-bo_step = jaxmlo.parallel_step(base_only, mesh)
-bo_state = jaxmlo.replicate(jaxmlo.init(base_only), mesh)
+bo_step = jaxmlo.parallel.parallel_step(base_only, mesh)
+bo_state = jaxmlo.parallel.replicate(jaxmlo.init(base_only), mesh)
 bo_hlo = (
-    bo_step.lower(bo_state, jaxmlo.shard_batches({"base": make_batches(0)["base"]}, mesh))
+    bo_step.lower(bo_state, jaxmlo.parallel.shard_batches({"base": make_batches(0)["base"]}, mesh))
     .compile()
     .as_text()
 )
 out["base_only_collectives"] = jaxmlo.testing.count_collectives(bo_hlo)
 
 # ---- mixed precision: bf16 compute, f32 master params and optimizer state (per problem)
-prog_mp = program(method, base_loss_fn=jaxmlo.mixed_precision(base_loss))
-mp_state = jaxmlo.replicate(jaxmlo.init(prog_mp), mesh)
+prog_mp = program(method, base_loss_fn=jaxmlo.parallel.mixed_precision(base_loss))
+mp_state = jaxmlo.parallel.replicate(jaxmlo.init(prog_mp), mesh)
 mp_step = (
-    jaxmlo.parallel_step(prog_mp, mesh)
-    .lower(mp_state, jaxmlo.shard_batches(make_batches(0), mesh))
+    jaxmlo.parallel.parallel_step(prog_mp, mesh)
+    .lower(mp_state, jaxmlo.parallel.shard_batches(make_batches(0), mesh))
     .compile()
 )
 mp_hlo = mp_step.as_text()
 for i in range(STEPS):
-    mp_state, mp_m = mp_step(mp_state, jaxmlo.shard_batches(make_batches(i), mesh))
+    mp_state, mp_m = mp_step(mp_state, jaxmlo.parallel.shard_batches(make_batches(i), mesh))
 out["mp_param_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves(mp_state.params)})
 out["mp_opt_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves(mp_state.opt_states)})
 out["mp_base_rel_err"] = rel(mp_state.params["base"], par_state.params["base"])

@@ -38,7 +38,7 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-mesh = jaxmlo.data_mesh()
+mesh = jaxmlo.parallel.data_mesh()
 B = 16  # global batch: 8 rows per process, 2 per device
 half = slice(pid * B // 2, (pid + 1) * B // 2)
 
@@ -150,9 +150,9 @@ glob = {
     "meta": (jax.random.normal(k[2], (1, B, D)), jax.random.randint(k[3], (1, B), 0, C)),
 }
 local = jax.tree.map(lambda x: np.asarray(x)[:, half], glob)
-step = jaxmlo.parallel_step(prog, mesh)
-state = jaxmlo.replicate(jaxmlo.init(prog), mesh)
-state, _ = step(state, jaxmlo.shard_batches(local, mesh))
+step = jaxmlo.parallel.parallel_step(prog, mesh)
+state = jaxmlo.parallel.replicate(jaxmlo.init(prog), mesh)
+state, _ = step(state, jaxmlo.parallel.shard_batches(local, mesh))
 ref_state, _ = jax.jit(lambda s, b: jaxmlo.step(prog, s, b))(jaxmlo.init(prog), glob)
 out["cg_params_rel_err"] = rel(state.params, ref_state.params)
 
