@@ -22,6 +22,7 @@ import pytest
 import jaxinf
 from jaxinf import LogLockedError, LogWriter, open_log
 from jaxinf._src import store_files as files
+from jaxinf._src.query import _self_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJ = {"layers": {"a": {"k_in": 3, "k_out": 2}}, "init": "random", "seed": 7, "fingerprint": "f"}
@@ -76,6 +77,21 @@ def test_a_log_on_the_memory_kvstore_reads_back_and_answers_queries_exactly():
     ref = np.asarray(jaxinf.influence_scores({"a": want}, test))
     got = np.take_along_axis(res.top_scores, np.argsort(res.top_rows, 1), 1)
     np.testing.assert_allclose(got, ref, rtol=1e-10)
+
+
+def test_self_influence_is_saved_on_the_kvstore_and_read_back():
+    url = _memory()
+    with LogWriter(url, PROJ, dtype="float64", writer_id="a", chunk_rows=4) as w:
+        w.write(*_rows(range(9)))
+    si = jaxinf.self_influence(url, cache=True, progress=False)
+    log = open_log(url)
+    root = files.location(url)
+    (version,) = root.st.list("self_influence")
+    assert files.exists(root / "self_influence" / version.rstrip("/") / "record.json")
+    saved = log.load_derived("self_influence", _self_params(si.damping))
+    np.testing.assert_array_equal(saved["scores"], si.scores)
+    again = jaxinf.self_influence(url, progress=False)
+    np.testing.assert_array_equal(again.scores, si.scores)
 
 
 def _files_of(d):

@@ -176,6 +176,11 @@ def build_index(
         pre = preconditioner(
             log.statistics(), log.layers, damping_ratio=damping_ratio, damping=damping
         )
+    if not log._root.st.local:
+        raise ValueError(
+            f"log {log.path} is on a kvstore; a FAISS index is built and memory-mapped from "
+            "local files, so copy the log to a local directory to index it"
+        )
     final = log.derived_dir(INDEX, _params(kind, factory, train_rows, seed, pre))
     if os.path.isdir(final):
         return final
