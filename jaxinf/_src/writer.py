@@ -55,7 +55,9 @@ def default_writer_id() -> str:
 # ----------------------------------------------------------------------------- Fisher sums
 
 
-@functools.partial(jax.jit, static_argnames=("layers",))
+# the state is donated: without it every call writes each [D, D] sum into fresh memory,
+# which costs more than the rank-b update itself
+@functools.partial(jax.jit, static_argnames=("layers",), donate_argnames=("state",))
 def _acc_rows(state, rows, keep, layers):
     """Add ``sum g g^T`` of packed rows [b, D] (rows with keep=0 add nothing) per layer."""
     dt = jax.tree.leaves(state.sum_outer)[0].dtype
