@@ -135,7 +135,7 @@ class ScannedLM(nn.Module):
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
-def scanned_rows(cfg, ranks, repeats):
+def scanned_rows(cfg, ranks, repeats, block_rows, cov_repeats):
     """Tokens/s of LoGra logging (with and without the projected covariance) over a plain
     jitted ``value_and_grad`` step, on the scanned LM, one row per rank."""
     lm = ScannedLM(cfg["vocab"], cfg["width"], cfg["heads"], cfg["layers"])
@@ -162,18 +162,13 @@ def scanned_rows(cfg, ranks, repeats):
         extract = jaxinf.projected_gradients(
             cap, projs, layers=layers, mask_fn=lambda bt: bt["mask"]
         )
-        cov = jaxinf.projected_covariance()
-        state = cov.init(extract(params, batch))
-        with_cov = jax.jit(lambda p, bt, s: cov.update(s, extract.jitted(p, bt, projs)))
         t_plain, t_log = time_pair(
             lambda: jax.block_until_ready(plain(params, batch)),
             lambda: jax.block_until_ready(extract(params, batch)),
             repeats,
         )
-        t_plain2, t_cov = time_pair(
-            lambda: jax.block_until_ready(plain(params, batch)),
-            lambda: jax.block_until_ready(with_cov(params, batch, state)),
-            repeats,
+        t_plain2, t_cov = time_with_covariance(
+            plain, extract, params, batch, projs, block_rows, cov_repeats
         )
         row = {
             "model": f"scanned_lm_{cfg['layers']}x{cfg['width']}_seq{t}",
@@ -191,6 +186,8 @@ def scanned_rows(cfg, ranks, repeats):
             "logging_with_covariance_tokens_per_s": tokens / t_cov,
             "time_ratio_logging_over_plain": t_log / t_plain,
             "time_ratio_logging_with_covariance_over_plain": t_cov / t_plain2,
+            **covariance_floor(projs, b),
+            "plain_step_flops": compiled_flops(plain.lower(params, batch).compile()),
         }
         print(json.dumps(row, indent=1))
         rows.append(row)
@@ -198,7 +195,19 @@ def scanned_rows(cfg, ranks, repeats):
 
 
 def llama_section(
-    config, batch_size, rank, repeats, bf16, compile_only, write_batches, tmp, full_seqs, save
+    config,
+    batch_size,
+    rank,
+    repeats,
+    bf16,
+    compile_only,
+    write_batches,
+    tmp,
+    full_seqs,
+    save,
+    overrides=None,
+    block_rows=None,
+    cov_repeats=0,
 ):
     """LoGra logging of the Llama-style NNX LM (``nnx.scan`` blocks) vs its plain step.
 
@@ -208,12 +217,14 @@ def llama_section(
     parameters and compiled, and their compiled memory is reported (the CPU-side estimate).
     Sequences are right-padded to random lengths in [seq/2, seq] unless ``full_seqs``.
     ``save(row)`` is called after each phase, so a later failure keeps what was measured.
+    ``overrides`` replace config fields (e.g. ``{"width": 512}``); with ``cov_repeats`` the
+    logging step with the projected covariance (``block_rows``) is also timed.
     """
     from flax import nnx
 
     from jaxinf.examples import Llama, llama_config, llama_loss, token_mask
 
-    cfg = llama_config(config, dtype="bfloat16" if bf16 else "float32")
+    cfg = llama_config(config, dtype="bfloat16" if bf16 else "float32", **(overrides or {}))
     t = cfg.seq
     rng = np.random.default_rng(0)
     lengths = np.full(batch_size, t) if full_seqs else rng.integers(t // 2, t + 1, size=batch_size)
@@ -252,6 +263,7 @@ def llama_section(
     t0 = time.perf_counter()
     c_log = extract.jitted.lower(state, batch, projs).compile()
     row["compile_logging_s"] = time.perf_counter() - t0
+    row["plain_step_flops"] = compiled_flops(c_plain)
     row["memory_plain"] = compiled_memory(c_plain)
     row["memory_logging"] = compiled_memory(c_log)
     if row["memory_plain"] and row["memory_logging"]:
@@ -275,6 +287,19 @@ def llama_section(
         device_peak_bytes_after_both=device_peak(),
     )
     save(row)
+    if cov_repeats:
+        t_plain2, t_cov = time_with_covariance(
+            plain, extract, state, batch, projs, block_rows, cov_repeats
+        )
+        row.update(
+            covariance_block_rows=block_rows,
+            plain_step_s_cov_run=t_plain2,
+            logging_with_covariance_step_s=t_cov,
+            logging_with_covariance_tokens_per_s=tokens / t_cov,
+            time_ratio_logging_with_covariance_over_plain=t_cov / t_plain2,
+            **covariance_floor(projs, batch_size),
+        )
+        save(row)
     if write_batches:
         # End to end: capture + rows written to a tensorstore log (async, Fisher sums on).
         import shutil
@@ -294,6 +319,54 @@ def llama_section(
         row["logging_and_write_batches"] = write_batches
         shutil.rmtree(path, ignore_errors=True)
     return row
+
+
+def time_with_covariance(plain, extract, params, batch, projs, block_rows, repeats):
+    """Mean seconds per call of ``plain`` and of logging + the projected covariance update.
+
+    The covariance step is one jitted call (extraction and ``projected_covariance`` update)
+    with the state donated. With ``block_rows`` the sums take a block product every
+    ``block_rows / batch`` calls, so each timed sample is that many consecutive calls (of both
+    functions alike), and the per-call mean over samples is reported, not a median of calls.
+    """
+    n = jax.tree.leaves(batch)[0].shape[0]
+    period = max(1, (block_rows or n) // n)
+    cov = jaxinf.projected_covariance(block_rows)
+    step = jax.jit(lambda p, bt, s: cov.update(s, extract.jitted(p, bt, projs)), donate_argnums=2)
+    box = [cov.init(extract(params, batch))]
+
+    def logged():
+        for _ in range(period):
+            box[0] = step(params, batch, box[0])
+        jax.block_until_ready(box[0])
+
+    def plain_calls():
+        for _ in range(period):
+            out = plain(params, batch)
+        jax.block_until_ready(out)
+
+    f, g = time_pair(plain_calls, logged, repeats, stat=np.mean)
+    return f / period, g / period
+
+
+def compiled_flops(compiled):
+    """XLA's FLOP count of a compiled program (``cost_analysis``), or None."""
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return float(ca["flops"])
+    except Exception:  # not every backend reports costs
+        return None
+
+
+def covariance_floor(projs, batch):
+    """FLOPs of the covariance update per batch (``2 b D^2`` per layer, ``D = k_out k_in``)."""
+    dims = [p.p_in.shape[0] * p.p_out.shape[0] for p in projs.values()]
+    return {
+        "covariance_dims": sum(dims),
+        "covariance_flops_per_batch": int(sum(2 * batch * d * d for d in dims)),
+        "covariance_state_bytes_f32": int(sum(4 * d * d for d in dims)),
+    }
 
 
 def compiled_memory(compiled):
@@ -320,8 +393,9 @@ def device_peak():
         return None
 
 
-def time_pair(f, g, repeats):
-    """Median seconds of f() and of g(), calls interleaved so that load changes hit both alike."""
+def time_pair(f, g, repeats, stat=np.median):
+    """Median (or ``stat``) seconds of f() and of g(), calls interleaved so that load changes
+    hit both alike."""
     f(), g()  # compile / warm up
     tf, tg = [], []
     for _ in range(repeats):
@@ -329,7 +403,7 @@ def time_pair(f, g, repeats):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return float(np.median(tf)), float(np.median(tg))
+    return float(stat(tf)), float(stat(tg))
 
 
 def memory(jitted, *args):
@@ -556,6 +630,25 @@ def main():
         help="llama: only the Llama-style NNX LM (nnx.scan blocks) of --config",
     )
     ap.add_argument("--config", default="small", help="Llama config name: tiny, small, 134m")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=INT",
+        help="Llama: replace an integer config field, e.g. --set width=512 --set mlp=1024",
+    )
+    ap.add_argument(
+        "--block-rows",
+        type=int,
+        default=128,
+        help="rows buffered by projected_covariance before each block product (0: none)",
+    )
+    ap.add_argument(
+        "--cov-repeats",
+        type=int,
+        default=5,
+        help="timed samples of the logging step with the covariance (Llama: 0 skips it)",
+    )
     ap.add_argument("--batch", type=int, default=8, help="Llama: sequences per batch")
     ap.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=True, help="Llama: bf16 compute"
@@ -589,7 +682,9 @@ def main():
             "on every nnx.Linear, one logged layer per slice of the stack, padding masked; "
             "plain = jit(value_and_grad(loss)) on the same batch; median of --repeats calls "
             "after a warm-up, plain and logging interleaved; peak_bytes = temp + arguments + "
-            "outputs - aliased from XLA's compiled memory analysis",
+            "outputs - aliased from XLA's compiled memory analysis; with_covariance = logging "
+            "plus the projected_covariance(block_rows) update in one jitted call with the state "
+            "donated, mean per call over --cov-repeats samples of block_rows/batch calls",
         }
         os.makedirs(args.tmp, exist_ok=True)
 
@@ -609,6 +704,9 @@ def main():
                 args.tmp,
                 args.full_seqs,
                 save,
+                overrides={k: int(v) for k, v in (kv.split("=") for kv in args.set)},
+                block_rows=args.block_rows or None,
+                cov_repeats=args.cov_repeats,
             )
         ]
         print(json.dumps(result["results"][0], indent=1))
@@ -633,8 +731,12 @@ def main():
             "DenseGeneral (one logged layer per slice of the stack), padding masked; median of "
             "--repeats calls after a warm-up, plain and logging calls interleaved; plain = "
             "jit(value_and_grad(loss)) on the same batch; with_covariance = logging plus the "
-            "projected_covariance update in one jitted call",
-            "results": scanned_rows(cfg, ranks, args.repeats),
+            "projected_covariance(block_rows) update in one jitted call with the state donated, "
+            "timed as the mean over --cov-repeats samples of block_rows/batch consecutive calls "
+            "(plain likewise); covariance_flops_per_batch = 2 b D^2 summed over layers",
+            "results": scanned_rows(
+                cfg, ranks, args.repeats, args.block_rows or None, args.cov_repeats
+            ),
         }
         write_json(args.out, result)
         return

@@ -39,6 +39,7 @@ from jaxinf._src.evaluate import (
     spearman,
     subset_predictions,
 )
+from jaxinf._src.index import build_index, query_index
 from jaxinf._src.kfac import (
     KFACFactors,
     KFACState,
@@ -162,6 +163,8 @@ __all__ = [
     "Preconditioner",
     "preconditioner",
     "query",
+    "build_index",
+    "query_index",
     "QueryResult",
     "self_influence",
     "SelfInfluence",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinf._src.layers import _LINEN_TYPES, _NNX_TYPES
+from jaxinf._src.layers import _LINEN_TYPES, _NNX_TYPES, readout_path
 
 
 class Capture(NamedTuple):
@@ -34,10 +34,11 @@ class Capture(NamedTuple):
     plain layer and ``(axis, length)`` for a layer whose parameters are slices of stacked ones
     (inside ``nn.scan``/``nnx.scan``/``vmap``); ``stack`` is this layer's slice of
     ``inject[path]`` (see the module docstring), or ``None``. Uses that are seen but not
-    captured call ``note(path, module, reason, captured)``: ``captured=True`` for a use of a
-    layer that is tapped elsewhere (``Embed.attend``), ``False`` for a call that is not tapped
-    at all (nested stacks). ``example`` (an integer array) is folded into the NNX model's RNG
-    keys so that each example draws its own dropout mask.
+    captured call ``note(path, module, reason)`` (e.g. nested stacks). An
+    ``Embed.attend`` call (tied read-out) is tapped as a layer of its own, at
+    :func:`readout_path` of the embedding's path, with ``readout=True`` among the call's
+    arguments. ``example`` (an integer array) is folded into the NNX model's RNG keys so that
+    each example draws its own dropout mask.
     """
 
     framework: str
@@ -51,9 +52,8 @@ TRAIN_MODE = (
     "use_running_average=True (Linen) or call model.eval() (NNX), so the stored running "
     "statistics are used"
 )
-_ATTEND = (
-    "Embed.attend (tied read-out) is not captured: the embedding's projected gradient "
-    "holds the lookup part only"
+_ATTEND_STACKED = (
+    "Embed.attend (tied read-out) of an embedding inside a stacking transform; not captured"
 )
 _NESTED = (
     "inside nested stacking transforms (parameters stacked along more than one axis); not captured"
@@ -128,9 +128,13 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
                     raise ValueError(f"layer {path!r} {TRAIN_MODE}")
                 return next_fun(*args, **kwargs)
             if context.method_name == "attend" and isinstance(module, nn.Embed):
-                if note is not None:
-                    note(path, module, _ATTEND, True)
-                return next_fun(*args, **kwargs)
+                y = next_fun(*args, **kwargs)
+                if roots and module.path and _linen_is_stacked(roots[-1], module):
+                    if note is not None:
+                        note(readout_path(path), module, _ATTEND_STACKED)
+                    return y
+                x = args[0] if args else kwargs["query"]
+                return tap(readout_path(path), module, x, y, stacked=None, stack=None, readout=True)
             if context.method_name != "__call__" or not isinstance(module, _LINEN_TYPES):
                 return next_fun(*args, **kwargs)
             x = args[0] if args else kwargs["inputs"]
@@ -146,7 +150,7 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
                 )
             if stacked == "nested":
                 if note is not None:
-                    note(path, module, _NESTED, False)
+                    note(path, module, _NESTED)
                 return y
             stack = None
             if injected:
@@ -164,6 +168,18 @@ def linen_capture(loss_fn: Callable[[Any, Any], jax.Array]) -> Capture:
             return loss_fn(params, batch)
 
     return Capture("linen", run)
+
+
+def _linen_is_stacked(root_vars, module) -> bool:
+    stored = _linen_stored(root_vars, module.path)
+    own = dict(module.variables.get("params", {}))
+    return (
+        stack_axis(
+            {k: v.shape for k, v in stored.items() if hasattr(v, "shape")},
+            {k: v.shape for k, v in own.items() if hasattr(v, "shape")},
+        )
+        is not None
+    )
 
 
 def _linen_stored(root_vars, path) -> Mapping:
@@ -226,12 +242,15 @@ class _NNXTap(nnx.Module):
             for i, v in enumerate(leaves):
                 setattr(self, _PREFIX + str(i), nnx.Param(v))
 
-    def _call(self, x, y, **call):
+    def _stacked(self):
         inner = {k: tuple(v.shape) for k, v in vars(self.inner).items() if isinstance(v, nnx.Param)}
-        stacked = stack_axis(dict(self.outer), inner)
+        return stack_axis(dict(self.outer), inner)
+
+    def _call(self, x, y, **call):
+        stacked = self._stacked()
         if stacked == "nested":
             if self.note is not None:
-                self.note(self.path, self.inner, _NESTED, False)
+                self.note(self.path, self.inner, _NESTED)
             return y
         stack = None
         if self.treedef is not None:
@@ -248,10 +267,14 @@ class _NNXTap(nnx.Module):
             return self._call(x, y, einsum_str=s)
         return self._call(x, y)
 
-    def attend(self, query):  # nnx.Embed's tied read-out: delegated, not captured
-        if self.note is not None:
-            self.note(self.path, self.inner, _ATTEND, True)
-        return self.inner.attend(query)
+    def attend(self, query):  # nnx.Embed's tied read-out: its own logged layer
+        y = self.inner.attend(query)
+        path = readout_path(self.path)
+        if self._stacked() is not None:
+            if self.note is not None:
+                self.note(path, self.inner, _ATTEND_STACKED)
+            return y
+        return self.tap(path, self.inner, query, y, stacked=None, stack=None, readout=True)
 
 
 class _NNXBatchNormCheck(nnx.Module):

@@ -10,7 +10,8 @@ examples, with the zero ``B``s unbatched (``in_axes=None``), returns ``[batch, k
 layer; the full ``n_out x n_in`` per-example gradient never exists.
 
 * Linen: ``nn.intercept_methods`` entered *inside* the traced function sees every ``__call__`` of
-  ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed``.
+  ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` (``__call__``
+  and ``attend``).
 * NNX: the model is rebuilt from its state inside the traced function and ``nnx.recursive_map``
   swaps each ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``, ``nnx.Embed``
   for a tapping wrapper that shares the original's Variables (the user's model object is not
@@ -41,8 +42,13 @@ default selection (``select=None``) they are skipped with a :class:`UncapturedLa
 naming each layer and the reason; an explicit :class:`Select` rule matching such a layer raises
 ``ValueError``. This covers unsupported configurations of the types above (grouped or masked
 Conv, ``DenseGeneral(batch_dims)``, non-dense Einsum equations, layers inside nested stacking
-transforms) and ``Embed.attend`` (a tied read-out: the embedding is captured, but its projected
-gradient lacks the read-out's part).
+transforms, ``Embed.attend`` of a stacked embedding).
+
+Tied read-outs. ``Embed.attend(h)`` (logits ``h @ E^T``) is a dense layer of its own, logged as
+``"<embedding path>.attend"``: input ``h``, output the logits, kernel ``E^T``. The lookup stays
+the layer ``"<embedding path>"``. The two entries of one matrix add up to its gradient; they
+are kept apart because each has its own Kronecker structure (one-hot inputs for the lookup,
+hidden states for the read-out), hence its own KFAC factors, PCA projections and damping.
 
 Inputs by layer kind (see :mod:`jaxinf._src.projection` for the weight layout): dense-like layers
 use the input's contracted axes as features and all other axes as tokens; convolutions use

@@ -72,12 +72,15 @@ def find_layers(
       UncapturedLayerWarning: with ``select=None``, once per call, naming every layer of a
         supported type whose configuration is unsupported (skipped: grouped/masked Conv,
         ``DenseGeneral(batch_dims)``, Einsum equations that are not dense projections, layers
-        inside nested stacking transforms); and,
-        with any selection, naming every selected ``Embed`` that the loss also uses through
-        ``Embed.attend`` (captured, but the read-out's part of its gradient is not).
+        inside nested stacking transforms, ``Embed.attend`` of a stacked embedding).
+
+    A tied read-out (``Embed.attend``) is a layer of its own, ``"<embedding path>.attend"``,
+    of kind ``'dense'`` (``type_name`` ``'Embed.attend'``): input the query (hidden state),
+    output the logits, kernel the embedding's transpose. The embedding's lookup stays the
+    layer ``"<embedding path>"``; a rule on the type ``nn.Embed``/``nnx.Embed`` selects both.
     """
     found: dict[str, tuple] = {}
-    notes: dict[str, str] = {}
+    kinds: dict[str, str] = {}
 
     def tap(path, module, x, y, stacked=None, stack=None, **call):
         if path not in found:
@@ -85,13 +88,14 @@ def find_layers(
                 cfg = _config(path, module, x, y, **call)
             except ValueError as e:
                 cfg = e
-            found[path] = (module, type(module).__name__, cfg, stacked)
+            readout = call.get("readout", False)
+            name = type(module).__name__ + (".attend" if readout else "")
+            found[path] = (module, name, cfg, stacked)
+            kinds[path] = "dense" if readout else _kind_of(module)
         return y
 
-    def note(path, module, reason, captured):
-        if captured:
-            notes.setdefault(path, reason)
-        elif path not in found:
+    def note(path, module, reason):
+        if path not in found:
             found[path] = (
                 module,
                 type(module).__name__,
@@ -119,7 +123,7 @@ def find_layers(
     hits = [0] * len(rules)
     for name, (path, _j) in names.items():
         module = found[path][0]
-        kind = _kind_of(module)
+        kind = kinds.get(path) or _kind_of(module)
         for i, rule in enumerate(rules):
             if _matches(rule, name, module, kind):
                 if name in chosen:
@@ -174,18 +178,13 @@ def find_layers(
             rule.k_out,
             None if j is None else (path, j, stacked[1], stacked[0]),
         )
-    bases = {s.path if s.stack is None else s.stack[0] for s in out.values()}
-    partly = [f"{p!r}: {r}" for p, r in notes.items() if p in bases]
-    if skipped or partly:
-        msg = ["find_layers: some parametrized layer uses are not captured."]
-        if skipped:
-            msg.append(
-                "Not captured (skipped by the default selection; an explicit Select "
-                "rule matching them raises): " + "; ".join(skipped) + "."
-            )
-        if partly:
-            msg.append("Partly captured: " + "; ".join(partly) + ".")
-        warnings.warn(" ".join(msg), UncapturedLayerWarning, stacklevel=2)
+    if skipped:
+        msg = (
+            "find_layers: some parametrized layer uses are not captured. Not captured "
+            "(skipped by the default selection; an explicit Select rule matching them "
+            "raises): " + "; ".join(skipped) + "."
+        )
+        warnings.warn(msg, UncapturedLayerWarning, stacklevel=2)
     if not out:
         raise ValueError(
             "find_layers: no supported layer is selected; not captured: " + "; ".join(skipped)

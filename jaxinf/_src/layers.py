@@ -49,6 +49,14 @@ def split_stack_path(name: str):
     return (name, None) if m is None else (m.group(1), int(m.group(2)))
 
 
+READOUT_SUFFIX = ".attend"
+
+
+def readout_path(path: str) -> str:
+    """The logged name of the tied read-out ``Embed.attend`` of the embedding at ``path``."""
+    return path + READOUT_SUFFIX
+
+
 def _check_layer(path, cfg: _Config, n_in: int, n_out: int, what: str):
     if (cfg.n_in, cfg.n_out) != (n_in, n_out):
         raise ValueError(
@@ -180,9 +188,16 @@ def _conv_padding(path, padding, n):
     return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pads)
 
 
-def _config(path: str, module, x, y, einsum_str=None) -> _Config:
-    """The static _Config of a layer call; raises ValueError for unsupported configurations."""
+def _config(path: str, module, x, y, einsum_str=None, readout=False) -> _Config:
+    """The static _Config of a layer call; raises ValueError for unsupported configurations.
+
+    ``readout=True``: an ``Embed.attend`` call, ``y = x @ embedding.T``, taken as a dense layer
+    from the last axis of ``x`` to the ``num_embeddings`` logits (kernel ``embedding.T``).
+    """
     name = type(module).__name__
+    if readout:
+        tok = tuple(x.shape[:-1])
+        return _Config("dense", x.shape[-1], y.shape[-1], False, tok, axes=(x.ndim - 1,))
     if isinstance(module, (nn.Einsum, nnx.Einsum)):
         return _einsum_config(path, module, x, y, einsum_str)
     if isinstance(module, (nn.Embed, nnx.Embed)):

@@ -167,6 +167,51 @@ class Log:
     def _stamp(self) -> dict:
         return {s.name: s.rows for s in self.shards}
 
+    def derived_dir(self, kind: str, params: dict) -> str:
+        """Directory of the version of derived data ``kind`` computed with ``params``.
+
+        The name hashes this snapshot's row counts with ``params``, so a version is found
+        only by a snapshot with exactly the rows it covers: appending rows invalidates it.
+        """
+        key = {"rows": self._stamp(), "layers": [l.path for l in self.layers], **params}
+        return os.path.join(self.path, kind, statistics_version(key))
+
+    def load_derived(self, kind: str, params: dict) -> dict[str, np.ndarray] | None:
+        """Arrays of a saved version of derived data (see ``save_derived``), or None."""
+        d = self.derived_dir(kind, params)
+        if not os.path.isdir(d):
+            return None
+        rec = files.read_json(os.path.join(d, "record.json"), kind, fmt.LogFormatError)
+        if rec.get("rows") != self._stamp() or rec.get("params") != params:
+            raise fmt.LogFormatError(
+                f"{d}/record.json covers rows {rec.get('rows')!r} with {rec.get('params')!r}, "
+                f"not this log's rows {self._stamp()} with {params!r}; delete {d} to have it "
+                "recomputed"
+            )
+        try:
+            return {name: files.read_array(os.path.join(d, name), kind) for name in rec["arrays"]}
+        except (fmt.LogFormatError, KeyError) as e:
+            raise fmt.LogFormatError(f"{e}; delete {d} to have it recomputed") from None
+
+    def save_derived(self, kind: str, params: dict, arrays: dict[str, np.ndarray]) -> bool:
+        """Save derived data as a new version ``<log>/<kind>/v-<hash>`` (one directory rename).
+
+        A failure to write (read-only or full filesystem) is a warning and returns False.
+        """
+        d = self.derived_dir(kind, params)
+        record = {"rows": self._stamp(), "params": params, "arrays": sorted(arrays)}
+        try:
+            return files.write_version(
+                os.path.dirname(d), os.path.basename(d), arrays, "record.json", record
+            )
+        except OSError as e:
+            warnings.warn(
+                f"{kind} of {self.path} not saved ({e}); it is recomputed when needed",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+
     def _load(self) -> dict[str, LayerStatistics] | None:
         d = os.path.join(self.path, "statistics", statistics_version(self._stamp()))
         if not os.path.isdir(d):
