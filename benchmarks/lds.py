@@ -25,7 +25,9 @@ restrict what is run.
 training run (same initial parameters, optimizer and minibatches, replayed from its key) with
 respect to per-example loss weights. Its entry adds the cost in multiples of one training run
 (compiled, timed after compilation), the compiled memory of both, and the replay check. Flags:
-``--metagrad-segments`` / ``--metagrad-test-block`` (memory trade-offs), ``--same-batches`` (a
+``--metagrad-segments`` / ``--metagrad-test-block`` (memory trade-offs), ``--metagrad-float64``
+(the metagradient computed in float64: a long AdamW run in float32, the byte LM's, gives NaN
+scores), ``--same-batches`` (a
 second ground truth: retraining on each subset with the *same* minibatches and the dropped
 examples' weights set to 0, the counterfactual the metagradient linearises; every method gets
 ``lds_same_batches``), ``--memory-steps 50,100,200`` (compiled bytes of the metagradient
@@ -37,6 +39,8 @@ MLP retrained and scored at each learning rate), e.g.::
         --out benchmarks/results/lds_metagrad_cpu.json
     python benchmarks/lds.py --tasks "" --lrs 0.01,0.05,0.2 --methods metagrad,exact_influence \\
         --same-batches --out benchmarks/results/lds_metagrad_lr_cpu.json
+    python benchmarks/lds.py --tasks lm --methods metagrad --sizes 16 --same-batches \\
+        --metagrad-float64 --out benchmarks/results/lds_metagrad_lm_float64_cpu.json
 
 Three more families run only when named (digits tasks; labels drawn from
 or averaged over the model's softmax):
@@ -749,7 +753,7 @@ def main(argv=None):
     ap.add_argument(
         "--metagrad-float64",
         action="store_true",
-        help="compute the metagradient in float64 (training replayed in float64 too)",
+        help="compute the metagradient (its pass through training and back) in float64",
     )
     ap.add_argument(
         "--same-batches",
