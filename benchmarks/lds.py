@@ -25,7 +25,9 @@ restrict what is run.
 training run (same initial parameters, optimizer and minibatches, replayed from its key) with
 respect to per-example loss weights. Its entry adds the cost in multiples of one training run
 (compiled, timed after compilation), the compiled memory of both, and the replay check. Flags:
-``--metagrad-segments`` / ``--metagrad-test-block`` (memory trade-offs), ``--same-batches`` (a
+``--metagrad-segments`` / ``--metagrad-test-block`` (memory trade-offs), ``--metagrad-float64``
+(the metagradient computed in float64: a long AdamW run in float32, the byte LM's, gives NaN
+scores), ``--same-batches`` (a
 second ground truth: retraining on each subset with the *same* minibatches and the dropped
 examples' weights set to 0, the counterfactual the metagradient linearises; every method gets
 ``lds_same_batches``), ``--memory-steps 50,100,200`` (compiled bytes of the metagradient
@@ -37,6 +39,8 @@ MLP retrained and scored at each learning rate), e.g.::
         --out benchmarks/results/lds_metagrad_cpu.json
     python benchmarks/lds.py --tasks "" --lrs 0.01,0.05,0.2 --methods metagrad,exact_influence \\
         --same-batches --out benchmarks/results/lds_metagrad_lr_cpu.json
+    python benchmarks/lds.py --tasks lm --methods metagrad --sizes 16 --same-batches \\
+        --metagrad-float64 --out benchmarks/results/lds_metagrad_lm_float64_cpu.json
 
 Four more families run only when named (labels drawn from or averaged over the model's
 softmax; the byte LM draws one label per token):
@@ -157,6 +161,7 @@ class Recipe(NamedTuple):
     test_data: Any
     segments: int | None = None
     test_block: int = 64
+    float64: bool = False  # the metagradient (its forward and reverse pass) in float64
 
 
 def task_recipe(name, task, lr, **kw):
@@ -169,8 +174,10 @@ def task_recipe(name, task, lr, **kw):
         return Recipe(opt, lambda p, s: -task.example_loss(p, (s,)), task.x_test, **kw)
     opt = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(lr, momentum=0.9))
 
-    def margin(p, ex):
-        return examples._margin(task.model.apply({"params": p}, ex[0]), ex[1])
+    def margin(p, ex):  # the digits tasks' output: correct logit minus logsumexp of the others
+        logits, y = task.model.apply({"params": p}, ex[0]), ex[1]
+        other = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+        return logits[y] - jax.nn.logsumexp(other)
 
     return Recipe(opt, margin, (task.x_test, task.y_test), **kw)
 
@@ -200,11 +207,14 @@ def _memory(compiled):
 
 def _scores_fn(task, recipe, segments):
     def fn(p0, batches):
+        train = (task.x_train, task.y_train)
+        if recipe.float64:
+            p0, train = jax.tree.map(_to_f64, (p0, train))
         return jaxinf.metagradient_scores(
             task.example_loss,
             recipe.optimizer,
             p0,
-            (task.x_train, task.y_train),
+            train,
             batches,
             recipe.test_fn,
             recipe.test_data,
@@ -213,6 +223,10 @@ def _scores_fn(task, recipe, segments):
         )
 
     return jax.jit(fn)
+
+
+def _to_f64(a):
+    return a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
 
 def metagrad_scores(task, params, recipe, p0, train_key):
@@ -242,12 +256,15 @@ def metagrad_scores(task, params, recipe, p0, train_key):
     t0 = time.perf_counter()
     _block(train(p0, ones, train_key))
     train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = _scores_fn(task, recipe, recipe.segments).lower(p0, batches).compile()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s = _block(compiled(p0, batches))
-    run_s = time.perf_counter() - t0
+    with jax.enable_x64(recipe.float64):
+        t0 = time.perf_counter()
+        compiled = _scores_fn(task, recipe, recipe.segments).lower(p0, batches).compile()
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s = _block(compiled(p0, batches))
+        run_s = time.perf_counter() - t0
+    rows_bad = np.flatnonzero(~np.isfinite(np.asarray(s)).all(axis=1)).tolist()
+    s = jnp.asarray(s, jnp.float32)
     finite = float(jnp.mean(jnp.isfinite(s)))
     if finite < 1.0:
         # Reported, then ranked as the sign says (LDS uses ranks): NaN as 0, ±inf as ±max.
@@ -255,6 +272,8 @@ def metagrad_scores(task, params, recipe, p0, train_key):
         s = jnp.nan_to_num(s, nan=0.0)
     extra = {
         "finite_fraction": finite,
+        "nonfinite_test_rows": rows_bad,
+        "float64": recipe.float64,
         "max_abs_finite_score": float(jnp.max(jnp.where(jnp.isfinite(s), jnp.abs(s), 0.0))),
         "replay_max_abs_param_diff": replay_diff,
         "compile_s": round(compile_s, 3),
@@ -830,6 +849,11 @@ def main(argv=None):
         "--metagrad-test-block", type=int, default=64, help="test functions per backward pass"
     )
     ap.add_argument(
+        "--metagrad-float64",
+        action="store_true",
+        help="compute the metagradient (its pass through training and back) in float64",
+    )
+    ap.add_argument(
         "--same-batches",
         action="store_true",
         help="also retrain every subset on the model's own minibatches (lds_same_batches)",
@@ -914,7 +938,12 @@ def main(argv=None):
         if "metagrad" not in methods and not args.same_batches:
             return None
         return task_recipe(
-            name, task, lr, segments=args.metagrad_segments, test_block=args.metagrad_test_block
+            name,
+            task,
+            lr,
+            segments=args.metagrad_segments,
+            test_block=args.metagrad_test_block,
+            float64=args.metagrad_float64,
         )
 
     def one_task(name, c, task, lr):

@@ -250,3 +250,24 @@ def test_adam_with_a_never_updated_parameter_warns_and_eps_root_fixes_it():
     # Without the zero features the scores are the same (eps_root changes nothing visible).
     ref = jaxinf.metagradient_scores(**dict(recipe, optimizer=optax.adam(0.1)), **test)
     np.testing.assert_allclose(s, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_nonfinite_scores_name_their_test_rows():
+    # Test row 1 is scaled by inf, so only its scores are not finite.
+    recipe, test = PROBLEMS["ridge"]
+    scale = jnp.array([1.0, jnp.inf, 1.0])
+    t = dict(
+        test_fn=lambda p, ex: ex[1] * ridge_test(p, ex[0]), test_data=(test["test_data"], scale)
+    )
+    with pytest.warns(RuntimeWarning, match=r"in 1 of 3 test rows \(rows 1\)") as rec:
+        s = np.asarray(jaxinf.metagradient_scores(**recipe, **t))
+    n_nan, n_inf = int(np.isnan(s).sum()), int(np.isinf(s).sum())
+    assert f"{n_nan} NaN and {n_inf} infinite scores" in str(rec[0].message)
+    np.testing.assert_array_equal(np.isfinite(s).all(axis=1), [True, False, True])
+    np.testing.assert_allclose(
+        s[[0, 2]], np.asarray(jaxinf.metagradient_scores(**recipe, **test))[[0, 2]]
+    )
+    with pytest.raises(FloatingPointError, match=r"rows 1\)"):
+        jaxinf.metagradient_scores(**recipe, **t, nonfinite="raise")
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        jaxinf.metagradient_scores(**recipe, **test, nonfinite="ignore")

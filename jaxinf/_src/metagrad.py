@@ -52,13 +52,31 @@ from jaxmlo import checkpointed_scan
 __all__ = ["metagradient_scores", "weighted_train"]
 
 _REDUCTIONS = ("mean", "sum")
-_NON_FINITE = (
-    "metagradient_scores: some scores are not finite. A common cause is a square root at zero in "
-    "the optimizer: Adam's sqrt(nu) has an infinite derivative where a parameter's gradient has "
-    "been exactly zero so far (an embedding row never used); pass eps_root > 0 (e.g. "
-    "optax.adam(lr, eps_root=1e-16)). Otherwise the run diverges or is too non-smooth (lower "
-    "the learning rate)."
+_NONFINITE_MODES = ("warn", "raise")
+_NON_FINITE_CAUSES = (
+    "Common causes: Adam's sqrt(nu) at nu = 0 (a parameter whose gradient has been exactly zero "
+    "so far, e.g. an embedding row never used) has an infinite derivative, so pass eps_root > 0 "
+    "(optax.adam(lr, eps_root=1e-16)); with eps_root tiny, the reverse pass multiplies factors "
+    "as large as 1/sqrt(eps_root) and can leave the float32 range: compute in float64 "
+    "(jax_enable_x64 and float64 params) or take a larger eps_root; otherwise the run diverges "
+    "or is too non-smooth (lower the learning rate)."
 )
+
+
+def _report_nonfinite(s, mode):
+    """Warn (or raise) naming the test rows whose scores are not finite."""
+    finite = np.isfinite(s)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.all(axis=1))
+    shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    msg = (
+        f"metagradient_scores: {int(np.isnan(s).sum())} NaN and {int(np.isinf(s).sum())} infinite "
+        f"scores, in {len(rows)} of {s.shape[0]} test rows (rows {shown}). {_NON_FINITE_CAUSES}"
+    )
+    if mode == "raise":
+        raise FloatingPointError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _leading(name, tree):
@@ -201,6 +219,7 @@ def metagradient_scores(
     reduction: str = "mean",
     segments: int | None = None,
     test_block: int = 64,
+    nonfinite: str = "warn",
 ) -> jax.Array:
     """Exact attribution scores ``∂ f_k(θ_T(w)) / ∂ w_i`` at ``w = 1``, through the whole run.
 
@@ -223,6 +242,9 @@ def metagradient_scores(
         (memory ``O(T)``, no recomputation); see :func:`jaxmlo.checkpointed_scan`.
       test_block: test functions per backward pass; memory grows with it, the number of
         passes (each recomputing the forward once) shrinks with it.
+      nonfinite: what to do when some scores are NaN or infinite: ``"warn"`` (a
+        ``RuntimeWarning`` naming the test rows) or ``"raise"`` (``FloatingPointError``, same
+        message). Called under ``jit`` the values cannot be checked and nothing is said.
 
     Returns:
       ``[n_test, n_train]`` scores in the dtype of ``params``.
@@ -242,6 +264,8 @@ def metagradient_scores(
     n_test = _leading("test_data", test_data)
     if not isinstance(test_block, int) or test_block < 1:
         raise ValueError(f"test_block must be an int >= 1, got {test_block!r}")
+    if nonfinite not in _NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
     out = jax.eval_shape(test_fn, params, jax.tree.map(lambda x: x[0], test_data))
     if jnp.shape(out) != ():
         raise ValueError(
@@ -275,6 +299,6 @@ def metagradient_scores(
         return s[:n_test]
 
     s = jax.jit(scores)(params, train_data, jnp.asarray(batches), test_data)
-    if not isinstance(s, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(s))):
-        warnings.warn(_NON_FINITE, RuntimeWarning, stacklevel=2)
+    if not isinstance(s, jax.core.Tracer):
+        _report_nonfinite(np.asarray(s), nonfinite)
     return s
