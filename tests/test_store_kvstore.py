@@ -74,6 +74,8 @@ def test_a_log_on_the_memory_kvstore_reads_back_and_answers_queries_exactly():
     np.testing.assert_array_equal(again.eigenvectors, stats.eigenvectors)
     test = _rows([3, 50])[0]
     res = jaxinf.query(url, test, PROJ, top_k=13, progress=False)
+    by_spec = jaxinf.query(spec, test, PROJ, top_k=13, progress=False)
+    np.testing.assert_array_equal(by_spec.top_rows, res.top_rows)
     ref = np.asarray(jaxinf.influence_scores({"a": want}, test))
     got = np.take_along_axis(res.top_scores, np.argsort(res.top_rows, 1), 1)
     np.testing.assert_allclose(got, ref, rtol=1e-10)

@@ -40,7 +40,7 @@ from jaxinf._src.query import (
     self_influence,
     test_rows_checked,
 )
-from jaxinf._src.reader import open_log
+from jaxinf._src.reader import Log, open_log
 
 INDEX = "index"  # derived data of a log: <log>/index/v-<hash>
 _KINDS = {"dot": "dot", "relatif": "normalized", "cosine": "normalized"}
@@ -162,7 +162,7 @@ def build_index(
       The directory of the index version. A version that exists already is returned as is.
     """
     faiss = _faiss()
-    if isinstance(log, str):
+    if not isinstance(log, Log):  # a path, URL or kvstore spec
         log = open_log(log)
     kind = _kind(mode)
     n = log.num_rows
@@ -320,7 +320,7 @@ def query_index(
       ``QueryResult`` (``scores_path`` None) like ``query``'s.
     """
     faiss = _faiss()
-    if isinstance(log, str):
+    if not isinstance(log, Log):  # a path, URL or kvstore spec
         log = open_log(log)
     kind = _kind(mode)
     n_test = _check_query(log, test_grads, projection)

@@ -429,7 +429,7 @@ def sharded_query(
     Returns:
       ``QueryResult`` (``scores_path`` is None: the full score matrix is not written).
     """
-    if isinstance(log, str):
+    if not isinstance(log, _reader.Log):  # a path, URL or kvstore spec
         log = _reader.open_log(log)
     if mode not in ("dot", "cosine", "relatif"):
         raise ValueError(f"mode must be 'dot', 'cosine' or 'relatif', got {mode!r}")

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from jaxinf._src import store_files as _files
 from jaxinf._src import store_format as _fmt
-from jaxinf._src.reader import LayerStatistics, open_log
+from jaxinf._src.reader import LayerStatistics, Log, open_log
 from jaxinf._src.statistics import fisher_eigh, projected_covariance, relative_damping
 
 MODES = ("dot", "cosine", "relatif", "self")
@@ -389,7 +389,7 @@ def query(
     by ``self_influence(log, cache=True)`` covers this snapshot's rows with the same damping,
     it is read instead of recomputed per chunk, and the query runs at the speed of "dot".
     """
-    if isinstance(log, str):
+    if not isinstance(log, Log):  # a path, URL or kvstore spec
         log = open_log(log)
     if mode not in ("dot", "cosine", "relatif"):
         raise ValueError(
@@ -579,7 +579,7 @@ def self_influence(
       >>> si.scores.shape
       (6,)
     """
-    if isinstance(log, str):
+    if not isinstance(log, Log):  # a path, URL or kvstore spec
         log = open_log(log)
     if log.num_rows == 0:
         raise ValueError(f"log {log.path} has no committed rows")
