@@ -369,6 +369,18 @@ def covariance_floor(projs, batch):
     }
 
 
+def run_info() -> dict:
+    """The command line and the machine, recorded with every result of this script."""
+    return {
+        "command": "python benchmarks/logra_logging.py " + " ".join(sys.argv[1:]),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def compiled_memory(compiled):
     m = compiled.memory_analysis()
     if m is None:
@@ -672,12 +684,7 @@ def main():
     if args.model == "llama":
         result = {
             "benchmark": "logra_logging_llama",
-            "command": "python benchmarks/logra_logging.py " + " ".join(sys.argv[1:]),
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
+            **run_info(),
             "notes": "Flax NNX Llama-style LM, blocks under nnx.scan; LoGra (random projections) "
             "on every nnx.Linear, one logged layer per slice of the stack, padding masked; "
             "plain = jit(value_and_grad(loss)) on the same batch; median of --repeats calls "
@@ -719,14 +726,9 @@ def main():
         ranks = [args.rank] if args.rank else [16, 64]
         result = {
             "benchmark": "logra_logging_scanned",
-            "command": "python benchmarks/logra_logging.py " + " ".join(sys.argv[1:]),
+            **run_info(),
             "size": args.size,
             "config": dict(cfg, ranks=ranks),
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
             "notes": "Linen LM with nn.scan over 4 stacked blocks; LoGra on every Dense and "
             "DenseGeneral (one logged layer per slice of the stack), padding masked; median of "
             "--repeats calls after a warm-up, plain and logging calls interleaved; plain = "
@@ -792,14 +794,9 @@ def main():
 
     result = {
         "benchmark": "logra_logging",
-        "command": "python benchmarks/logra_logging.py " + " ".join(sys.argv[1:]),
+        **run_info(),
         "size": args.size,
         "config": dict(cfg, rank=rank),
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
         "notes": "median of --repeats calls after one warm-up call, plain and logging calls interleaved; "
         "tokens = real (unpadded) tokens "
         "for the LM; LoGra layers: all Dense (MLP) / all Dense+DenseGeneral (LM, no "
