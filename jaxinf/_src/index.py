@@ -33,6 +33,7 @@ from jaxinf._src.query import (
     QueryResult,
     _check_query,
     _default_chunk_rows,
+    _inv_sqrt_host,
     _plan,
     _prepare_test,
     _self_params,
@@ -61,10 +62,6 @@ def _kind(mode: str) -> str:
     if mode not in _KINDS:
         raise ValueError(f"mode must be 'dot', 'relatif' or 'cosine', got {mode!r}")
     return _KINDS[mode]
-
-
-def _inv_sqrt(s: np.ndarray) -> np.ndarray:
-    return np.where(s > 0, 1.0 / np.sqrt(np.where(s > 0, s, 1.0)), 0.0)
 
 
 def _row_reader(grads):
@@ -190,7 +187,7 @@ def build_index(
     scale = None
     if kind == "normalized":
         si = self_influence(log, damping=pre.damping, chunk_rows=chunk_rows, progress=progress)
-        scale = _inv_sqrt(si.scores)
+        scale = _inv_sqrt_host(si.scores)
 
     part, trained = os.path.join(work, "part.faiss"), os.path.join(work, "trained.faiss")
     if os.path.exists(part):
@@ -354,9 +351,9 @@ def query_index(
     x = _gather(log, rows)
     exact = q @ x.T  # [n_test, len(rows)]
     if kind == "normalized":
-        exact *= _inv_sqrt(_self_host(x, pre))[None, :]
+        exact *= _inv_sqrt_host(_self_host(x, pre))[None, :]
     if mode == "cosine":
-        exact *= _inv_sqrt(self_te)[:, None]
+        exact *= _inv_sqrt_host(self_te)[:, None]
     out = {f: np.empty((n_test, k), t) for f, t in (("tv", np.float64), ("tr", np.int64))}
     out.update({f: np.empty((n_test, k), t) for f, t in (("bv", np.float64), ("br", np.int64))})
     for i in range(n_test):

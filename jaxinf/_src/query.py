@@ -129,6 +129,11 @@ def _inv_sqrt(s):
     return jnp.where(s > 0, jax.lax.rsqrt(jnp.where(s > 0, s, 1.0)), 0.0)
 
 
+def _inv_sqrt_host(s: np.ndarray) -> np.ndarray:
+    """``_inv_sqrt`` in float64 on the host, for saved self-influence scores."""
+    return np.where(s > 0, 1.0 / np.sqrt(np.where(s > 0, s, 1.0)), 0.0)
+
+
 def _scores(x, q, whiten, self_te, layers, mode, inv_tr=None):
     """Scores [n_test, C] of rows ``x`` [C, D] (traced).
 
@@ -431,9 +436,7 @@ def query(
     if mode != "dot" and statistics is None:  # a saved version is of the log's own Fisher
         saved = log.load_derived(SELF_INFLUENCE, _self_params(pre.damping))
         if saved is not None:
-            st = saved["scores"]
-            inv_tr = np.where(st > 0, 1.0 / np.sqrt(np.where(st > 0, st, 1.0)), 0.0)
-            inv_tr = np.asarray(inv_tr, np.dtype(dt))
+            inv_tr = np.asarray(_inv_sqrt_host(saved["scores"]), np.dtype(dt))
     step = _step_fn(tuple(log.layers), mode, k, out is not None or full)
     columns = []  # top_k=None: (global rows, scores) per chunk
     writes = collections.deque()
