@@ -175,6 +175,22 @@ def _grad_paths(method, base_loss, meta_loss, opt, params, lam, batches, meta_ba
     return through_unroll, via_hypergradient
 
 
+# (method, its variant) pairs timed against each other when both are run
+PAIRS = (
+    ("sama", "sama_solution"),
+    ("cg", "cg_linearize"),
+    ("neumann", "neumann_linearize"),
+)
+
+
+def _loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
     model, params, base_loss, meta_loss, batch_of, lam = build(model_name, batch, small)
     # eps_root > 0: ITD differentiates Adam's sqrt(nu), whose derivative is infinite at nu = 0
@@ -261,21 +277,20 @@ def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
             f"residual {float(info.solve.residual):.2e} ({int(info.solve.iterations)} it)",
             flush=True,
         )
-    if "sama" in methods and "sama_solution" in methods:
-        # The two SAMA adaptations timed against each other, interleaved: their ratio does
-        # not depend on how the plain step happened to run beside each.
-        steps = [
-            jax.jit(functools.partial(meta_step, method=methods[k]))
-            for k in ("sama", "sama_solution")
-        ]
+    # Variants of one method timed against each other, interleaved: their ratio does not
+    # depend on how the plain step happened to run beside each.
+    for a, b in PAIRS:
+        if a not in methods or b not in methods:
+            continue
+        steps = [jax.jit(functools.partial(meta_step, method=methods[k])) for k in (a, b)]
         margs = (state, batches, meta_batch)
         t = _time_pair(steps[1], margs, steps[0], margs, repeats)
-        result["sama_over_sama_solution"] = {
+        result[f"{a}_over_{b}"] = {
             "time_ratio": t["meta"][0] / t["plain"][0],
             "min_time_ratio": t["meta"][1] / t["plain"][1],
         }
         print(
-            f"{model_name:12s} sama / sama_solution  time x{t['meta'][1] / t['plain'][1]:5.2f} "
+            f"{model_name:12s} {a} / {b}  time x{t['meta'][1] / t['plain'][1]:5.2f} "
             f"(median x{t['meta'][0] / t['plain'][0]:5.2f})",
             flush=True,
         )
@@ -465,6 +480,9 @@ def main(argv=None):
         # The adaptation at a new gradient at θ* (one more forward + backward): the previous
         # default, measured beside the new one.
         "sama_solution": J.sama(adaptation="solution"),
+        # The primal passes once before the solve, residuals held (faster, more memory).
+        "cg_linearize": J.cg(maxiter=10, hvp="linearize"),
+        "neumann_linearize": J.neumann(steps=10, lr=1e-3, hvp="linearize"),
     }
     defaults = {"cg()": J.cg(), "neumann()": J.neumann()}
     if args.methods:
@@ -492,7 +510,10 @@ def main(argv=None):
             "neumann": "neumann(steps=10, lr=1e-3)",
             "sama": "sama(alpha=1.0, nudge=True)",
             "sama_solution": 'sama(alpha=1.0, nudge=True, adaptation="solution")',
+            "cg_linearize": 'cg(maxiter=10, hvp="linearize")',
+            "neumann_linearize": 'neumann(steps=10, lr=1e-3, hvp="linearize")',
         },
+        "loadavg_start": _loadavg(),
         "models": {},
     }
     for model_name in args.models.split(","):
@@ -504,6 +525,7 @@ def main(argv=None):
         if not args.no_betty
         else {"available": None, "reason": "--no-betty"}
     )
+    out["loadavg_end"] = _loadavg()
     write_json(args.out, out, indent=2)
     print("wrote", args.out)
 

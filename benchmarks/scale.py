@@ -159,6 +159,14 @@ def memory(compiled) -> dict:
     }
 
 
+def _loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def device_peak() -> int | None:
     try:
         return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
@@ -266,7 +274,7 @@ def bench_logging(cfg, iters, mesh, compute_dtype, tmp):
 # ------------------------------------------------------------------------------------- reweighting
 
 
-def bench_reweighting(cfg, iters, mesh, compute_dtype):
+def bench_reweighting(cfg, iters, mesh, compute_dtype, variants=None):
     c = cfg["clf"]
     n_dev = mesh.shape["data"]
     B = max(c["batch"] // n_dev, 1) * n_dev  # global batch, split over the mesh
@@ -320,14 +328,23 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
 
     data = [jaxmlo.parallel.shard_batches(batches(i), mesh) for i in range(3)]
     rows = {}
-    variants = {
+    methods = {
         "plain": None,
         "sama": jaxmlo.sama(),
         "sama_solution": jaxmlo.sama(adaptation="solution"),  # adapts at a new gradient at θ*
         "cg": jaxmlo.cg(maxiter=5, damping=0.1),
         "neumann": jaxmlo.neumann(steps=5, lr=0.01),
+        # the primal passes once, residuals held through the solve (faster, more memory)
+        "cg_linearize": jaxmlo.cg(maxiter=5, damping=0.1, hvp="linearize"),
+        "neumann_linearize": jaxmlo.neumann(steps=5, lr=0.01, hvp="linearize"),
     }
-    for name, method in variants.items():
+    unknown = sorted(set(variants or ()) - set(methods))
+    if unknown:
+        raise ValueError(f"unknown reweighting variants {unknown}; choose from {sorted(methods)}")
+    # plain is always compiled: every ratio is against it
+    chosen = ["plain", *(v for v in (variants or methods) if v != "plain")]
+    for name in chosen:
+        method = methods[name]
         if method is None:
             prog = jaxmlo.Program([jaxmlo.Problem("base", mp(plain_loss), params, opt)])
             data_v = [{"base": d["base"]} for d in data]
@@ -343,8 +360,10 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
             data_v = data
         state = jaxmlo.parallel.replicate(jaxmlo.init(prog), mesh)
         step = jaxmlo.parallel.parallel_step(prog, mesh)
+        t0 = time.perf_counter()
         compiled = step.lower(state, data_v[0]).compile()
         rows[name] = {
+            "compile_s": time.perf_counter() - t0,
             "memory": memory(compiled),
             "passes": jaxmlo.testing.count_matmuls(compiled.as_text()),
             "all_reduce": jaxmlo.testing.count_collectives(compiled.as_text())["all-reduce"],
@@ -353,7 +372,7 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
             t, _ = timed(compiled, lambda i, state=state: (state, data_v[i % 3]), iters)
             rows[name].update(samples_per_s=B / t, step_s=t)
         del state, compiled
-    for name in ("sama", "sama_solution", "cg", "neumann"):
+    for name in chosen[1:]:
         if iters:
             rows[name]["time_over_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
         pm = rows["plain"]["memory"].get("peak_estimate_bytes")
@@ -361,6 +380,8 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype):
             rows[name]["memory_over_plain"] = rows[name]["memory"]["peak_estimate_bytes"] / pm
     return {
         "params": n_params(params),
+        "layers": c["layers"],
+        "width": c["width"],
         "devices": n_dev,
         "global_batch": B,
         "seq": c["seq"],
@@ -460,10 +481,28 @@ def main():
         action="store_true",
         help="reweighting: compiled memory and matmul counts only, no timed runs",
     )
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="transformer blocks of the LM and the classifier (default: the size's; fewer "
+        "keep the width, sequence and batch but compile faster)",
+    )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="reweighting: comma-separated subset of plain, sama, sama_solution, cg, neumann, "
+        "cg_linearize, neumann_linearize (default: all; plain is always included)",
+    )
     ap.add_argument("--tmp", default=None, help="directory for the logs (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results/scale_cpu.json", help="JSON results file")
     args = ap.parse_args()
     cfg = SIZES[args.size]
+    if args.layers is not None:
+        if args.layers < 1:
+            raise SystemExit(f"--layers must be >= 1, got {args.layers}")
+        cfg = {**cfg, **{m: {**cfg[m], "layers": args.layers} for m in ("lm", "clf")}}
+    variants = args.variants.split(",") if args.variants else None
     bf16 = args.bf16 if args.bf16 is not None else args.size == "large"
     dtype = jnp.bfloat16 if bf16 else None
     mesh = jaxmlo.parallel.data_mesh()
@@ -478,6 +517,7 @@ def main():
         "jax": jax.__version__,
         "machine": platform.node(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "loadavg_start": _loadavg(),
     }
     try:
         for part in args.parts.split(","):
@@ -486,7 +526,7 @@ def main():
                 result[part] = bench_logging(cfg, cfg["iters"], mesh, dtype, tmp)
             elif part == "reweighting":
                 iters = 0 if args.memory_only else cfg["iters"]
-                result[part] = bench_reweighting(cfg, iters, mesh, dtype)
+                result[part] = bench_reweighting(cfg, iters, mesh, dtype, variants)
             elif part == "query":
                 result[part] = bench_query(cfg, mesh, tmp)
             else:
@@ -496,6 +536,7 @@ def main():
     finally:
         if args.tmp is None:
             shutil.rmtree(tmp, ignore_errors=True)
+    result["loadavg_end"] = _loadavg()
     write_json(args.out, result)
     print("wrote", args.out)
 

@@ -48,6 +48,8 @@ METHODS = {
     "itd_checkpoint": J.itd(checkpoint=True),
     "cg": J.cg(maxiter=20, damping=1.0),
     "neumann": J.neumann(steps=20, damping=1.0),
+    "cg_linearize": J.cg(maxiter=20, damping=1.0, hvp="linearize"),
+    "neumann_linearize": J.neumann(steps=20, damping=1.0, hvp="linearize"),
     "direct": J.direct(damping=1.0),
     "finite_difference": J.finite_difference(),
     "sama": J.sama(),
@@ -161,8 +163,14 @@ def _hypergrad(method, opt, un):
 
 @pytest.mark.parametrize(
     "method,rtol",
-    [(J.direct(), 1e-10), (J.cg(), 1e-5), (J.neumann(steps=100), 1e-5)],
-    ids=["direct", "cg", "neumann_default_lr"],
+    [
+        (J.direct(), 1e-10),
+        (J.cg(), 1e-5),
+        (J.neumann(steps=100), 1e-5),
+        (J.cg(hvp="linearize"), 1e-5),
+        (J.neumann(steps=100, hvp="linearize"), 1e-5),
+    ],
+    ids=["direct", "cg", "neumann_default_lr", "cg_linearize", "neumann_linearize"],
 )
 def test_solvers_converge_at_their_defaults_and_say_so(converged, method, rtol):
     opt, un = converged
@@ -326,6 +334,8 @@ def test_transform_asks_for_its_arguments():
         (lambda: J.itd(checkpoint="yes"), "checkpoint"),
         (lambda: J.implicit(3), "solve"),
         (lambda: J.cg(throw=1), "throw"),
+        (lambda: J.cg(hvp="jvp"), "hvp"),
+        (lambda: J.neumann(hvp=None), "hvp"),
     ],
 )
 def test_factory_arguments_are_checked(make, match):
