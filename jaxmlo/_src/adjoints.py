@@ -314,10 +314,10 @@ def implicit(
         not converge or the result is not finite; otherwise only ``SolveInfo`` reports it.
       hvp: how ``matvec`` gets its Hessian-vector products.  ``"recompute"`` (default): each
         product runs the model's forward and backward passes afresh, so the solve holds one
-        product's activations at a time (compiled peak memory within 2x of a plain step on the
-        ~110M classifier, docs/hypergradients.md).  ``"linearize"``: the primal passes run
-        once before the solve and their residuals stay alive through it; each product then
-        costs the tangent passes only (faster per product, more memory).
+        product's activations at a time (measured in docs/hypergradients.md).
+        ``"linearize"``: the primal passes run once before the solve and their residuals stay
+        alive through it; each product then costs the tangent passes only (faster per
+        product, more memory).
 
     Example:
       >>> import jax.numpy as jnp, jaxmlo
