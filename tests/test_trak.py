@@ -1,5 +1,7 @@
 """TRAK against a brute-force float64 implementation of its formula on a softmax model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,111 @@ def _brute_margin(params, batch):
         grads.append(np.concatenate([dz, np.outer(x, dz).ravel()]))  # leaves: b, then w
         probs.append(np.exp(z[y]) / np.exp(z).sum())
     return np.array(grads), np.array(probs)
+
+
+V, T = 5, 4  # vocabulary (classes) and target tokens of the sequence model
+
+
+def _lm_logits(params, batch):
+    """A causal toy LM: token t's logits read the running mean of the embeddings up to t."""
+    h = params["emb"][batch["x"]]  # [n, T, D]
+    h = jnp.cumsum(h, axis=1) / jnp.arange(1, T + 1)[None, :, None]
+    return jnp.tanh(h) @ params["w"] + params["b"]
+
+
+def _lm_data(seed, n):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, T + 1, size=n)
+    lengths[0] = T  # at least one unpadded row
+    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int32)
+    x, y = rng.integers(0, V, size=(n, T)), rng.integers(0, V, size=(n, T))
+    return {"x": x * mask, "y": y * mask, "mask": mask}  # padding: token 0, mask 0
+
+
+def _lm_params(seed):
+    rng = np.random.default_rng(200 + seed)
+    return {
+        "emb": jnp.asarray(rng.normal(size=(V, D))),
+        "w": jnp.asarray(rng.normal(size=(D, V))),
+        "b": jnp.asarray(rng.normal(size=V)),
+    }
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _brute_one_sequence(params, x, y, length):
+    """jax.grad of one sequence's margin, written out over its first ``length`` (real) tokens.
+
+    Each token's margin is ``z_y - log(sum_c exp z_c - exp z_y)`` (the others' sum by
+    subtraction, another formula than the implementation's), and padding never enters.
+    """
+
+    def f(p):
+        z = _lm_logits(p, {"x": x[None]})[0]
+        total = 0.0
+        for t in range(length):
+            zy = z[t, y[t]]
+            total = total + zy - jnp.log(jnp.sum(jnp.exp(z[t])) - jnp.exp(zy))
+        return total
+
+    q = jax.nn.softmax(_lm_logits(params, {"x": x[None]})[0][:length], axis=-1)
+    return jax.grad(f)(params), jnp.mean(q[jnp.arange(length), y[:length]])
+
+
+def _brute_sequence_margin(params, batch):
+    grads, probs = [], []
+    for x, y, m in zip(batch["x"], batch["y"], batch["mask"]):
+        g, p = _brute_one_sequence(params, x, y, int(m.sum()))  # right padding
+        grads.append(np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(g)]))
+        probs.append(float(p))
+    return np.array(grads), np.array(probs)
+
+
+def test_sequence_margin_grads_match_brute_force_with_padding():
+    params, batch = _lm_params(0), _lm_data(0, 5)
+    assert batch["mask"].sum(1).min() < T  # some rows are padded
+    g, p = jaxinf.margin_grads(_lm_logits, params, batch, labels="y", mask="mask", chunk_size=4)
+    g_ref, p_ref = _brute_sequence_margin(params, batch)
+    # float64, the same sums in another order: agreement to rounding.
+    np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-10)
+    # Without a mask every token counts: the brute force over all T tokens.
+    full = {**batch, "mask": np.ones_like(batch["mask"])}
+    g_all, p_all = jaxinf.margin_grads(_lm_logits, params, full, labels="y")
+    g_all_ref, p_all_ref = _brute_sequence_margin(params, full)
+    np.testing.assert_allclose(g_all, g_all_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(p_all, p_all_ref, rtol=1e-10)
+    assert not np.allclose(g_all, g)  # the mask changed something
+
+
+def test_token_weighted_margin_grads_are_the_negated_loss_gradient():
+    # Per token, (1 - p_t) grad f_t = grad log p_t: weighting each token by its own 1 - p_t
+    # turns the summed margin gradient into minus the gradient of the summed token loss.
+    params, batch = _lm_params(1), _lm_data(1, 3)
+    batch["mask"] = np.ones_like(batch["mask"])
+    # Row (t, i) is sequence i with only token t in its mask: its margin f_t and p_t alone.
+    rows = {k: np.tile(v, (T, 1)) for k, v in batch.items()}
+    rows["mask"] = np.repeat(np.eye(T, dtype=np.int32), 3, axis=0)
+    g_t, p_t = jaxinf.margin_grads(_lm_logits, params, rows, labels="y", mask="mask")
+    weighted = ((1.0 - p_t)[:, None] * g_t).reshape(T, 3, -1).sum(0)
+
+    def summed_loss(p, b):
+        logp = jax.nn.log_softmax(_lm_logits(p, b))
+        return -jnp.sum(jnp.take_along_axis(logp, b["y"][..., None], axis=-1))
+
+    g_loss = jaxinf.flatten_per_example(jaxinf.per_example_grads(summed_loss, params, batch))
+    np.testing.assert_allclose(weighted, -g_loss, rtol=1e-10, atol=1e-10)  # float64 identity
+
+
+def test_sequence_margin_grads_errors_name_the_problem():
+    params, batch = _lm_params(0), _lm_data(0, 3)
+    with pytest.raises(ValueError, match=r"mask batch\['mask'\] has shape \(3, 3\)"):
+        jaxinf.margin_grads(
+            _lm_logits, params, {**batch, "mask": batch["mask"][:, :3]}, labels="y", mask="mask"
+        )
+    with pytest.raises(ValueError, match="labels.shape \\+ \\(C,\\)"):
+        jaxinf.margin_grads(_lm_logits, params, {**batch, "y": batch["y"][:, :3]}, labels="y")
+    with pytest.raises(ValueError, match="labels must be batch"):
+        jaxinf.margin_grads(_lm_logits, params, batch, labels="missing")
 
 
 def _brute_trak(te, tr, pr, projections):

@@ -22,6 +22,7 @@ capture taps (Linen and NNX, stacked layers included).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -340,40 +341,80 @@ def margin_grads(
     batch: Any,
     *,
     labels: str | int = "label",
+    mask: str | int | None = None,
     model=None,
     chunk_size: int = 256,
 ) -> tuple[jax.Array, jax.Array]:
     """TRAK's per-example margin gradients and correct-class probabilities.
 
-    The margin of example ``i`` with label ``y`` is
-    ``f_i = log(p_y / (1 - p_y)) = z_y - logsumexp_{c != y} z_c`` for logits ``z``.
+    The margin of a prediction with label ``y`` is
+    ``f = log(p_y / (1 - p_y)) = z_y - logsumexp_{c != y} z_c`` for logits ``z``. A classifier
+    has one label per example (logits ``[C]``, label ``[]``). A language model has one label
+    per token (logits ``[T, C]``, labels ``[T]``): the sequence's output is the sum of its
+    tokens' margins, ``f = sum_t m_t f_t`` with ``m_t`` the token mask (1 for a target token,
+    0 for padding, as the LM loss weighs its tokens), and the returned probability is the
+    masked mean ``p = sum_t m_t p_t / sum_t m_t``, so that TRAK's weight ``1 - p`` of a
+    sequence is the mean over its tokens of ``1 - p_t``.
 
     Args:
-      logits_fn: ``logits_fn(params, batch) -> [n, C]`` (NNX: ``logits_fn(model, batch)``
-        with ``model`` given).
+      logits_fn: ``logits_fn(params, batch) -> [n, C]`` or ``[n, T, C]`` (NNX:
+        ``logits_fn(model, batch)`` with ``model`` given).
       params: model parameters (NNX: ``nnx.state(model, nnx.Param)``).
-      batch: a pytree with a leading example axis; ``batch[labels]`` holds integer labels.
+      batch: a pytree with a leading example axis; ``batch[labels]`` holds integer labels
+        ``[n]`` or ``[n, T]``.
       labels: where the labels are: a dict key, or an index into a tuple batch like ``(x, y)``.
+      mask: where the token mask is (``[n, T]`` of 0/1, the shape of the labels), or ``None``
+        (every label counts).
       model: the NNX model, or ``None`` for Linen.
       chunk_size: examples per compiled call.
     Returns:
       ``(grads [n, P], p [n])``: flattened margin gradients (leaves in ``jax.tree`` order) and
-      the probability of the correct class.
-    """
-    _get_labels(batch, labels)
+      the probability of the correct class (for token labels, its masked mean over tokens).
 
-    def margin(logits, y):
-        z = logits.reshape(-1)
-        others = jnp.where(jnp.arange(z.shape[0]) == y, -jnp.inf, z)
-        return z[y] - jax.nn.logsumexp(others), jax.nn.softmax(z)[y]
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logits_fn = lambda w, b: b["x"] @ w  # [n, T, D] @ [D, C]: one label per token
+      >>> b = {"x": jnp.ones((2, 3, 4)), "y": jnp.zeros((2, 3), int),
+      ...      "m": jnp.array([[1, 1, 1], [1, 1, 0]])}
+      >>> g, p = margin_grads(logits_fn, jnp.zeros((4, 5)), b, labels="y", mask="m")
+      >>> g.shape, [round(v, 3) for v in p.tolist()]
+      ((2, 20), [0.2, 0.2])
+    """
+    y = _get_labels(batch, labels)
+    if mask is not None:
+        m = _get_labels(batch, mask)
+        if m.shape != y.shape:
+            raise ValueError(
+                f"margin_grads: the mask batch[{mask!r}] has shape {tuple(m.shape)}, the labels "
+                f"batch[{labels!r}] have {tuple(y.shape)}; give one 0/1 entry per label"
+            )
 
     def loss(model_or_params, example):
-        logits = logits_fn(model_or_params, example)
-        m, p = margin(logits, example[labels][0])
-        return m, p
+        y = example[labels][0]
+        z = logits_fn(model_or_params, example)
+        lead = z.shape[: z.ndim - 1 - y.ndim]
+        if (
+            z.ndim < y.ndim + 1
+            or z.shape[len(lead) : -1] != y.shape
+            or math.prod(lead) != 1
+            or z.shape[-1] < 2
+        ):
+            raise ValueError(
+                f"margin_grads: logits_fn returned logits of shape {tuple(z.shape)} for labels "
+                f"of shape {(1,) + tuple(y.shape)}; expected labels.shape + (C,) with C >= 2"
+            )
+        z = z.reshape(y.shape + (-1,))
+        true = jax.nn.one_hot(y, z.shape[-1], dtype=bool)
+        margins = jnp.sum(jnp.where(true, z, 0.0), -1) - jax.nn.logsumexp(
+            jnp.where(true, -jnp.inf, z), axis=-1
+        )
+        p = jnp.sum(jnp.where(true, jax.nn.softmax(z, axis=-1), 0.0), -1)
+        w = jnp.ones_like(margins) if mask is None else example[mask][0].astype(margins.dtype)
+        return jnp.sum(w * margins), jnp.sum(w * p) / jnp.maximum(jnp.sum(w), 1.0)
 
-    tree = per_example_grads(loss, params, batch, model=model, chunk_size=chunk_size, has_aux=True)
-    grads, p = tree
+    grads, p = per_example_grads(
+        loss, params, batch, model=model, chunk_size=chunk_size, has_aux=True
+    )
     return flatten_per_example(grads), p
 
 
