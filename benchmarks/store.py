@@ -30,6 +30,21 @@ With ``--robustness`` it measures instead (and writes ``--out``, e.g.
 
     python benchmarks/store.py --robustness --baseline /tmp/store_old.py \
         --out benchmarks/results/store_robustness_cpu.json
+
+With ``--scale`` it writes ``--rows`` clustered rows as 4 shards and measures queries per size
+in fresh processes and the FAISS index (``--index-only``: the index at ``--rows`` alone):
+recall@10 of both ends and the speed-up over exhaustive search at each ``--nprobe`` and
+``nprobe_bottom = factor x nprobe`` (``--nprobe-bottom-factors``), timed interleaved.
+``--index-study`` measures recall of both ends on LoGra rows of a digits MLP and on clustered
+rows, for inner-product IVF indexes and the MIPS-to-L2 reduction. ``--kvstore`` writes and
+queries the same log on a local directory, ``file://``, ``memory://`` and a local moto S3
+server (skipped when ``moto[server]`` is not installed).
+
+    python benchmarks/store.py --scale --index-only --rows 1000000 --dtype bfloat16 \
+        --queries 1,64 --reps 3 --out benchmarks/results/store_index_cpu.json
+    python benchmarks/store.py --index-study --out benchmarks/results/store_index_study_cpu.json
+    python benchmarks/store.py --kvstore --rows 65536 --reps 5 --queries 64 \
+        --out benchmarks/results/store_kvstore_cpu.json
 """
 
 from __future__ import annotations
