@@ -361,8 +361,8 @@ def margin_grads(
     ``sum_t m_t (1 - p_t) grad f_t``, which is minus the gradient of the summed token loss
     (per token ``(1 - p_t) grad f_t = grad log p_t``) and, for one label, exactly the
     paper's ``(1 - p) grad f``. Pass them to :func:`trak` as ``train_weighted_grads``: on the
-    byte LM they score as well as or better than one weight per sequence (the mean of
-    ``1 - p_t``; docs/evaluation.md).
+    byte LM they score within 0.03 of, or better than, one weight per sequence (the mean of
+    ``1 - p_t``, i.e. ``1 - p`` as ``train_probs``; docs/evaluation.md).
 
     Args:
       logits_fn: ``logits_fn(params, batch) -> [n, C]`` or ``[n, T, C]`` (NNX:
@@ -399,7 +399,7 @@ def margin_grads(
                 f"batch[{labels!r}] have {tuple(y.shape)}; give one 0/1 entry per label"
             )
 
-    def loss(model_or_params, example):
+    def token_margins(model_or_params, example):  # one example: mask, margins, p per label
         y = example[labels][0]
         z = logits_fn(model_or_params, example)
         lead = z.shape[: z.ndim - 1 - y.ndim]
@@ -423,11 +423,11 @@ def margin_grads(
         return w, margins, p
 
     def margin(model_or_params, example):
-        w, margins, p = loss(model_or_params, example)
+        w, margins, p = token_margins(model_or_params, example)
         return jnp.sum(w * margins), jnp.sum(w * p) / jnp.maximum(jnp.sum(w), 1.0)
 
     def weighted_margin(model_or_params, example):
-        w, margins, p = loss(model_or_params, example)
+        w, margins, p = token_margins(model_or_params, example)
         return jnp.sum(w * jax.lax.stop_gradient(1.0 - p) * margins)
 
     opts = dict(model=model, chunk_size=chunk_size)
