@@ -9,8 +9,11 @@ import jaxinf
 from jaxinf._src.statistics import add_outer, mirror_upper
 
 
-@pytest.mark.parametrize("block_rows", [None, 4, 16])
-def test_covariance_equals_brute_force(block_rows):
+# triangle_block: the default, the full product, and blocks of 100 (three, the last ragged)
+@pytest.mark.parametrize(
+    "block_rows,triangle_block", [(None, 256), (4, 256), (16, 256), (4, None), (None, 100)]
+)
+def test_covariance_equals_brute_force(block_rows, triangle_block):
     rng = np.random.default_rng(0)
     # Batches of 3, 5 (> block 4: added directly there), 2 and 3 rows: blocks fill, overflow
     # and end part-full, so finalize adds pending rows.
@@ -24,7 +27,7 @@ def test_covariance_equals_brute_force(block_rows):
         }
         for n in sizes
     ]
-    acc = jaxinf.projected_covariance(block_rows)
+    acc = jaxinf.projected_covariance(block_rows, triangle_block)
     state = acc.init(batches[0])
     for b in batches:  # one compilation per batch size; the donated state is replaced
         state = jax.jit(acc.update, donate_argnums=0)(state, b)
@@ -50,6 +53,8 @@ def test_blocked_state_defers_the_sums():
     np.testing.assert_allclose(acc.finalize(state)["l"], np.ones((2, 2)))
     with pytest.raises(ValueError, match="block_rows"):
         jaxinf.projected_covariance(block_rows=0)
+    with pytest.raises(ValueError, match="triangle_block"):
+        jaxinf.projected_covariance(triangle_block=0)
 
 
 def test_float32_inputs_accumulate_in_float32_at_least():
