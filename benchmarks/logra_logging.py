@@ -917,6 +917,7 @@ def main():
                 cfg, ranks, args.repeats, args.block_rows or None, args.cov_repeats
             ),
         }
+        result["loadavg_end"] = loadavg()
         write_json(args.out, result)
         return
 

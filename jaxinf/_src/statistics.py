@@ -80,6 +80,13 @@ def add_outer(
     diagonal blocks keep whatever they held, so a sum built this way is read through
     ``mirror_upper``, which copies the upper triangle down (a full symmetric matrix as start
     value is fine: its upper triangle is the sum so far).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> g = jnp.arange(6.0).reshape(2, 3)  # 2 examples, D = 3, blocks of 1
+      >>> s = add_outer(jnp.zeros((3, 3)), g, upper=True, block=1)
+      >>> s[1, 0].item(), mirror_upper(s)[1, 0].item(), (g.T @ g)[1, 0].item()
+      (0.0, 12.0, 12.0)
     """
     g = _flat_rows(x).astype(acc.dtype)
     h = g if weights is None else g * weights.astype(acc.dtype)[:, None]
@@ -134,8 +141,8 @@ def projected_covariance(
     an ``[R, D]`` buffer held in the state, and the sums take one ``[R, D]^T [R, D]`` product
     per ``R`` rows (when the next batch would not fit, and in ``finalize``), so the sums are
     touched ``R / batch`` times less often and the product runs at matrix-multiply speed. The
-    sum is symmetric, so only its upper triangle of blocks is accumulated (``add_outer`` with
-    ``upper=True``: ``(1 + 256 / D) / 2`` of the arithmetic and of the memory traffic), and
+    sum is symmetric, so only its upper triangle of ``triangle_block``-sized blocks is
+    accumulated (``(1 + triangle_block / D) / 2`` of the arithmetic and memory traffic), and
     ``finalize`` mirrors it once. The result is the same sum in another order. Jit the update
     with the state donated (``jax.jit(f, donate_argnums=...)``), so the sums are updated in
     place rather than copied.
@@ -164,7 +171,7 @@ def projected_covariance(
     upper = triangle_block is not None
 
     def add(acc, x, weights=None):
-        return add_outer(acc, x, weights, upper=upper, block=triangle_block or 1)
+        return add_outer(acc, x, weights, upper=upper, block=triangle_block or TRIANGLE_BLOCK)
 
     def init(tree):
         def zeros(x):
