@@ -50,10 +50,14 @@ softmax; the byte LM draws one label per token):
   true (digits only: the LM's true Fisher has 256^T label sequences);
 - ``damping_sweep``: exact influence, KFAC, EKFAC and LoGra-PCA at 0.01x to 100x the
   mean-eigenvalue rule (ratio 0.1), empirical Fisher;
-- ``trak_ensemble`` (digits): TRAK's estimator (margin gradients, ``1 - p`` weights) over
+- ``trak_ensemble``: TRAK's estimator (margin gradients, ``1 - p`` weights) over
   ``--trak-models`` models (ensembles of 1 and of all) at ridges ``TRAK_DAMPING`` x the mean
   eigenvalue of ``Phi^T Phi``, two ablations (loss gradients; no ``1 - p``), beside the
-  random-projection influence of the same size and a LoGra ensemble;
+  random-projection influence of the same size and a LoGra ensemble. On the byte LM the
+  margin is the sum of the tokens' margins (:func:`jaxinf.margin_grads`); ``_tokenw``
+  entries weight each token by its own ``1 - p_t`` (train rows ``sum_t (1 - p_t) grad f_t``,
+  the negated summed loss gradient, ``jaxinf.trak(..., train_weighted_grads=)``: the
+  recipe jaxinf documents), the others one weight per sequence, the mean of its ``1 - p_t``;
 - ``head``: LoGra random and PCA with and without the read-out (last dense) layer.
 
 ::
@@ -63,6 +67,8 @@ softmax; the byte LM draws one label per token):
         --out benchmarks/results/lds_fisher_mlp_models2_cpu.json
     python benchmarks/lds.py --tasks lm --small --methods fisher,damping_sweep --sizes 4 \
         --out benchmarks/results/lds_fisher_lm_small_cpu.json
+    python benchmarks/lds.py --tasks lm --small --models 2 --methods trak_ensemble,head \
+        --sizes 4 --out benchmarks/results/lds_trak_lm_models2_cpu.json
 """
 
 from __future__ import annotations
@@ -92,6 +98,15 @@ def _block(x):
     return jax.tree.map(
         lambda v: v.block_until_ready() if hasattr(v, "block_until_ready") else v, x
     )
+
+
+def _loadavg():
+    """``/proc/loadavg`` (1, 5 and 15 minute load), or ``None`` where there is none."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[:3]
+    except OSError:
+        return None
 
 
 def batch_loss(task):
@@ -564,8 +579,9 @@ def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
             t0 = time.perf_counter()
             s = _block(_logra_pca(loss, params, train, test, k, acts_tr, train, ones, head=head))
             yield f"logra_pca_{k}x{k}_{tag}", s, time.perf_counter() - t0, 0, {"k": k}
-    if "trak_ensemble" in want and task.info["arch"] != "bytelm":
+    if "trak_ensemble" in want:
         n_tr = train[0].shape[0]
+        lm = task.info["arch"] == "bytelm"
         members = []
         for j in range(trak_models):
             p = params
@@ -578,19 +594,22 @@ def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
                 )
             members.append(p)
         n_params = g_tr.shape[1]
+        both = tuple(jnp.concatenate([a, b]) for a, b in zip(train, test))
         for kk in sizes:
             dim = min(2 * kk * kk, n_params, n_tr)  # a LoGra kxk log per layer, two layers
             t0 = time.perf_counter()
-            feats = [
-                (
-                    jaxinf.margin_grads(logits, p, test, labels=1),
-                    jaxinf.margin_grads(logits, p, train, labels=1),
-                )
-                for p in members
-            ]
-            te = jnp.stack([f[0][0] for f in feats])
-            tr = jnp.stack([f[1][0] for f in feats])
-            pr = jnp.stack([f[1][1] for f in feats])
+            te, tr, pr, tr_tok = [], [], [], []
+            for p in members:  # train and test rows in one compiled call per model
+                g, prob = jaxinf.margin_grads(logits, p, both, labels=1)
+                tr.append(g[:n_tr])
+                te.append(g[n_tr:])
+                pr.append(prob[:n_tr])
+                if lm:
+                    # Per-token weights: sum_t (1 - p_t) grad f_t = -T grad(mean token loss),
+                    # margin_grads(..., weighted=True)'s rows (tests/test_trak.py checks it).
+                    gl = jaxinf.flatten_per_example(jaxinf.per_example_grads(loss, p, train))
+                    tr_tok.append(-train[1].shape[1] * gl)
+            te, tr, pr = jnp.stack(te), jnp.stack(tr), jnp.stack(pr)
             t_feat = time.perf_counter() - t0
             for m in sorted({1, trak_models}):
                 for ratio in TRAK_DAMPING:
@@ -602,6 +621,8 @@ def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
                         )
                     )  # fmt: skip
                     x = {"models": m, "dim": dim, "damping_ratio": ratio}
+                    if lm:
+                        x["weights"] = "sequence: mean over tokens of 1 - p_t"
                     tag = "" if ratio == 0 else f"_damp{ratio:g}"
                     yield (
                         f"trak_real_{dim}_m{m}{tag}",
@@ -610,6 +631,22 @@ def extra_scores(task, params, *, sizes, seed, methods, trak_models=4):
                         dim * 4,
                         x,
                     )
+                    if lm:
+                        t0 = time.perf_counter()
+                        s = _block(
+                            jaxinf.trak(
+                                te[:m], tr[:m], train_weighted_grads=jnp.stack(tr_tok[:m]),
+                                dim=dim, key=jax.random.PRNGKey(seed), damping_ratio=ratio,
+                            )
+                        )  # fmt: skip
+                        x = {**x, "weights": "token: 1 - p_t per token"}
+                        yield (
+                            f"trak_real_{dim}_m{m}_tokenw{tag}",
+                            s,
+                            t_feat + time.perf_counter() - t0,
+                            dim * 4,
+                            x,
+                        )
             # Ablations of TRAK's ingredients, one model, at the ridge 0.1 x mean eigenvalue:
             # loss gradients instead of margin gradients, and without the (1 - p) weights.
             t0 = time.perf_counter()
@@ -931,6 +968,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "jax": jax.__version__,
+        "loadavg_start": _loadavg(),
         "tasks": {},
     }
 
@@ -1002,6 +1040,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     results["total_s"] = time.perf_counter() - t_all
+    results["loadavg_end"] = _loadavg()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out} ({results['total_s']:.0f} s)")

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 import jaxinf  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
+from jaxinf._src.statistics import TRIANGLE_BLOCK, add_outer  # noqa: E402
 from jaxmlo import common  # noqa: E402
 
 SIZES = {
@@ -169,7 +170,7 @@ def scanned_rows(cfg, ranks, repeats, block_rows, cov_repeats):
         )
         t_plain2, t_cov = time_with_covariance(
             plain, extract, params, batch, projs, block_rows, cov_repeats
-        )
+        )[:2]
         row = {
             "model": f"scanned_lm_{cfg['layers']}x{cfg['width']}_seq{t}",
             "layers_logged": len(layers),
@@ -186,9 +187,10 @@ def scanned_rows(cfg, ranks, repeats, block_rows, cov_repeats):
             "logging_with_covariance_tokens_per_s": tokens / t_cov,
             "time_ratio_logging_over_plain": t_log / t_plain,
             "time_ratio_logging_with_covariance_over_plain": t_cov / t_plain2,
-            **covariance_floor(projs, b),
-            "plain_step_flops": compiled_flops(plain.lower(params, batch).compile()),
         }
+        row["plain_step_flops"] = compiled_flops(plain.lower(params, batch).compile())
+        row["plain_step_matmul_flops"] = matmul_flops(jax.value_and_grad(loss), params, batch)
+        row.update(covariance_floor(projs, b, row["plain_step_matmul_flops"]))
         print(json.dumps(row, indent=1))
         rows.append(row)
     return rows
@@ -263,7 +265,9 @@ def llama_section(
     t0 = time.perf_counter()
     c_log = extract.jitted.lower(state, batch, projs).compile()
     row["compile_logging_s"] = time.perf_counter() - t0
-    row["plain_step_flops"] = compiled_flops(c_plain)
+    row["plain_step_flops"] = compiled_flops(c_plain)  # XLA counts the scan body once
+    row["plain_step_matmul_flops"] = matmul_flops(jax.value_and_grad(loss), params, batch)
+    row.update(covariance_floor(projs, batch_size, row["plain_step_matmul_flops"]))
     row["memory_plain"] = compiled_memory(c_plain)
     row["memory_logging"] = compiled_memory(c_log)
     if row["memory_plain"] and row["memory_logging"]:
@@ -273,23 +277,29 @@ def llama_section(
     save(row)
     if compile_only:
         return row
-    t_plain, t_log = time_pair(
-        lambda: jax.block_until_ready(c_plain(params, batch)),
-        lambda: jax.block_until_ready(c_log(state, batch, projs)),
+    tf, tg = time_samples(
+        (
+            lambda: jax.block_until_ready(c_plain(params, batch)),
+            lambda: jax.block_until_ready(c_log(state, batch, projs)),
+        ),
         repeats,
     )
+    t_plain, t_log = float(np.median(tf)), float(np.median(tg))
     row.update(
         plain_step_s=t_plain,
         logging_step_s=t_log,
         plain_tokens_per_s=tokens / t_plain,
         logging_tokens_per_s=tokens / t_log,
         time_ratio_logging_over_plain=t_log / t_plain,
+        plain_step_min_s=float(tf.min()),
+        logging_step_min_s=float(tg.min()),
+        time_ratio_logging_over_plain_min=float(tg.min() / tf.min()),
         device_peak_bytes_after_both=device_peak(),
     )
     save(row)
     if cov_repeats:
-        t_plain2, t_cov = time_with_covariance(
-            plain, extract, state, batch, projs, block_rows, cov_repeats
+        t_plain2, t_cov, t_full, m_plain2, m_cov, m_full = time_with_covariance(
+            plain, extract, state, batch, projs, block_rows, cov_repeats, full_product=True
         )
         row.update(
             covariance_block_rows=block_rows,
@@ -297,7 +307,12 @@ def llama_section(
             logging_with_covariance_step_s=t_cov,
             logging_with_covariance_tokens_per_s=tokens / t_cov,
             time_ratio_logging_with_covariance_over_plain=t_cov / t_plain2,
-            **covariance_floor(projs, batch_size),
+            plain_step_min_s_cov_run=m_plain2,
+            logging_with_covariance_step_min_s=m_cov,
+            time_ratio_logging_with_covariance_over_plain_min=m_cov / m_plain2,
+            logging_with_full_product_covariance_step_s=t_full,
+            time_ratio_logging_with_full_product_covariance_over_plain=t_full / t_plain2,
+            time_ratio_logging_with_full_product_covariance_over_plain_min=m_full / m_plain2,
         )
         save(row)
     if write_batches:
@@ -321,8 +336,12 @@ def llama_section(
     return row
 
 
-def time_with_covariance(plain, extract, params, batch, projs, block_rows, repeats):
-    """Mean seconds per call of ``plain`` and of logging + the projected covariance update.
+def time_with_covariance(
+    plain, extract, params, batch, projs, block_rows, repeats, full_product=False
+):
+    """Seconds per call of ``plain`` and of logging + the projected covariance update (and,
+    with ``full_product``, + the covariance as the full product, ``triangle_block=None``): the
+    mean over samples of each, then the fastest sample of each.
 
     The covariance step is one jitted call (extraction and ``projected_covariance`` update)
     with the state donated. With ``block_rows`` the sums take a block product every
@@ -331,22 +350,32 @@ def time_with_covariance(plain, extract, params, batch, projs, block_rows, repea
     """
     n = jax.tree.leaves(batch)[0].shape[0]
     period = max(1, (block_rows or n) // n)
-    cov = jaxinf.projected_covariance(block_rows)
-    step = jax.jit(lambda p, bt, s: cov.update(s, extract.jitted(p, bt, projs)), donate_argnums=2)
-    box = [cov.init(extract(params, batch))]
 
-    def logged():
-        for _ in range(period):
-            box[0] = step(params, batch, box[0])
-        jax.block_until_ready(box[0])
+    def logged(cov):
+        step = jax.jit(
+            lambda p, bt, s: cov.update(s, extract.jitted(p, bt, projs)), donate_argnums=2
+        )
+        box = [cov.init(extract(params, batch))]
+
+        def calls():
+            for _ in range(period):
+                box[0] = step(params, batch, box[0])
+            jax.block_until_ready(box[0])
+
+        return calls
 
     def plain_calls():
         for _ in range(period):
             out = plain(params, batch)
         jax.block_until_ready(out)
 
-    f, g = time_pair(plain_calls, logged, repeats, stat=np.mean)
-    return f / period, g / period
+    fns = [plain_calls, logged(jaxinf.projected_covariance(block_rows))]
+    if full_product:
+        fns.append(logged(jaxinf.projected_covariance(block_rows, triangle_block=None)))
+    times = time_samples(fns, repeats)
+    return tuple(float(t.mean()) / period for t in times) + tuple(
+        float(t.min()) / period for t in times
+    )
 
 
 def compiled_flops(compiled):
@@ -359,14 +388,76 @@ def compiled_flops(compiled):
         return None
 
 
-def covariance_floor(projs, batch):
-    """FLOPs of the covariance update per batch (``2 b D^2`` per layer, ``D = k_out k_in``)."""
+def upper_outer_flops(d, rows, block=TRIANGLE_BLOCK):
+    """Multiply-add FLOPs of ``add_outer(..., upper=True)``: ``2 rows B (D - a)`` per row block."""
+    if d <= block:
+        return 2 * rows * d * d
+    return sum(2 * rows * (min(d, a + block) - a) * (d - a) for a in range(0, d, block))
+
+
+def matmul_flops(fn, *args):
+    """FLOPs of the matrix products (``dot_general``) of ``fn(*args)``, counted from its jaxpr.
+
+    XLA's ``cost_analysis`` counts the body of a loop once, so for a model whose blocks run
+    under ``scan`` it reports about one block's work; here a ``scan`` body counts ``length``
+    times and a ``cond`` counts its costliest branch. ``args`` may be abstract
+    (``jax.ShapeDtypeStruct``).
+    """
+
+    def of_jaxpr(jaxpr):
+        total = 0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                # 2 x (every lhs element) x (the rhs dims neither contracted nor batched)
+                (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+                lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+                free = [n for i, n in enumerate(rhs) if i not in rc and i not in rb]
+                total += 2 * int(np.prod(lhs)) * int(np.prod(free))
+                continue
+            subs = [of_jaxpr(j) for j in sub_jaxprs(eqn.params)]
+            if name == "cond":
+                total += max(subs, default=0)
+            else:
+                total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
+        return total
+
+    def sub_jaxprs(params):
+        for v in params.values():
+            for j in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(j, jax.extend.core.ClosedJaxpr):
+                    yield j.jaxpr
+                elif isinstance(j, jax.extend.core.Jaxpr):
+                    yield j
+
+    return of_jaxpr(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def covariance_floor(projs, batch, plain_flops=None):
+    """FLOPs of the covariance update per batch, per layer ``D = k_out k_in``: the upper
+    triangle of blocks that ``projected_covariance`` computes, and the full ``2 b D^2``;
+    over ``plain_flops`` (the plain step's matrix-product FLOPs) when given."""
     dims = [p.p_in.shape[0] * p.p_out.shape[0] for p in projs.values()]
-    return {
+    row = {
         "covariance_dims": sum(dims),
-        "covariance_flops_per_batch": int(sum(2 * batch * d * d for d in dims)),
+        "covariance_flops_per_batch": int(sum(upper_outer_flops(d, batch) for d in dims)),
+        "covariance_flops_per_batch_full_product": int(sum(2 * batch * d * d for d in dims)),
         "covariance_state_bytes_f32": int(sum(4 * d * d for d in dims)),
     }
+    if plain_flops:
+        row["covariance_flops_over_plain_step_flops"] = (
+            row["covariance_flops_per_batch"] / plain_flops
+        )
+    return row
+
+
+def loadavg():
+    """``/proc/loadavg`` (1, 5 and 15 minute load averages and run queue), or None."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def run_info() -> dict:
@@ -378,6 +469,7 @@ def run_info() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "loadavg_start": loadavg(),
     }
 
 
@@ -405,17 +497,69 @@ def device_peak():
         return None
 
 
-def time_pair(f, g, repeats, stat=np.median):
-    """Median (or ``stat``) seconds of f() and of g(), calls interleaved so that load changes
-    hit both alike."""
-    f(), g()  # compile / warm up
-    tf, tg = [], []
+def time_samples(fns, repeats):
+    """Seconds of ``repeats`` calls of each function after a warm-up, one array per function;
+    calls interleaved so that load changes hit all alike."""
+    for fn in fns:  # compile / warm up
+        fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, ts in ((f, tf), (g, tg)):
+        for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
+    return [np.asarray(ts) for ts in times]
+
+
+def time_pair(f, g, repeats, stat=np.median):
+    """Median (or ``stat``) seconds of f() and of g() (see ``time_samples``)."""
+    tf, tg = time_samples((f, g), repeats)
     return float(stat(tf)), float(stat(tg))
+
+
+def triangle_rows(dims, row_counts, blocks, repeats):
+    """The covariance update alone: ``add_outer`` as the full product and as its upper
+    triangle of ``block``-sized blocks, per ``[D, D]`` float32 sum and ``R`` rows added.
+
+    Compiled FLOPs from XLA's cost analysis; seconds per update with the sum donated, min and
+    median of ``repeats`` calls of every variant interleaved (so load changes hit all alike).
+    """
+    out = []
+    for d in dims:
+        for r in row_counts:
+            g = jnp.asarray(np.random.default_rng(0).normal(size=(r, d)), jnp.float32)
+            variants = {"full": lambda a, x: add_outer(a, x)}
+            for b in blocks:
+                if b < d:
+                    variants[f"upper_{b}"] = lambda a, x, b=b: add_outer(a, x, upper=True, block=b)
+            acc = jax.ShapeDtypeStruct((d, d), jnp.float32)
+            fns, flops, sums = {}, {}, {}
+            for name, f in variants.items():
+                fns[name] = jax.jit(f, donate_argnums=0)
+                flops[name] = compiled_flops(fns[name].lower(acc, g).compile())
+                sums[name] = jax.block_until_ready(fns[name](jnp.zeros((d, d), jnp.float32), g))
+            times = {name: [] for name in fns}
+            for _ in range(repeats):
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    sums[name] = jax.block_until_ready(f(sums[name], g))
+                    times[name].append(time.perf_counter() - t0)
+            base = float(np.median(times["full"]))
+            for name in fns:
+                row = {
+                    "dim": d,
+                    "rows": r,
+                    "variant": name,
+                    "compiled_flops": flops[name],
+                    "flops_ratio_to_full": flops[name] / flops["full"] if flops["full"] else None,
+                    "min_s": float(np.min(times[name])),
+                    "median_s": float(np.median(times[name])),
+                    "median_ratio_to_full": float(np.median(times[name])) / base,
+                    "min_ratio_to_full": float(np.min(times[name])) / float(np.min(times["full"])),
+                }
+                print(json.dumps(row))
+                out.append(row)
+    return out
 
 
 def memory(jitted, *args):
@@ -661,6 +805,11 @@ def main():
         default=5,
         help="timed samples of the logging step with the covariance (Llama: 0 skips it)",
     )
+    ap.add_argument(
+        "--triangle",
+        action="store_true",
+        help="only the covariance update: full product vs upper triangle of blocks",
+    )
     ap.add_argument("--batch", type=int, default=8, help="Llama: sequences per batch")
     ap.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=True, help="Llama: bf16 compute"
@@ -681,6 +830,20 @@ def main():
     )
     args = ap.parse_args()
     cfg = SIZES[args.size]
+    if args.triangle:
+        result = {
+            "benchmark": "logra_covariance_triangle",
+            **run_info(),
+            "notes": "add_outer on a donated [D, D] float32 sum: the full product vs the upper "
+            "triangle of block x block blocks (upper=True); compiled_flops from XLA's cost "
+            "analysis; times per update, every variant interleaved, --repeats calls each",
+            "results": triangle_rows(
+                (256, 1024, 4096), (8, 128), (128, 256, 512, 1024), args.repeats
+            ),
+        }
+        result["loadavg_end"] = loadavg()
+        write_json(args.out, result)
+        return
     if args.model == "llama":
         result = {
             "benchmark": "logra_logging_llama",
@@ -691,12 +854,21 @@ def main():
             "after a warm-up, plain and logging interleaved; peak_bytes = temp + arguments + "
             "outputs - aliased from XLA's compiled memory analysis; with_covariance = logging "
             "plus the projected_covariance(block_rows) update in one jitted call with the state "
-            "donated, mean per call over --cov-repeats samples of block_rows/batch calls",
+            "donated, mean per call over --cov-repeats samples of block_rows/batch calls; "
+            "*_min: the fastest call (sample) of each, ratios of those minima; "
+            "full_product_covariance: the same with projected_covariance(triangle_block=None), "
+            "timed interleaved with the others"
+            "; covariance_flops_per_batch = the upper triangle of 256-blocks that "
+            "projected_covariance computes (_full_product: 2 b D^2), summed over layers; "
+            "plain_step_flops = XLA's cost analysis (counts a scan body once), "
+            "plain_step_matmul_flops = matrix-product FLOPs from the jaxpr (scan bodies times "
+            "their length), the denominator of covariance_flops_over_plain_step_flops",
         }
         os.makedirs(args.tmp, exist_ok=True)
 
         def save(row):
             result["results"] = [row]
+            result["loadavg_end"] = loadavg()
             write_json(args.out, result)
 
         result["results"] = [
@@ -735,11 +907,17 @@ def main():
             "jit(value_and_grad(loss)) on the same batch; with_covariance = logging plus the "
             "projected_covariance(block_rows) update in one jitted call with the state donated, "
             "timed as the mean over --cov-repeats samples of block_rows/batch consecutive calls "
-            "(plain likewise); covariance_flops_per_batch = 2 b D^2 summed over layers",
+            "(plain likewise)"
+            "; covariance_flops_per_batch = the upper triangle of 256-blocks that "
+            "projected_covariance computes (_full_product: 2 b D^2), summed over layers; "
+            "plain_step_flops = XLA's cost analysis (counts a scan body once), "
+            "plain_step_matmul_flops = matrix-product FLOPs from the jaxpr (scan bodies times "
+            "their length), the denominator of covariance_flops_over_plain_step_flops",
             "results": scanned_rows(
                 cfg, ranks, args.repeats, args.block_rows or None, args.cov_repeats
             ),
         }
+        result["loadavg_end"] = loadavg()
         write_json(args.out, result)
         return
 

@@ -30,12 +30,28 @@ With ``--robustness`` it measures instead (and writes ``--out``, e.g.
 
     python benchmarks/store.py --robustness --baseline /tmp/store_old.py \
         --out benchmarks/results/store_robustness_cpu.json
+
+With ``--scale`` it writes ``--rows`` clustered rows as 4 shards and measures queries per size
+in fresh processes and the FAISS index (``--index-only``: the index at ``--rows`` alone):
+recall@10 of both ends and the speed-up over exhaustive search at each ``--nprobe`` and
+``nprobe_bottom = factor x nprobe`` (``--nprobe-bottom-factors``), timed interleaved.
+``--index-study`` measures recall of both ends on LoGra rows of a digits MLP and on clustered
+rows, for inner-product IVF indexes and the MIPS-to-L2 reduction. ``--kvstore`` writes and
+queries the same log on a local directory, ``file://``, ``memory://`` and a local moto S3
+server (skipped when ``moto[server]`` is not installed).
+
+    python benchmarks/store.py --scale --index-only --rows 1000000 --dtype bfloat16 \
+        --queries 1,64 --reps 3 --out benchmarks/results/store_index_cpu.json
+    python benchmarks/store.py --index-study --out benchmarks/results/store_index_study_cpu.json
+    python benchmarks/store.py --kvstore --rows 65536 --reps 5 --queries 64 \
+        --out benchmarks/results/store_kvstore_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -122,14 +138,44 @@ def main():
     p.add_argument("--write-rows", type=int, default=100_000, help="rows per throughput run")
     p.add_argument("--rss-child", nargs=3, metavar=("IMPL", "KIND", "ROWS"), help=argparse.SUPPRESS)
     p.add_argument("--scale", action="store_true", help="queries at scale, peak RSS, the index")
-    p.add_argument("--index-lists", type=int, default=256, help="--scale: IVF lists of the index")
+    p.add_argument(
+        "--index-lists",
+        type=int,
+        default=0,
+        help="--scale: IVF lists of the index (0: build_index's default, sqrt(rows))",
+    )
     p.add_argument("--nprobe", default="4,16", help="--scale: comma-separated IVF lists probed")
+    p.add_argument(
+        "--nprobe-bottom-factors",
+        default="1,2",
+        help="--scale: nprobe_bottom as these multiples of nprobe",
+    )
+    p.add_argument(
+        "--index-only",
+        action="store_true",
+        help="--scale: only the index at --rows (no per-size query processes)",
+    )
+    p.add_argument(
+        "--index-study",
+        action="store_true",
+        help="recall of both ends on digits-MLP LoGra rows and on clustered rows",
+    )
+    p.add_argument("--study-rows", type=int, default=100_000, help="--index-study: clustered rows")
+    p.add_argument(
+        "--kvstore",
+        action="store_true",
+        help="write and query throughput on the local filesystem, file://, memory:// and S3",
+    )
     p.add_argument("--scale-child", nargs=2, metavar=("LOG", "SHARDS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
         return _rss_child(args, *args.rss_child)
     if args.scale_child:
         return _scale_child(args, *args.scale_child)
+    if args.index_study:
+        return _index_study(args)
+    if args.kvstore:
+        return _kvstore(args)
     if args.scale:
         return _scale(args)
     if args.robustness:
@@ -715,42 +761,443 @@ def _scale_child(args, log_path: str, shards: str) -> None:
 
 
 def _scale_index(args, log, layers, proj) -> dict:
-    """Build the IVF index of the log's snapshot; recall@10 and speed against exhaustive."""
+    """Build the IVF index of the log's snapshot; recall@10 and speed against exhaustive.
+
+    Timings are interleaved: each round times the exhaustive query, then every (nprobe,
+    nprobe_bottom) setting once; min and median over ``--reps`` rounds are kept.
+    """
+    import statistics as pystats
+
     from jaxinf._src.index import recall_at_k
 
-    factory = f"IVF{args.index_lists},SQ8"
+    factory = f"IVF{args.index_lists},SQ8" if args.index_lists else None  # None: the default
     t = time.perf_counter()
-    jaxinf.build_index(log, factory=factory, train_rows=64 * args.index_lists, progress=False)
-    out = {"factory": factory, "build_seconds": time.perf_counter() - t, "by_queries": {}}
+    d = jaxinf.build_index(log, factory=factory, progress=False)
+    with open(os.path.join(d, "record.json")) as f:
+        params = json.load(f)["params"]
+    out = {
+        "factory": params["factory"],
+        "train_rows": params["train_rows"],
+        "build_seconds": time.perf_counter() - t,
+        "by_queries": {},
+    }
     nq_max = max(int(q) for q in args.queries.split(","))
     test_all = {k: np.asarray(v) for k, v in _clustered(args, layers)(10**6, nq_max).items()}
-    for nq in (1, nq_max):
+    settings = [
+        (p, m * p)
+        for p in (int(v) for v in args.nprobe.split(","))
+        for m in (int(v) for v in args.nprobe_bottom_factors.split(","))
+    ]
+    for nq in sorted({1, nq_max}):
         test = {k: v[:nq] for k, v in test_all.items()}
-        run = lambda: jaxinf.query(log, test, proj, top_k=10, progress=False)  # noqa: E731
-        ref = run()
-        ex_s = min(_timed(run) for _ in range(max(1, args.reps - 1)))
-        row = {"exhaustive_seconds": ex_s, "nprobe": {}}
-        for nprobe in (int(p) for p in args.nprobe.split(",")):
-            got = jaxinf.query_index(log, test, proj, top_k=10, nprobe=nprobe)
-            s = min(
-                _timed(lambda: jaxinf.query_index(log, test, proj, top_k=10, nprobe=nprobe))
-                for _ in range(args.reps)
+        exhaustive = lambda: jaxinf.query(log, test, proj, top_k=10, progress=False)  # noqa: E731
+        ref = exhaustive()
+
+        def indexed(p, pb):
+            return jaxinf.query_index(log, test, proj, top_k=10, nprobe=p, nprobe_bottom=pb)
+
+        got = {sp: indexed(*sp) for sp in settings}  # also pages the index in
+        times = {"exhaustive": []} | {sp: [] for sp in settings}
+        for _ in range(args.reps):
+            times["exhaustive"].append(_timed(exhaustive))
+            for sp in settings:
+                times[sp].append(_timed(lambda sp=sp: indexed(*sp)))
+        ex_min = min(times["exhaustive"])
+        ex_med = pystats.median(times["exhaustive"])
+        row = {"exhaustive_seconds": ex_min, "exhaustive_seconds_median": ex_med, "settings": []}
+        for sp in settings:
+            g = got[sp]
+            row["settings"].append(
+                {
+                    "nprobe": sp[0],
+                    "nprobe_bottom": sp[1],
+                    "seconds": min(times[sp]),
+                    "seconds_median": pystats.median(times[sp]),
+                    "speedup": ex_min / min(times[sp]),
+                    "speedup_median": ex_med / pystats.median(times[sp]),
+                    "recall_at_10_top": recall_at_k(g.top_rows, ref.top_rows),
+                    "recall_at_10_bottom": recall_at_k(g.bottom_rows, ref.bottom_rows),
+                    "max_rel_score_error_vs_exhaustive_on_common_rows": _common_error(g, ref),
+                }
             )
-            row["nprobe"][str(nprobe)] = {
-                "seconds": s,
-                "speedup": ex_s / s,
-                "recall_at_10_top": recall_at_k(got.top_rows, ref.top_rows),
-                "recall_at_10_bottom": recall_at_k(got.bottom_rows, ref.bottom_rows),
-                "max_abs_score_error_vs_exhaustive_on_common_rows": _common_error(got, ref),
-            }
         out["by_queries"][str(nq)] = row
     return out
+
+
+def _digits_rows(shifts: int = 1) -> tuple[dict, dict, dict]:
+    """LoGra rows (random projections, k = 16) of a trained digits MLP: train and test, by layer.
+
+    The 1,500 training images are also logged shifted by up to ``shifts`` pixels in each
+    direction ((2 shifts + 1)^2 copies), for more rows of the same kind.
+    """
+    from jaxinf import examples
+
+    task = examples.digits_task("mlp", n_train=1500, n_test=297, steps=300)
+    params = task.train_fn(
+        task.init_fn(jax.random.PRNGKey(0)), jnp.ones(1500), jax.random.PRNGKey(1)
+    )
+    img = np.asarray(task.x_train).reshape(-1, 8, 8)
+    moves = range(-shifts, shifts + 1)
+    x = np.concatenate([np.roll(img, (dy, dx), (1, 2)) for dy in moves for dx in moves])
+    y = np.tile(np.asarray(task.y_train), len(moves) ** 2)
+
+    def loss(p, b):
+        return jnp.mean(jax.vmap(lambda u, v: task.example_loss(p, (u, v)))(*b))
+
+    cap = jaxinf.linen_capture(loss)
+    batch = (jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y))
+    layers = jaxinf.find_layers(cap, params, batch, select=jaxinf.Select(types=("dense",)))
+    layers = {
+        k: v._replace(k_in=min(16, v.n_in), k_out=min(16, v.n_out)) for k, v in layers.items()
+    }
+    fn = jax.jit(
+        jaxinf.projected_gradients(
+            cap, jaxinf.random_projections(layers, key=jax.random.PRNGKey(0))
+        )
+    )
+
+    def rows(bx, by):
+        parts = [fn(params, (bx[a : a + 500], by[a : a + 500])) for a in range(0, len(bx), 500)]
+        return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+    proj = {
+        "layers": {k: {"k_in": v.k_in, "k_out": v.k_out} for k, v in layers.items()},
+        "seed": 0,
+    }
+    return rows(*batch), rows(task.x_test, task.y_test), proj
+
+
+def _lists_needed(ivf, rows: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> float:
+    """Median over queries of the lists an IVF search must visit (in its own order) to see
+    every one of the query's exact top-k rows."""
+    nlist = ivf.nlist
+    _, home = ivf.quantizer.search(np.ascontiguousarray(rows, np.float32), 1)
+    _, order = ivf.quantizer.search(np.ascontiguousarray(queries, np.float32), nlist)
+    need = []
+    for i in range(len(queries)):
+        rank = np.empty(nlist, np.int64)
+        rank[order[i]] = np.arange(nlist)
+        need.append(int(rank[home[exact[i], 0]].max()) + 1)
+    return float(np.median(need))
+
+
+def _index_study_one(name, train, test, proj, path, nlists, nprobes, factors) -> dict:
+    """Recall@10 of both ends on one log, for IVF indexes by inner product and by the
+    MIPS-to-L2 reduction, with the diagnostics that explain the difference."""
+    import faiss
+
+    from jaxinf._src.index import recall_at_k
+    from jaxinf._src.query import _prepare_test, preconditioner, test_rows_checked
+
+    shutil.rmtree(path, ignore_errors=True)
+    n = len(next(iter(train.values())))
+    with jaxinf.LogWriter(path, proj, dtype="float32", writer_id="0") as w:
+        w.write(train, ids=np.arange(n))
+    log = jaxinf.open_log(path)
+    x, _ = log.read(as_layers=False)
+    x = np.asarray(x, np.float32)
+    pre = preconditioner(log.statistics(), log.layers)
+    q, _ = _prepare_test(test_rows_checked(test, log.layers), pre)
+    q = q.astype(np.float32)
+    ref = jaxinf.query(log, test, proj, top_k=10, progress=False)
+    norm = np.linalg.norm(x, axis=1)
+    qn = np.linalg.norm(q, axis=1)
+    ends = {"top": ref.top_rows, "bottom": ref.bottom_rows}
+    out = {
+        "rows": n,
+        "dim": log.dim,
+        "test_rows": len(q),
+        "row_norm_cv": float(norm.std() / norm.mean()),
+        "norm_of_exact_top10_over_mean": float(norm[ref.top_rows].mean() / norm.mean()),
+        "norm_of_exact_bottom10_over_mean": float(norm[ref.bottom_rows].mean() / norm.mean()),
+        "median_cosine_of_exact_top10": float(
+            np.median(ref.top_scores / (qn[:, None] * norm[ref.top_rows]))
+        ),
+        "median_cosine_of_exact_bottom10": float(
+            np.median(ref.bottom_scores / (qn[:, None] * norm[ref.bottom_rows]))
+        ),
+        "by_nlist": {},
+    }
+    # the MIPS-to-L2 reduction: [x, sqrt(M^2 - |x|^2)] against [q, 0]; L2 order = inner product
+    xa = np.hstack([x, np.sqrt(np.maximum(norm.max() ** 2 - norm**2, 0.0))[:, None]])
+    qa = np.hstack([q, np.zeros((len(q), 1), np.float32)])
+    for nlist in nlists:
+        train_rows = min(n, 64 * nlist)
+        jaxinf.build_index(log, factory=f"IVF{nlist},Flat", train_rows=train_rows, progress=False)
+        res = {"inner_product": {}, "mips_to_l2": {}}
+        l2 = faiss.index_factory(xa.shape[1], f"IVF{nlist},Flat", faiss.METRIC_L2)
+        sample = np.unique(np.linspace(0, n - 1, train_rows).round().astype(np.int64))
+        l2.train(np.ascontiguousarray(xa[sample], np.float32))
+        l2.add(np.ascontiguousarray(xa, np.float32))
+        for p in nprobes:
+            for m in factors:
+                g = jaxinf.query_index(
+                    log,
+                    test,
+                    proj,
+                    top_k=10,
+                    nprobe=p,
+                    nprobe_bottom=m * p,
+                    factory=f"IVF{nlist},Flat",
+                )
+                res["inner_product"][f"nprobe {p}, bottom {m * p}"] = {
+                    "top": recall_at_k(g.top_rows, ref.top_rows),
+                    "bottom": recall_at_k(g.bottom_rows, ref.bottom_rows),
+                }
+            faiss.extract_index_ivf(l2).nprobe = p
+            c = max(4 * 10, 32)  # query_index's default candidates, re-scored exactly below
+            found = {}
+            for end, sign in (("top", 1.0), ("bottom", -1.0)):
+                _, cand = l2.search(np.ascontiguousarray(sign * qa, np.float32), c)
+                exact = np.take_along_axis(q @ x.T, cand, axis=1)
+                found[end] = np.take_along_axis(cand, np.argsort(-sign * exact, axis=1)[:, :10], 1)
+            res["mips_to_l2"][f"nprobe {p}"] = {
+                e: recall_at_k(found[e], ends[e]) for e in ("top", "bottom")
+            }
+        # the lists a search visits, in its order: a quantizer trained as build_index trains it
+        ip = faiss.index_factory(log.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(ip)
+        ivf.cp.seed = 0  # build_index's default seed
+        ivf.train(np.ascontiguousarray(x[sample]))
+        res["lists_needed_for_recall_1_median"] = {
+            "top": _lists_needed(ivf, x, q, ref.top_rows),
+            "bottom": _lists_needed(ivf, x, -q, ref.bottom_rows),
+        }
+        out["by_nlist"][str(nlist)] = res
+        shutil.rmtree(os.path.join(log.path, "index"))
+    print(name, json.dumps(out), flush=True)
+    return out
+
+
+def _index_study(args) -> None:
+    """Why the most negative rows are hard to find: real LoGra rows against the clustered ones."""
+    shutil.rmtree(args.tmp, ignore_errors=True)
+    os.makedirs(args.tmp)
+    t0 = time.perf_counter()
+    result = {
+        "benchmark": "store_index_study",
+        "command": f"python benchmarks/store.py --index-study --study-rows {args.study_rows}",
+        "backend": jax.default_backend(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "loadavg_start": _loadavg(),
+    }
+    try:
+        train, test, proj = _digits_rows()
+        test = {k: v[:64] for k, v in test.items()}
+        n = len(next(iter(train.values())))
+        root = round(n**0.5)
+        result["digits_mlp_logra"] = _index_study_one(
+            "digits",
+            train,
+            test,
+            proj,
+            os.path.join(args.tmp, "digits"),
+            (root, 4 * root),
+            (1, 2, 4),
+            (1, 2, 4),
+        )
+        args.layers, args.k_out, args.k_in = 16, 8, 8
+        layers, proj = _scale_proj(args)
+        batch = _clustered(args, layers)
+        train = {k: np.asarray(v) for k, v in batch(0, args.study_rows).items()}
+        test = {k: np.asarray(v) for k, v in batch(10**6, 64).items()}
+        root = round(args.study_rows**0.5)
+        result["clustered"] = _index_study_one(
+            "clustered",
+            train,
+            test,
+            proj,
+            os.path.join(args.tmp, "clustered"),
+            (args.study_rows // 4000, root, 1000),
+            (4, 16),
+            (1, 2, 4),
+        )
+    finally:
+        shutil.rmtree(args.tmp, ignore_errors=True)
+    result["loadavg_end"] = _loadavg()
+    result["total_seconds"] = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+class _MotoS3:
+    """A local S3-compatible server (moto) for the duration of a ``with`` block; None if absent."""
+
+    def __init__(self, tmp: str):
+        self.tmp, self.server, self.saved = tmp, None, {}
+
+    def __enter__(self):
+        import importlib.util
+        import socket
+        import subprocess
+        import urllib.request
+
+        if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+            return None
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        os.makedirs(self.tmp, exist_ok=True)
+        creds, config = os.path.join(self.tmp, "credentials"), os.path.join(self.tmp, "config")
+        with open(creds, "w") as f:
+            f.write("[default]\naws_access_key_id = test\naws_secret_access_key = t\n")
+        with open(config, "w") as f:
+            f.write("[default]\nregion = us-east-1\n")
+        env = {
+            "AWS_SHARED_CREDENTIALS_FILE": creds,
+            "AWS_CONFIG_FILE": config,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1",
+        }
+        self.saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                req = urllib.request.Request(f"{self.endpoint}/logs", method="PUT")
+                urllib.request.urlopen(req)
+                return self
+            except OSError:
+                if self.server.poll() is not None:
+                    break
+                time.sleep(0.05)
+        return None
+
+    def spec(self, name: str) -> dict:
+        return {
+            "driver": "s3",
+            "bucket": "logs",
+            "endpoint": self.endpoint,
+            "aws_region": "us-east-1",
+            "path": f"{name}/",
+        }
+
+    def __exit__(self, *exc):
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait()
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return False
+
+
+def _kvstore(args) -> None:
+    """Write throughput and dot-query pairs/s of the same log on each kvstore."""
+    import statistics as pystats
+
+    layers, proj = _scale_proj(args)
+    dim = args.layers * args.k_out * args.k_in
+    key = jax.random.PRNGKey(0)
+    pool = []
+    for j in range(4):
+        ks = jax.random.split(jax.random.fold_in(key, j), args.layers)
+        pool.append(
+            {
+                l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
+                for l, k in zip(layers, ks)
+            }
+        )
+    kt = jax.random.split(jax.random.fold_in(key, 99), args.layers)
+    nq = max(int(q) for q in args.queries.split(","))
+    test = {
+        l: np.asarray(jax.random.normal(k, (nq, args.k_out, args.k_in), jnp.float32))
+        for l, k in zip(layers, kt)
+    }
+    shutil.rmtree(args.tmp, ignore_errors=True)
+    os.makedirs(args.tmp)
+    nbytes = args.rows * dim * np.dtype(args.dtype).itemsize
+    result = {
+        "benchmark": "store_kvstore",
+        "rows": args.rows,
+        "dim": dim,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "queries": nq,
+        "log_bytes": nbytes,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "tensorstore": importlib.metadata.version("tensorstore"),
+        "command": f"python benchmarks/store.py --kvstore --rows {args.rows} --dtype {args.dtype} "
+        f"--queries {nq} --reps {args.reps}",
+        "how": "each round writes a fresh log on every store in turn, then queries it (dot, "
+        "top-10); min and median over --reps rounds",
+        "loadavg_start": _loadavg(),
+    }
+    t0 = time.perf_counter()
+    try:
+        with _MotoS3(os.path.join(args.tmp, "aws")) as s3:
+            stores = {
+                "local path": lambda r: os.path.join(args.tmp, f"path_{r}"),
+                "file:// URL": lambda r: "file://" + os.path.join(args.tmp, f"url_{r}") + "/",
+                "memory://": lambda r: f"memory://bench_{r}/log/",
+            }
+            if s3 is not None:
+                stores["s3 (local moto server)"] = lambda r: s3.spec(f"log_{r}")
+            else:
+                result["s3"] = 'skipped: moto server not installed (pip install "moto[server]")'
+            # compile the writer's jitted pack/statistics and the query once, on a throwaway log
+            warm = os.path.join(args.tmp, "warm")
+            with jaxinf.LogWriter(warm, proj, dtype=args.dtype, writer_id="0") as w:
+                w.write_async(pool[0], np.arange(args.batch))
+            jaxinf.query(warm, test, proj, top_k=10, progress=False)
+            times = {name: {"write": [], "query": []} for name in stores}
+            for r in range(args.reps):
+                for name, where in stores.items():
+                    loc = where(r)
+                    t = time.perf_counter()
+                    with jaxinf.LogWriter(loc, proj, dtype=args.dtype, writer_id="0") as w:
+                        _write_rows(w, pool, args.rows, args.batch)
+                    times[name]["write"].append(time.perf_counter() - t)
+                    log = jaxinf.open_log(loc)
+                    assert log.num_rows == args.rows
+                    times[name]["query"].append(
+                        _timed(lambda: jaxinf.query(log, test, proj, top_k=10, progress=False))
+                    )
+                    if isinstance(loc, str) and not loc.startswith("memory://"):
+                        shutil.rmtree(loc.removeprefix("file://"), ignore_errors=True)
+            result["stores"] = {}
+            for name, tt in times.items():
+                w, q = tt["write"], tt["query"]
+                result["stores"][name] = {
+                    "write_seconds": w,
+                    "query_seconds": q,
+                    "write_rows_per_s": args.rows / min(w),
+                    "write_MB_per_s": nbytes / min(w) / 1e6,
+                    "write_rows_per_s_median": args.rows / pystats.median(w),
+                    "query_pairs_per_s": args.rows * nq / min(q),
+                    "query_pairs_per_s_median": args.rows * nq / pystats.median(q),
+                    "query_GB_per_s": nbytes / min(q) / 1e9,
+                }
+    finally:
+        shutil.rmtree(args.tmp, ignore_errors=True)
+    result["loadavg_end"] = _loadavg()
+    result["total_seconds"] = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
 
 
 def _common_error(got, ref) -> float:
     """Largest |score difference| over rows both results returned (re-scoring is exact)."""
     err = 0.0
-    for gs, gr, rs, rr in zip(got.top_scores, got.top_rows, ref.top_scores, ref.top_rows):
+    pairs = list(zip(got.top_scores, got.top_rows, ref.top_scores, ref.top_rows))
+    pairs += zip(got.bottom_scores, got.bottom_rows, ref.bottom_scores, ref.bottom_rows)
+    for gs, gr, rs, rr in pairs:
         common, gi, ri = np.intersect1d(gr, rr, return_indices=True)
         if len(common):
             err = max(err, float(np.max(np.abs(gs[gi] - rs[ri]) / np.abs(rs[ri]))))
@@ -778,8 +1225,10 @@ def _scale(args) -> None:
         "jax": jax.__version__,
         "command": f"python benchmarks/store.py --scale --rows {args.rows} --dtype {args.dtype} "
         f"--queries {args.queries} --reps {args.reps} --index-lists {args.index_lists} "
-        f"--nprobe {args.nprobe}",
+        f"--nprobe {args.nprobe} --nprobe-bottom-factors {args.nprobe_bottom_factors}"
+        + (" --index-only" if args.index_only else ""),
         "data": "clustered rows: 1,000 random centers + 0.5 x Gaussian noise, distinct rows",
+        "loadavg_start": _loadavg(),
         "sizes": {},
         "index": {},
     }
@@ -795,13 +1244,15 @@ def _scale(args) -> None:
                             batch_fn(j * 10**5 + i, n), np.arange(j * per + a, j * per + a + n)
                         )
                 result.setdefault("write_seconds", []).append(time.perf_counter() - t)
+            if args.index_only and half == 0:
+                continue  # only the full log is indexed
             log = jaxinf.open_log(log_path)
             t = time.perf_counter()
             jaxinf.self_influence(log, cache=True, progress=False)
             result.setdefault("self_influence_saved_seconds", {})[str(log.num_rows)] = (
                 time.perf_counter() - t
             )
-            for n_shards in (1, 2) if half == 0 else (4,):
+            for n_shards in () if args.index_only else (1, 2) if half == 0 else (4,):
                 shards = ",".join(str(j) for j in range(n_shards))
                 cmd = [sys.executable, __file__, "--scale-child", log_path, shards]
                 cmd += ["--layers", str(args.layers), "--k-out", str(args.k_out)]
@@ -815,6 +1266,7 @@ def _scale(args) -> None:
             result["index"][str(log.num_rows)] = _scale_index(args, log, layers, proj)
             print(json.dumps(result["index"][str(log.num_rows)]), flush=True)
     finally:
+        result["loadavg_end"] = _loadavg()
         result["total_seconds"] = time.perf_counter() - t0
         shutil.rmtree(args.tmp, ignore_errors=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -841,6 +1293,11 @@ class _hidden:
         if self.on:
             os.rename(self.path + ".aside", self.path)
         return False
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().strip()
 
 
 def _timed(fn) -> float:

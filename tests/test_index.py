@@ -78,6 +78,22 @@ def test_ivf_scores_are_exact_and_recall_is_measured(log_path, data):
     assert index_mod.recall_at_k(full.top_rows, ref.top_rows) == 1.0
 
 
+def test_bottom_search_visits_its_own_number_of_lists(log_path, data):
+    """``nprobe_bottom`` alone decides how many lists the search for the most negative rows visits."""
+    _, test = data
+    jaxinf.build_index(log_path, factory="IVF8,Flat", progress=False)
+    ref = _exhaustive(log_path, test, "dot")
+    every = jaxinf.query_index(log_path, test, PROJ, top_k=K, nprobe=1, nprobe_bottom=8)
+    np.testing.assert_array_equal(every.bottom_rows, ref.bottom_rows)
+    one = jaxinf.query_index(log_path, test, PROJ, top_k=K, nprobe=1, nprobe_bottom=1)
+    np.testing.assert_array_equal(one.top_rows, every.top_rows)  # the top search is unchanged
+    assert index_mod.recall_at_k(one.bottom_rows, ref.bottom_rows) < 1.0  # one list is too few
+    default = jaxinf.query_index(log_path, test, PROJ, top_k=K, nprobe=4)  # bottom: 8 lists
+    np.testing.assert_array_equal(default.bottom_rows, ref.bottom_rows)
+    with pytest.raises(ValueError, match="nprobe_bottom must be >= 1"):
+        jaxinf.query_index(log_path, test, PROJ, nprobe_bottom=0)
+
+
 def test_build_is_versioned_and_appended_rows_invalidate_it(tmp_path, data):
     train, test = data
     path = str(tmp_path / "log")

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxinf._src import store_files as files
 from jaxinf._src import store_format as fmt
-from jaxinf._src.statistics import projected_covariance
+from jaxinf._src.statistics import mirror_upper, projected_covariance
 from jaxinf._src.store_index import IdIndex, id_keys
 
 _TARGET_CHUNK_BYTES = 8 << 20
@@ -59,12 +59,22 @@ def default_writer_id() -> str:
 # which costs more than the rank-b update itself
 @functools.partial(jax.jit, static_argnames=("layers",), donate_argnames=("state",))
 def _acc_rows(state, rows, keep, layers):
-    """Add ``sum g g^T`` of packed rows [b, D] (rows with keep=0 add nothing) per layer."""
+    """Add ``sum g g^T`` of packed rows [b, D] (rows with keep=0 add nothing) per layer.
+
+    Only the upper triangle of each sum is kept current (``add_outer(upper=True)``); read the
+    sums through ``_full_sums``.
+    """
     dt = jax.tree.leaves(state.sum_outer)[0].dtype
     x = rows.astype(dt) * keep.astype(dt)[:, None]
     return _ACC.update(
         state, {f"layer_{i}": x[:, l.offset : l.offset + l.dim] for i, l in enumerate(layers)}
     )
+
+
+@jax.jit
+def _full_sums(sum_outer):
+    """The symmetric sums of a state built by ``_acc_rows`` (upper triangle mirrored)."""
+    return jax.tree.map(mirror_upper, sum_outer)
 
 
 @functools.partial(jax.jit, static_argnames=("layers", "dtype"))
@@ -87,14 +97,17 @@ def acc_dtype(log_dtype: str):
 
 
 def fisher_sums_from_rows(grads_arr, rows: int, layers, log_dtype: str, chunk_rows: int):
-    """Recompute ``sum g g^T`` per layer over rows [0, rows) of a shard (in memory)."""
+    """Recompute ``sum g g^T`` per layer over rows [0, rows) of a shard (in memory).
+
+    The returned state's sums are whole symmetric matrices.
+    """
     dt = acc_dtype(log_dtype)
     state = _ACC.init({f"layer_{i}": jnp.zeros((1, l.dim), dt) for i, l in enumerate(layers)})
     for a in range(0, rows, chunk_rows):
         b = min(rows, a + chunk_rows)
         block = fmt.values(grads_arr[a:b].read().result(), log_dtype)
         state = _acc_rows(state, jnp.asarray(block), jnp.ones((b - a,), dt), tuple(layers))
-    return state
+    return state._replace(sum_outer=_full_sums(state.sum_outer))
 
 
 def save_fisher(shard_dir, sums: Sequence, rows: int) -> bool:
@@ -770,7 +783,8 @@ class LogWriter:
     def _finish(self) -> None:
         """Protocol step 5 (only after rows were added)."""
         if self._acc_state is not None:
-            sums = [self._acc_state.sum_outer[f"layer_{i}"] for i in range(len(self.layers))]
+            full = _full_sums(self._acc_state.sum_outer)
+            sums = [full[f"layer_{i}"] for i in range(len(self.layers))]
             _before_write("fisher version")
             save_fisher(self._shard_dir, sums, self.committed_rows)
         cap = -(-max(self.committed_rows, 1) // self.chunk_rows) * self.chunk_rows
