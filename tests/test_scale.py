@@ -328,3 +328,43 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
         s2, m2 = jaxmlo.parallel.parallel_step(prog, mesh)(jaxmlo.init(prog), batches)
         for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
             np.testing.assert_allclose(a, b, rtol=1e-10, err_msg=method.name)  # float64 rounding
+
+
+def test_one_device_sharded_covariance_upper_triangle_float64():
+    # D = 17 * 16 = 272 spans two 256-row blocks: the triangle-and-mirror path, not the plain product
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxinf
+    import jaxmlo
+
+    mesh = jaxmlo.parallel.data_mesh(jax.devices()[:1])
+    model = nn.Dense(20)
+    x = jax.random.normal(jax.random.key(0), (5, 20), jnp.float64)
+    y = jnp.arange(5) % 20
+    params = jax.tree.map(
+        lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x)["params"]
+    )
+
+    def loss_fn(p, b):
+        logits = model.apply({"params": p}, b["x"])
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), b["y"][:, None], 1))
+
+    cap = jaxinf.linen_capture(loss_fn)
+    batch = {"x": x, "y": y}
+    layers = jaxinf.find_layers(cap, params, batch)
+    projs = jaxinf.random_projections(
+        layers, key=jax.random.key(2), k_in=17, k_out=16, dtype=jnp.float64
+    )
+    ref = jaxinf.projected_gradients(cap, projs)(params, batch)
+    logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, stats_dtype=jnp.float64)
+    state = logging.init()
+    for half in (slice(0, 2), slice(2, 5)):
+        state, _ = logging.step(state, params, jax.tree.map(lambda a: a[half], batch))
+    stats = logging.finalize(state)
+    (name,) = ref
+    g = np.asarray(ref[name], np.float64).reshape(5, -1)
+    assert g.shape[1] == 272
+    np.testing.assert_allclose(stats.covariance[name], g.T @ g / 5, rtol=1e-12, atol=1e-15)

@@ -39,7 +39,7 @@ from jaxinf._src import store_format as _fmt
 from jaxinf._src import writer as _writer
 from jaxinf._src.capture import projected_gradients
 from jaxinf._src.kfac import KFACFactors, kfac_batch_sums
-from jaxinf._src.statistics import add_outer, covariance_from_sums
+from jaxinf._src.statistics import add_outer, covariance_from_sums, mirror_upper
 
 # The mesh-axis check and float cast both libraries use.
 from jaxmlo.common import axis_size as _axis_size
@@ -170,7 +170,7 @@ def sharded_logging(
         if proj_fn is not None:
             grads = proj_fn.jitted(params, batch, projs)
             if covariance:
-                cov = {p: add_outer(cov[p][0], grads[p])[None] for p in cov}
+                cov = {p: add_outer(cov[p][0], grads[p], upper=True)[None] for p in cov}
         kf = state.kfac
         if kfac_fn is not None:
             sums = kfac_fn(params, batch)
@@ -217,7 +217,7 @@ def sharded_logging(
     def finalize(state) -> LoggingStatistics:
         s = _finalize(state)
         n = jnp.maximum(s.count, 1).astype(stats_dtype)
-        cov = {p: covariance_from_sums(v, n) for p, v in s.covariance.items()}
+        cov = {p: covariance_from_sums(mirror_upper(v), n) for p, v in s.covariance.items()}
         kf = {}
         for p, (sf, sb, tok) in s.kfac.items():
             t = jnp.maximum(tok, 1)
