@@ -78,3 +78,26 @@ def test_writer_fisher_sums_stay_exact_when_the_upper_triangle_meets_a_resume(tm
     shutil.rmtree(shard / "fisher")  # the reader recomputes the sums from the rows
     cov = open_log(path).statistics()["big"].covariance
     np.testing.assert_allclose(cov, saved[0] / 30, rtol=1e-12, atol=1e-13)
+
+
+def test_mirroring_a_k64_sum_compiles_without_folding_its_mask():
+    # A [4096, 4096] triangle mask built from iota was folded by XLA at compile time: closing a
+    # k = 64 writer hung for many minutes. Compiled in a fresh process (no cache), it must
+    # finish well inside the limit (it takes under a second) and mirror exactly.
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "from jaxinf._src.statistics import mirror_upper\n"
+        "from jaxinf._src.writer import _full_sums\n"
+        "a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)\n"
+        "ref = np.triu(a) + np.triu(a, 1).T\n"
+        "assert np.array_equal(np.asarray(jax.jit(mirror_upper)(a)), ref)\n"
+        "assert np.array_equal(np.asarray(_full_sums({'l': jnp.asarray(a)})['l']), ref)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True
+    )
+    assert out.stdout.strip() == "ok"
