@@ -14,6 +14,18 @@ def write_json(path: str, obj, *, indent: int = 1) -> None:
         json.dump(obj, f, indent=indent)
 
 
+def loadavg() -> str | None:
+    """``/proc/loadavg`` (1, 5 and 15 minute load averages, run queue), or None where absent.
+
+    Recorded beside timings: on a shared machine a ratio means little without the load.
+    """
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def run_record(benchmark: str, args, results) -> dict:
     """The record the digits benchmarks write: name, arguments, machine, results."""
     return {

@@ -47,7 +47,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jaxmlo as J  # noqa: E402
 import jaxmlo.testing  # noqa: E402, F401
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks._common import loadavg, write_json  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -181,14 +181,6 @@ PAIRS = (
     ("cg", "cg_linearize"),
     ("neumann", "neumann_linearize"),
 )
-
-
-def _loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def run_model(model_name, methods, batch, unroll, repeats, small, defaults):
@@ -513,7 +505,7 @@ def main(argv=None):
             "cg_linearize": 'cg(maxiter=10, hvp="linearize")',
             "neumann_linearize": 'neumann(steps=10, lr=1e-3, hvp="linearize")',
         },
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "models": {},
     }
     for model_name in args.models.split(","):
@@ -525,7 +517,7 @@ def main(argv=None):
         if not args.no_betty
         else {"available": None, "reason": "--no-betty"}
     )
-    out["loadavg_end"] = _loadavg()
+    out["loadavg_end"] = loadavg()
     write_json(args.out, out, indent=2)
     print("wrote", args.out)
 

@@ -91,6 +91,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxinf  # noqa: E402
+from benchmarks._common import loadavg  # noqa: E402
 from jaxinf import examples  # noqa: E402
 
 
@@ -98,15 +99,6 @@ def _block(x):
     return jax.tree.map(
         lambda v: v.block_until_ready() if hasattr(v, "block_until_ready") else v, x
     )
-
-
-def _loadavg():
-    """``/proc/loadavg`` (1, 5 and 15 minute load), or ``None`` where there is none."""
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[:3]
-    except OSError:
-        return None
 
 
 def batch_loss(task):
@@ -968,7 +960,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "jax": jax.__version__,
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "tasks": {},
     }
 
@@ -1040,7 +1032,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     results["total_s"] = time.perf_counter() - t_all
-    results["loadavg_end"] = _loadavg()
+    results["loadavg_end"] = loadavg()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out} ({results['total_s']:.0f} s)")

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinf  # noqa: E402
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks._common import loadavg, write_json  # noqa: E402
 from jaxinf._src.statistics import TRIANGLE_BLOCK, add_outer  # noqa: E402
 from jaxmlo import common  # noqa: E402
 
@@ -449,15 +449,6 @@ def covariance_floor(projs, batch, plain_flops=None):
             row["covariance_flops_per_batch"] / plain_flops
         )
     return row
-
-
-def loadavg():
-    """``/proc/loadavg`` (1, 5 and 15 minute load averages and run queue), or None."""
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def run_info() -> dict:

@@ -40,7 +40,7 @@ import optax
 import jaxinf
 import jaxmlo
 import jaxmlo.testing
-from benchmarks._common import write_json
+from benchmarks._common import loadavg, write_json
 
 SIZES = {
     "small": dict(
@@ -157,14 +157,6 @@ def memory(compiled) -> dict:
             - m.alias_size_in_bytes
         ),
     }
-
-
-def _loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def device_peak() -> int | None:
@@ -517,7 +509,7 @@ def main():
         "jax": jax.__version__,
         "machine": platform.node(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
     try:
         for part in args.parts.split(","):
@@ -536,7 +528,7 @@ def main():
     finally:
         if args.tmp is None:
             shutil.rmtree(tmp, ignore_errors=True)
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     write_json(args.out, result)
     print("wrote", args.out)
 

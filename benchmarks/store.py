@@ -68,6 +68,7 @@ import numpy as np
 import tensorstore as ts
 
 import jaxinf
+from benchmarks._common import loadavg
 
 
 def _raw_read(path: str, rows: int, chunk_rows: int, in_flight: int) -> float:
@@ -980,7 +981,7 @@ def _index_study(args) -> None:
         "backend": jax.default_backend(),
         "platform": platform.platform(),
         "jax": jax.__version__,
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
     try:
         train, test, proj = _digits_rows()
@@ -1015,7 +1016,7 @@ def _index_study(args) -> None:
         )
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     result["total_seconds"] = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -1135,7 +1136,7 @@ def _kvstore(args) -> None:
         f"--queries {nq} --reps {args.reps}",
         "how": "each round writes a fresh log on every store in turn, then queries it (dot, "
         "top-10); min and median over --reps rounds",
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
     t0 = time.perf_counter()
     try:
@@ -1184,7 +1185,7 @@ def _kvstore(args) -> None:
                 }
     finally:
         shutil.rmtree(args.tmp, ignore_errors=True)
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     result["total_seconds"] = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -1228,7 +1229,7 @@ def _scale(args) -> None:
         f"--nprobe {args.nprobe} --nprobe-bottom-factors {args.nprobe_bottom_factors}"
         + (" --index-only" if args.index_only else ""),
         "data": "clustered rows: 1,000 random centers + 0.5 x Gaussian noise, distinct rows",
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "sizes": {},
         "index": {},
     }
@@ -1266,7 +1267,7 @@ def _scale(args) -> None:
             result["index"][str(log.num_rows)] = _scale_index(args, log, layers, proj)
             print(json.dumps(result["index"][str(log.num_rows)]), flush=True)
     finally:
-        result["loadavg_end"] = _loadavg()
+        result["loadavg_end"] = loadavg()
         result["total_seconds"] = time.perf_counter() - t0
         shutil.rmtree(args.tmp, ignore_errors=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -1293,11 +1294,6 @@ class _hidden:
         if self.on:
             os.rename(self.path + ".aside", self.path)
         return False
-
-
-def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return f.read().strip()
 
 
 def _timed(fn) -> float:
