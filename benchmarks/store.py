@@ -85,6 +85,22 @@ def _raw_read(path: str, rows: int, chunk_rows: int, in_flight: int) -> float:
     return time.perf_counter() - t
 
 
+def _gradient_pool(args, layers) -> list:
+    """Four device batches of Gaussian rows ``{layer: [batch, k_out, k_in]}`` that the write
+    loops reuse with fresh ids: the benchmark measures the store, not the RNG."""
+    key = jax.random.PRNGKey(0)
+    pool = []
+    for j in range(4):
+        ks = jax.random.split(jax.random.fold_in(key, j), args.layers)
+        pool.append(
+            {
+                l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
+                for l, k in zip(layers, ks)
+            }
+        )
+    return pool
+
+
 def _write_rows(writer, pool, rows, batch):
     """Append ``rows`` rows in batches, cycling through the pre-generated gradient ``pool``."""
     for i, a in enumerate(range(0, rows, batch)):
@@ -195,16 +211,7 @@ def main():
         "fingerprint": "bench",
     }
     key = jax.random.PRNGKey(0)
-    # a pool of device batches reused with fresh ids: the benchmark measures the store, not RNG
-    pool = []
-    for j in range(4):
-        ks = jax.random.split(jax.random.fold_in(key, j), args.layers)
-        pool.append(
-            {
-                l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
-                for l, k in zip(layers, ks)
-            }
-        )
+    pool = _gradient_pool(args, layers)
     jax.block_until_ready(pool)
     shutil.rmtree(args.tmp, ignore_errors=True)
     os.makedirs(args.tmp)
@@ -597,16 +604,7 @@ def _robustness(args) -> None:
                 "init": "random",
                 "seed": 0,
             }
-            key = jax.random.PRNGKey(0)
-            pool = []
-            for j in range(4):
-                ks = jax.random.split(jax.random.fold_in(key, j), args.layers)
-                pool.append(
-                    {
-                        l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
-                        for l, k in zip(layers, ks)
-                    }
-                )
+            pool = _gradient_pool(args, layers)
             classes = {impl: _writer_class(impl, args.baseline) for impl in impls}
             times = {impl: [] for impl in impls}
             for rep in range(args.reps + 1):  # the first round compiles and is dropped
@@ -1101,15 +1099,7 @@ def _kvstore(args) -> None:
     layers, proj = _scale_proj(args)
     dim = args.layers * args.k_out * args.k_in
     key = jax.random.PRNGKey(0)
-    pool = []
-    for j in range(4):
-        ks = jax.random.split(jax.random.fold_in(key, j), args.layers)
-        pool.append(
-            {
-                l: jax.random.normal(k, (args.batch, args.k_out, args.k_in), jnp.float32)
-                for l, k in zip(layers, ks)
-            }
-        )
+    pool = _gradient_pool(args, layers)
     kt = jax.random.split(jax.random.fold_in(key, 99), args.layers)
     nq = max(int(q) for q in args.queries.split(","))
     test = {
