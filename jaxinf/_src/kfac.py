@@ -24,7 +24,7 @@ from jaxinf._src.layers import (
     group_stacks,
     stacked_error,
 )
-from jaxinf._src.statistics import Accumulator
+from jaxinf._src.statistics import Accumulator, add_outer, mirror_upper
 from jaxinf._src.taps import _kfac_tap
 
 
@@ -292,7 +292,7 @@ def projected_fisher(
         sums = {}
         for path, acc in state.sum_outer.items():
             x = g[path].reshape(n, -1).astype(dtype) * w.astype(dtype)[:, None]
-            sums[path] = acc + x.T @ x
+            sums[path] = add_outer(acc, x, upper=True)  # read through mirror_upper
         return FisherCovarianceState(sums, state.rows + n, state.batches + 1)
 
     def update(state, params_and_batch):
@@ -301,7 +301,7 @@ def projected_fisher(
 
     def finalize(state):
         count = jnp.maximum(state.rows, 1)
-        return {p: s / count.astype(s.dtype) for p, s in state.sum_outer.items()}
+        return {p: mirror_upper(s) / count.astype(s.dtype) for p, s in state.sum_outer.items()}
 
     return Accumulator(init, update, finalize)
 
