@@ -380,8 +380,10 @@ def test_recomputed_products_hold_one_products_activations():
         hvp: temp(lambda u, v, m=m: m.best_response_vjp(loss, opt, u, lam, b, v), un, params)
         for hvp, m in methods.items()
     }
-    # Five products in a while loop cost one product's activations (plus a batch-sized term
-    # for the mixed derivative); were the primal passes hoisted out of the loop, their
-    # activations would stay alive beside it, as "linearize" keeps them by design.
-    assert solve["recompute"] <= one_product + act_set
+    # Five products in a while loop and the mixed derivative after them cost one product's
+    # activations. Were the primal passes of the products hoisted out of the loop, or the
+    # mixed derivative's forward pass run before the solve (it does not depend on its
+    # result; measured: +0.5 of a set), their activations would stay alive beside it, as
+    # "linearize" keeps the products' by design.
+    assert solve["recompute"] <= one_product + act_set / 4
     assert solve["linearize"] >= solve["recompute"] + 2 * act_set

@@ -183,6 +183,25 @@ def _mixed_jvp(loss_fn, params, deps, batch, x):
     return jax.jvp(lambda p: grad_deps(p, deps, batch), (params,), (x,))[1]
 
 
+def _after_solve(x, fn, loss_fn, params, deps, batch):
+    """``fn(loss_fn, params, deps, batch, x)`` in a ``lax.cond`` on ``x`` being finite (NaN
+    otherwise, which the product would give anyway).
+
+    The primal passes of a product along ``x`` do not depend on ``x``, so XLA is free to run
+    them before the solve and keep their activations alive through it (measured: +1.3 of the
+    plain step's peak on a transformer; an optimization barrier around ``(params, x)`` does
+    not prevent it). Inside a branch chosen by ``x`` they can only run after the solve.
+    """
+
+    def product():
+        return fn(loss_fn, params, deps, batch, x)
+
+    def nans():
+        return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), jax.eval_shape(product))
+
+    return jax.lax.cond(_all_finite(x), product, nans)
+
+
 def _hvp(loss_fn, params, deps, batch, x):
     """``H x`` with H = ∂²L/∂θ², forward-over-reverse."""
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, deps, batch), (params,), (x,))[1]
@@ -350,7 +369,9 @@ def implicit(
         x, info = jax.lax.custom_linear_solve(
             matvec, v, lambda mv, b: solve(mv, b), symmetric=True, has_aux=True
         )
-        out = _cast_like(_scale(-1.0, _mixed_jvp(loss_fn, theta, deps, batch, x)), deps)
+        out = _cast_like(
+            _scale(-1.0, _after_solve(x, _mixed_jvp, loss_fn, theta, deps, batch)), deps
+        )
         if throw:
             ok = info.converged & _all_finite(out)
             jax.debug.callback(_raise_failed, ok, info.residual, info.iterations, name)
