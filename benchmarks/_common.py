@@ -8,10 +8,13 @@ import jax
 
 
 def write_json(path: str, obj, *, indent: int = 1) -> None:
-    """Write ``obj`` as JSON to ``path``, creating its folder if needed."""
+    """Write ``obj`` as JSON to ``path``, creating its folder if needed; atomic (a temporary
+    file renamed over ``path``), so a run killed mid-write leaves the previous file whole."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
 
 
 def loadavg() -> str | None:

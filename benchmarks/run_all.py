@@ -85,7 +85,9 @@ SECTIONS = {
         "scale",
         {
             "small": ["--size", "small", "--parts", "reweighting"],
-            "large": ["--size", "large", "--parts", "reweighting"],
+            # plain and SAMA first (the headline), then the implicit adjoints' memory
+            "large": ["--size", "large", "--parts", "reweighting"]
+            + ["--variants", "sama,cg,neumann"],
         },
         0.35,
     ),

@@ -266,7 +266,9 @@ def bench_logging(cfg, iters, mesh, compute_dtype, tmp):
 # ------------------------------------------------------------------------------------- reweighting
 
 
-def bench_reweighting(cfg, iters, mesh, compute_dtype, variants=None):
+def bench_reweighting(cfg, iters, mesh, compute_dtype, variants=None, progress=None):
+    """Plain finetuning vs the reweighting program per method; ``progress(partial)`` after
+    each variant gets the rows so far (a time-limited run keeps what finished)."""
     c = cfg["clf"]
     n_dev = mesh.shape["data"]
     B = max(c["batch"] // n_dev, 1) * n_dev  # global batch, split over the mesh
@@ -364,12 +366,14 @@ def bench_reweighting(cfg, iters, mesh, compute_dtype, variants=None):
             t, _ = timed(compiled, lambda i, state=state: (state, data_v[i % 3]), iters)
             rows[name].update(samples_per_s=B / t, step_s=t)
         del state, compiled
-    for name in chosen[1:]:
-        if iters:
-            rows[name]["time_over_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
-        pm = rows["plain"]["memory"].get("peak_estimate_bytes")
-        if pm:
-            rows[name]["memory_over_plain"] = rows[name]["memory"]["peak_estimate_bytes"] / pm
+        if name != "plain":
+            if iters:
+                rows[name]["time_over_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
+            pm = rows["plain"]["memory"].get("peak_estimate_bytes")
+            if pm:
+                rows[name]["memory_over_plain"] = rows[name]["memory"]["peak_estimate_bytes"] / pm
+        if progress is not None:
+            progress({"variants": rows, "partial": True})
     return {
         "params": n_params(params),
         "layers": c["layers"],
@@ -518,7 +522,14 @@ def main():
                 result[part] = bench_logging(cfg, cfg["iters"], mesh, dtype, tmp)
             elif part == "reweighting":
                 iters = 0 if args.memory_only else cfg["iters"]
-                result[part] = bench_reweighting(cfg, iters, mesh, dtype, variants)
+                result[part] = bench_reweighting(
+                    cfg,
+                    iters,
+                    mesh,
+                    dtype,
+                    variants,
+                    progress=lambda rows, part=part: write_json(args.out, {**result, part: rows}),
+                )
             elif part == "query":
                 result[part] = bench_query(cfg, mesh, tmp)
             else:
