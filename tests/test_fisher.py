@@ -351,28 +351,10 @@ def test_query_with_a_given_fisher_equals_in_memory_influence(tmp_path):
         jaxinf.self_influence(str(tmp_path / "log"), statistics=f_true, cache=True, progress=False)
 
 
-def test_projected_fisher_over_two_triangle_blocks_equals_brute_force():
+def test_projected_fisher_over_two_triangle_blocks_equals_brute_force(dense_capture):
     # D = 17 * 16 = 272 spans two 256-row blocks: the upper triangle is accumulated over two
     # batches and mirrored in finalize
-    model = nn.Dense(20)
-    x = jax.random.normal(jax.random.key(0), (5, 20), jnp.float64)
-    batch = {"x": x, "label": jnp.arange(5) % 20}
-    params = jax.tree.map(
-        lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x)["params"]
-    )
-
-    def loss_fn(p, b):
-        logits = model.apply({"params": p}, b["x"])
-        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), b["label"][:, None], 1))
-
-    cap = jaxinf.linen_capture(loss_fn)
-    projs = jaxinf.random_projections(
-        jaxinf.find_layers(cap, params, batch),
-        key=jax.random.key(2),
-        k_in=17,
-        k_out=16,
-        dtype=jnp.float64,
-    )
+    params, batch, cap, projs = dense_capture(5, 20, 20, k_in=17, k_out=16)
     acc = jaxinf.projected_fisher(cap, projs, dtype=jnp.float64)
     state = acc.init(None)
     for part in (slice(0, 2), slice(2, 5)):

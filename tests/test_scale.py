@@ -255,35 +255,7 @@ def test_multiprocess_logging_query_and_step(multiprocess_results):
 # One device, in this process (float64): the parallel code paths reduce to the plain ones
 
 
-def _dense_capture(n, n_in, n_out, k_in, k_out):
-    """A float64 ``nn.Dense(n_out)`` classifier on ``n`` random examples, its Linen capture and
-    random projections: (params, batch, capture, projections)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    import jaxinf
-
-    model = nn.Dense(n_out)
-    x = jax.random.normal(jax.random.key(0), (n, n_in), jnp.float64)
-    batch = {"x": x, "y": jnp.arange(n) % n_out}
-    params = jax.tree.map(
-        lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x)["params"]
-    )
-
-    def loss_fn(p, b):
-        logits = model.apply({"params": p}, b["x"])
-        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), b["y"][:, None], 1))
-
-    cap = jaxinf.linen_capture(loss_fn)
-    layers = jaxinf.find_layers(cap, params, batch)
-    projs = jaxinf.random_projections(
-        layers, key=jax.random.key(2), k_in=k_in, k_out=k_out, dtype=jnp.float64
-    )
-    return params, batch, cap, projs
-
-
-def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
+def test_one_device_mesh_matches_plain_paths_float64(tmp_path, dense_capture):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -293,7 +265,7 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
     import jaxmlo
 
     mesh = jaxmlo.parallel.data_mesh(jax.devices()[:1])
-    params, batch, cap, projs = _dense_capture(6, 4, 3, k_in=3, k_out=2)
+    params, batch, cap, projs = dense_capture(6, 4, 3, k_in=3, k_out=2)
     meta = jaxinf.projection_metadata(projs, init="random", seed=2)
     ref = jaxinf.projected_gradients(cap, projs)(params, batch)
     logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, stats_dtype=jnp.float64)
@@ -341,7 +313,7 @@ def test_one_device_mesh_matches_plain_paths_float64(tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-10, err_msg=method.name)  # float64 rounding
 
 
-def test_one_device_sharded_covariance_upper_triangle_float64():
+def test_one_device_sharded_covariance_upper_triangle_float64(dense_capture):
     # D = 17 * 16 = 272 spans two 256-row blocks: the triangle-and-mirror path, not the plain product
     import jax
     import jax.numpy as jnp
@@ -351,7 +323,7 @@ def test_one_device_sharded_covariance_upper_triangle_float64():
     import jaxmlo
 
     mesh = jaxmlo.parallel.data_mesh(jax.devices()[:1])
-    params, batch, cap, projs = _dense_capture(5, 20, 20, k_in=17, k_out=16)
+    params, batch, cap, projs = dense_capture(5, 20, 20, k_in=17, k_out=16)
     ref = jaxinf.projected_gradients(cap, projs)(params, batch)
     logging = jaxinf.sharded_logging(cap, projs, mesh=mesh, stats_dtype=jnp.float64)
     state = logging.init()
